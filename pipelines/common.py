@@ -1,0 +1,80 @@
+"""Shared edges: where MLflow writes, how Ray is reached, where run state lives. Every pipeline stage
+uses these so the embedded defaults (local Ray, sqlite MLflow) and a cluster differ only by settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+DEFAULT_DB = "mlruns.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+DEFAULT_STORAGE = "weit_runs"
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing data, wrong file): one clear line, exit code 2."""
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """``--mlflow-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs>/mlruns.db`` in the cwd.
+    Relative sqlite paths are made absolute (Ray workers run in other directories)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    elif "://" not in uri:  # a bare path: treat as a sqlite file
+        uri = f"sqlite:///{Path(uri).resolve()}"
+    return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """For the embedded sqlite store keep artifacts beside the database (``./mlartifacts``)."""
+    if uri.startswith("sqlite:"):
+        return Path(uri[len("sqlite:///"):]).resolve().parent.joinpath(DEFAULT_ARTIFACTS).as_uri()
+    return None
+
+
+def prepare_mlflow(uri: str | None, experiment: str) -> tuple[str, str]:
+    """Create the store and experiment *in the driver* before any worker logs (parallel first use of a
+    sqlite store races on its schema migrations). Returns (absolute tracking URI, experiment id)."""
+    import mlflow
+
+    uri = tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as e:  # unreachable server, bad URI
+        raise UserError(f"cannot reach MLflow at {uri} ({type(e).__name__}: {e}); check --mlflow-uri") from e
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location(uri))
+    return uri, exp_id
+
+
+def storage_path(storage: str | None = None) -> str:
+    """Where Ray Train/Tune keep checkpoints and run state: ``--storage`` or ``./weit_runs`` (absolute)."""
+    s = storage or os.environ.get("WEIT_STORAGE") or DEFAULT_STORAGE
+    return s if "://" in s else str(Path(s).resolve())
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Connect to ``--address``/``$RAY_ADDRESS`` or start a local Ray bound to loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=not quiet)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 include_dashboard=True, **kwargs)
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,123 @@
+"""ViT targets: a size spec -> an ordinary timm ``VisionTransformer``, its templated layout and bank kinds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from weit_core.templates import KindSpec, LayerGroup, Layout
+
+TIMM_MODEL = "vit_tiny_patch16_224"
+"""The timm name whose defaults every spec overrides, so ``timm.create_model(TIMM_MODEL, **kw)`` rebuilds it."""
+
+INIT_MODES = ("", "jax", "moco")
+"""timm's ``weight_init`` modes: '' (trunc-normal, timm default), 'jax', 'moco'."""
+
+VIT_KINDS = ("patch", "qkv", "proj", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    depth: int
+    width: int
+    heads: int
+    mlp_ratio: float = 4.0
+    patch: int = 4
+    img_size: int = 28
+    in_chans: int = 1
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.width < 1 or self.heads < 1:
+            raise ValueError(f"depth, width and heads must be >= 1, got {self}")
+        if self.width % self.heads:
+            raise ValueError(
+                f"heads={self.heads} does not divide width={self.width}; pick heads from "
+                f"{[h for h in range(1, self.width + 1) if self.width % h == 0 and h <= 32]}"
+            )
+        if self.img_size % self.patch:
+            raise ValueError(f"patch={self.patch} does not divide img_size={self.img_size}")
+        if abs(self.width * self.mlp_ratio - round(self.width * self.mlp_ratio)) > 1e-9:
+            raise ValueError(f"width*mlp_ratio = {self.width * self.mlp_ratio} is not an integer")
+
+    @property
+    def hidden(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+    @property
+    def tokens(self) -> int:
+        return (self.img_size // self.patch) ** 2 + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViTSpec:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ViT spec key(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def timm_kwargs(self) -> dict:
+        """Keyword arguments for ``timm.create_model(TIMM_MODEL, **kw)``."""
+        return dict(
+            img_size=self.img_size, patch_size=self.patch, in_chans=self.in_chans, num_classes=self.num_classes,
+            embed_dim=self.width, depth=self.depth, num_heads=self.heads, mlp_ratio=self.mlp_ratio,
+        )
+
+    def num_params(self) -> int:
+        d, h, c = self.width, self.hidden, self.in_chans
+        per_block = 3 * d * d + 3 * d + d * d + d + h * d + h + d * h + d + 4 * d
+        return (d * c * self.patch**2 + d + self.tokens * d + d + self.depth * per_block + 2 * d
+                + self.num_classes * (d + 1))
+
+    def flops(self) -> int:
+        """Forward multiply-adds x2 for one input (matmuls + attention scores; norms/softmax ignored)."""
+        t, d, h = self.tokens, self.width, self.hidden
+        patch = (t - 1) * d * self.in_chans * self.patch**2
+        block = t * (3 * d * d + d * d + 2 * d * h) + 2 * t * t * d
+        return 2 * (patch + self.depth * block + d * self.num_classes)
+
+
+def create_vit(spec: ViTSpec, init_mode: str = "") -> VisionTransformer:
+    """An ordinary timm ViT with timm's init mode named explicitly (seed the RNG before calling)."""
+    if init_mode not in INIT_MODES:
+        raise ValueError(f"unknown timm init mode {init_mode!r}; choose one of {INIT_MODES}")
+    return VisionTransformer(weight_init=init_mode, **spec.timm_kwargs())
+
+
+def vit_layout(spec: ViTSpec) -> Layout:
+    """Which weights are templated: the patch projection and each block's qkv, proj, fc1, fc2."""
+    d, h, L = spec.width, spec.hidden, range(spec.depth)
+    return {
+        "patch": LayerGroup(("patch_embed.proj.weight",), (d, spec.in_chans, spec.patch, spec.patch)),
+        "qkv": LayerGroup(tuple(f"blocks.{i}.attn.qkv.weight" for i in L), (3 * d, d)),
+        "proj": LayerGroup(tuple(f"blocks.{i}.attn.proj.weight" for i in L), (d, d)),
+        "fc1": LayerGroup(tuple(f"blocks.{i}.mlp.fc1.weight" for i in L), (h, d)),
+        "fc2": LayerGroup(tuple(f"blocks.{i}.mlp.fc2.weight" for i in L), (d, h)),
+    }
+
+
+def vit_kinds(spec: ViTSpec, n: int = 4, block: int = 16) -> dict[str, KindSpec]:
+    """Bank kinds for ViTs with this patch/channels: ``n`` templates of ``block x block`` per matrix kind;
+    the patch kind is ``block x gcd(in_chans, block) x patch x patch`` (templates over the channel grid)."""
+    kinds = {k: KindSpec(n, block, block) for k in ("qkv", "proj", "fc1", "fc2")}
+    kinds["patch"] = KindSpec(n, block, math.gcd(spec.in_chans, block), (spec.patch, spec.patch))
+    return kinds
+
+
+def count_templated(spec: ViTSpec) -> int:
+    return sum(g.depth * math.prod(g.shape) for g in vit_layout(spec).values())
+
+
+@torch.no_grad()
+def copy_free_parameters(src: torch.nn.Module, dst: torch.nn.Module, skip: set[str]) -> None:
+    """Copy every same-shaped parameter of ``src`` into ``dst`` except the names in ``skip``."""
+    dst_params = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        if name not in skip and name in dst_params and dst_params[name].shape == p.shape:
+            dst_params[name].copy_(p)

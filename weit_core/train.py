@@ -1,0 +1,173 @@
+"""THE training loop: every stage (distill, fit_scalers, train, evaluate) of every caller (Ray Train
+workers, Tune trials, tests) runs through these functions. Batches are any iterable of ``(x, y)``
+tensors, so the same code reads in-memory tensors and Ray Data shards."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weit_core.tasks import CLASSIFICATION, Task
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a step's loss is NaN/inf, so callers can mark the run failed with the reason."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU (no loss scaling needed); full precision on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def iterate_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """In-memory mini-batches; the order depends only on ``seed``."""
+    n = len(x)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for i in range(0, stop, batch_size):
+        idx = order[i : i + batch_size]
+        yield x[idx], y[idx]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no decay on 1-D tensors (biases, norms) as in timm."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def _check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+
+
+def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+
+
+def train_epoch(
+    model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, *, task: Task = CLASSIFICATION,
+    device: torch.device | str = "cpu", max_steps: int | None = None, grad_clip: float | None = 1.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> dict[str, float]:
+    """One pass (or ``max_steps``) of supervised training; returns mean loss and metric over the pass."""
+    return distill_epoch(model, batches, optimizer, teacher=None, task=task, device=device,
+                         max_steps=max_steps, grad_clip=grad_clip, scheduler=scheduler)
+
+
+def distill_epoch(
+    model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, *, teacher: nn.Module | None = None,
+    tau: float = 2.0, task: Task = CLASSIFICATION, device: torch.device | str = "cpu",
+    max_steps: int | None = None, grad_clip: float | None = 1.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> dict[str, float]:
+    """WAVE distillation ``KL(teacher || student) * tau^2 + task loss`` when a teacher is given; WeiT
+    constraint-based pre-training (task loss only) when ``teacher`` is None."""
+    device = torch.device(device)
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+    tot_loss = tot_score = agree = 0.0
+    n = steps = 0
+    for x, y in batches:
+        if max_steps is not None and steps >= max_steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device):
+            out = model(x)
+            loss = task.loss(out.float(), y)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(x).float()
+                kl = F.kl_div(F.log_softmax(out.float() / tau, -1), F.log_softmax(t_out / tau, -1),
+                              log_target=True, reduction="batchmean")
+                loss = loss + kl * tau**2
+                agree += (out.argmax(-1) == t_out.argmax(-1)).sum().item()
+        _check_finite(loss, steps)
+        _step(loss, optimizer, grad_clip)
+        if scheduler is not None:
+            scheduler.step()
+        b = len(y)
+        tot_loss += loss.item() * b
+        tot_score += task.score(out.detach().float(), y).item()
+        n += b
+        steps += 1
+    stats = {"loss": tot_loss / max(n, 1), task.metric: tot_score / max(n, 1), "steps": steps, "examples": n}
+    if teacher is not None:
+        stats["agreement"] = agree / max(n, 1)
+    return stats
+
+
+def fit_scalers(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float = 1e-3,
+    batch_size: int = 64, seed: int = 0, task: Task = CLASSIFICATION, device: torch.device | str = "cpu",
+    weight_decay: float = 0.0,
+) -> dict[str, float]:
+    """Stage 2: exactly ``steps`` optimizer steps on the small subset ``(x, y)``, cycling over it, for
+    whatever in ``model`` requires grad (scalers + free params; the bank is frozen by the caller)."""
+    if steps <= 0:
+        return {"loss": math.nan, task.metric: math.nan, "steps": 0}
+    optimizer = make_optimizer(model, lr, weight_decay)
+    done, epoch, last = 0, 0, {}
+    while done < steps:
+        batches = iterate_batches(x, y, batch_size, shuffle=True, seed=seed + epoch, drop_last=len(x) > batch_size)
+        last = train_epoch(model, batches, optimizer, task=task, device=device, max_steps=steps - done)
+        if last["steps"] == 0:
+            raise ValueError(f"fit subset of {len(x)} examples gives no batch of {batch_size}")
+        done += last["steps"]
+        epoch += 1
+    return {"loss": last["loss"], task.metric: last[task.metric], "steps": done}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Batches, *, task: Task = CLASSIFICATION, device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Mean loss and metric over all batches (sums, so uneven batches weigh correctly)."""
+    device = torch.device(device)
+    model.eval()
+    tot_loss = tot_score = 0.0
+    n = 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device):
+            out = model(x).float()
+        b = len(y)
+        tot_loss += task.loss(out, y).item() * b
+        tot_score += task.score(out, y).item()
+        n += b
+    return {"loss": tot_loss / max(n, 1), task.metric: tot_score / max(n, 1), "examples": n}
