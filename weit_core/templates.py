@@ -79,8 +79,8 @@ def grid_shape(kind: str, group: LayerGroup, spec: KindSpec) -> tuple[int, int]:
     if m % spec.a or n % spec.b:
         raise ValueError(
             f"kind {kind!r}: layer {layer} weight is {m}x{n} (out x in), not a multiple of the template block "
-            f"{spec.a}x{spec.b}; choose a width that is a multiple of {spec.a} (and {spec.b}) or a bank with a "
-            f"smaller block"
+            f"{spec.a}x{spec.b}; choose sizes that are multiples of the block (width % {spec.a} == 0) or a "
+            f"bank with a smaller block"
         )
     return m // spec.a, n // spec.b
 
@@ -150,15 +150,19 @@ class Scalers(nn.Module):
 
 def materialize_kind(template: torch.Tensor, grid: torch.Tensor, order: str = "scaler_major") -> torch.Tensor:
     """All layers of one kind at once: ``(L, n, P, Q)`` scalers x ``(n, a, b, *k)`` templates
-    -> ``(L, P*a, Q*b, *k)`` weights. One einsum; the reshape is free when the einsum output is laid out
-    in the target order."""
-    L, _, P, Q = grid.shape
+    -> ``(L, P*a, Q*b, *k)`` weights.
+
+    ``scaler_major`` is one broadcast matmul that writes straight into the weight's memory layout
+    ``(L, P, a, Q, b*k)``: ``out[l,p,i,q,:] = sum_t S[l,t,p,q] T[t,i,:]``, so the final reshape is free
+    (an einsum + permute costs an extra full copy of the weights: ~3x slower on CPU).
+    """
+    L, n, P, Q = grid.shape
     _, a, b, *k = template.shape
     if order == "scaler_major":
-        w = torch.einsum("ltpq,tij...->lpiqj...", grid, template)
-    else:
-        w = torch.einsum("ltpq,tij...->lipjq...", grid, template)
-    return w.reshape(L, P * a, Q * b, *k)
+        s = grid.permute(0, 2, 3, 1).unsqueeze(2)  # L, P, 1, Q, n
+        t = template.reshape(n, a, -1).transpose(0, 1)  # a, n, b*k
+        return torch.matmul(s, t).reshape(L, P * a, Q * b, *k)
+    return torch.einsum("ltpq,tij...->lipjq...", grid, template).reshape(L, a * P, b * Q, *k)
 
 
 def materialize(bank: TemplateBank, scalers: Scalers) -> dict[str, torch.Tensor]:

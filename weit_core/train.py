@@ -5,6 +5,7 @@ tensors, so the same code reads in-memory tensors and Ray Data shards."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 from collections.abc import Iterable, Iterator
@@ -103,9 +104,8 @@ def distill_epoch(
         teacher.eval()
     tot_loss = tot_score = agree = 0.0
     n = steps = 0
-    for x, y in batches:
-        if max_steps is not None and steps >= max_steps:
-            break
+    # islice, not a check inside the loop: a shared batch stream must not lose a batch at the cut
+    for x, y in itertools.islice(batches, max_steps):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device):
             out = model(x)
