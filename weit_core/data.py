@@ -1,0 +1,445 @@
+"""Datasets as plain tensors: built-ins (Fashion-MNIST, digits) and user parquet, plus the parquet form Ray
+Data reads. Everything is loaded eagerly and normalized once, so every strategy and baseline sees exactly
+the same numbers; nothing here imports Ray or MLflow."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+BUILTIN_DATASETS: tuple[str, ...] = ("fashion_mnist", "digits")
+
+DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# Fixed constants (the usual Fashion-MNIST train-set values) so a subset or a `limit` never shifts the inputs.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+# scikit-learn digits after /16, over all 1797 images; fixed for the same reason.
+DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3760
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+PARQUET_ROW_GROUP = 4096
+
+
+def _tensor(a: np.ndarray, dtype: np.dtype) -> torch.Tensor:
+    """numpy -> torch without a copy where possible; arrow and Ray hand out read-only buffers, which torch
+    warns about (and must not write into), so those are copied."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Data files are missing; the message says how to get them."""
+
+
+@dataclass
+class ArrayDataset:
+    """One split, already normalized: ``x`` float32 N×C×H×W, ``y`` int64 N."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.x = torch.as_tensor(self.x, dtype=torch.float32)
+        self.y = torch.as_tensor(self.y, dtype=torch.int64)
+        if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
+            raise ValueError(f"ArrayDataset wants x N×C×H×W and y N, got {tuple(self.x.shape)} "
+                             f"and {tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, n: int, seed: int = 0) -> ArrayDataset:
+        """``n`` rows drawn without replacement, the same for the same seed (all rows if ``n >= len``);
+        kept in their original order so a subset of a subset stays predictable."""
+        if n < 0:
+            raise ValueError(f"subset size must be >= 0, got {n}")
+        if n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
+        t = torch.from_numpy(idx)
+        return ArrayDataset(self.x[t], self.y[t])
+
+
+@dataclass
+class DatasetSplits:
+    """A whole dataset, split once, so every strategy is trained and scored on the same rows."""
+
+    name: str
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train.x.shape[1:]
+        return int(c), int(h), int(w)
+
+    def describe(self) -> dict:
+        """Flat facts for run params/tags."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "input_shape": self.input_shape,
+            "n_train": len(self.train),
+            "n_val": len(self.val),
+            "n_test": len(self.test),
+        }
+
+
+# IDX / Fashion-MNIST ----------------------------------------------------------------------------------------
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (gzipped or raw) with numpy; a bad header or short payload is a ValueError, not a
+    silently mis-shaped array."""
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (EOFError, OSError, zlib.error) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a readable gzip file ({e}); re-download it") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise ValueError(f"{path}: bad IDX magic number {raw[:4].hex() or '(empty)'}; is this an IDX file?")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(f"{path}: IDX payload is {len(raw) - header} bytes, header {dims} says {expected}; "
+                         "the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def find_fashion_mnist(root: str | Path | None = None) -> Path:
+    """The first folder holding all four official files: ``root``, then ``$WEIT_DATA``, then the Debian
+    package's folder."""
+    candidates = [Path(p) for p in (root, os.environ.get("WEIT_DATA"), DEFAULT_FASHION_MNIST_DIR) if p]
+    for folder in candidates:
+        if all(_idx_file(folder, stem) for stem in FASHION_MNIST_FILES.values()):
+            return folder
+    searched = ", ".join(str(c) for c in candidates)
+    raise DataNotFoundError(
+        f"Fashion-MNIST not found (searched: {searched}). Fix: `sudo apt-get install dataset-fashion-mnist`, "
+        "or put the four official files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a folder and set WEIT_DATA=<folder>."
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_raw(folder: str) -> dict[str, np.ndarray]:
+    """Decompressing 30 MB takes a moment; tests and sweeps load the same files many times."""
+    arrays = {key: read_idx(_idx_file(Path(folder), stem)) for key, stem in FASHION_MNIST_FILES.items()}
+    for arr in arrays.values():
+        arr.setflags(write=False)
+    return arrays
+
+
+def _fashion_split(images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> ArrayDataset:
+    x = images[idx].astype(np.float32).reshape(len(idx), 1, *images.shape[1:]) / 255.0
+    x = (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    return ArrayDataset(torch.from_numpy(x), torch.from_numpy(labels[idx].astype(np.int64)))
+
+
+def load_fashion_mnist(root: str | Path | None = None, *, val_size: int = 5000, seed: int = 0,
+                       limit: int | None = None) -> DatasetSplits:
+    """Official 60k train split into train/val by ``seed``; official 10k test. ``limit`` caps every split
+    (first rows after the seeded shuffle; the test split is shuffled only when limited)."""
+    raw = _fashion_raw(str(find_fashion_mnist(root)))
+    n = len(raw["train_labels"])
+    if not 0 < val_size < n:
+        raise ValueError(f"val_size must be in (0, {n}), got {val_size}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    test_idx = np.arange(len(raw["test_labels"]))
+    if limit is not None:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        train_idx, val_idx, test_idx = train_idx[:limit], val_idx[:limit], rng.permutation(test_idx)[:limit]
+    return DatasetSplits(
+        name="fashion_mnist",
+        train=_fashion_split(raw["train_images"], raw["train_labels"], train_idx),
+        val=_fashion_split(raw["train_images"], raw["train_labels"], val_idx),
+        test=_fashion_split(raw["test_images"], raw["test_labels"], test_idx),
+        num_classes=10,
+    )
+
+
+# digits -----------------------------------------------------------------------------------------------------
+
+
+def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("need 0 <= val_fraction, test_fraction and their sum < 1, "
+                         f"got {val_fraction}, {test_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    if n - n_val - n_test <= 0:
+        raise ValueError(f"{n} rows leave no training rows with val_fraction={val_fraction}, "
+                         f"test_fraction={test_fraction}")
+    return {"val": perm[:n_val], "test": perm[n_val:n_val + n_test], "train": perm[n_val + n_test:]}
+
+
+def load_digits(*, seed: int = 0) -> DatasetSplits:
+    """scikit-learn's bundled 8×8 digits (no download): the fast real dataset for tests; 70/15/15 by seed."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = ((bunch.images.astype(np.float32) / 16.0 - DIGITS_MEAN) / DIGITS_STD).reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    parts = _split_indices(len(y), 0.15, 0.15, seed)
+    train, val, test = (ArrayDataset(torch.from_numpy(x[parts[s]]), torch.from_numpy(y[parts[s]]))
+                        for s in _SPLITS)
+    return DatasetSplits("digits", train, val, test, num_classes=10)
+
+
+# parquet ----------------------------------------------------------------------------------------------------
+
+
+def _read_table(path: str | Path) -> pa.Table:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith(("_", ".")))
+        if not files:
+            raise DataNotFoundError(f"no *.parquet files under {path}; give a parquet file or folder")
+        return pa.concat_tables([pq.read_table(f) for f in files])
+    if not path.is_file():
+        raise DataNotFoundError(f"{path} does not exist; give a parquet file or a folder of parquet files")
+    return pq.read_table(path)
+
+
+def _is_list(typ: pa.DataType) -> bool:
+    return pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)
+
+
+def _list_to_numpy(arr: pa.Array, column: str) -> np.ndarray:
+    """Peel (nested) list levels off an arrow array; every row must have the same shape."""
+    n, shape = len(arr), []
+    while _is_list(arr.type):
+        if arr.null_count:
+            raise ValueError(f"column `{column}` has null images; drop those rows")
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths != lengths[0]).any():
+            raise ValueError(f"column `{column}`: images of different shapes; resize them all to one size")
+        shape.append(int(lengths[0]) if len(lengths) else 0)
+        arr = arr.flatten()
+    if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
+        raise ValueError(f"column `{column}` holds {arr.type}, not numbers")
+    return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)
+
+
+def _decode_bytes(arr: pa.Array, column: str) -> list[np.ndarray]:
+    from PIL import Image
+
+    out = []
+    for i, blob in enumerate(arr.to_pylist()):
+        if blob is None:
+            raise ValueError(f"column `{column}` row {i} is null; drop rows without an image")
+        try:
+            img = Image.open(io.BytesIO(blob))
+            if img.mode == "1":
+                img = img.convert("L")
+            elif img.mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            a = np.asarray(img)
+        except Exception as e:  # PIL raises several kinds for bad bytes
+            raise ValueError(f"column `{column}` row {i}: not a decodable PNG/JPEG image ({e})") from e
+        out.append(a if a.ndim == 2 else a.transpose(2, 0, 1))  # HWC -> CHW
+    return out
+
+
+def _column_images(table: pa.Table, column: str = "image") -> np.ndarray:
+    """The image column as one N×... numpy array, whatever form it was stored in."""
+    field = table.schema.field(column)
+    typ, meta, chunks = field.type, field.metadata or {}, table.column(column).chunks
+    if not chunks:  # an empty table: only a fixed-shape tensor column still knows the image shape
+        if isinstance(typ, pa.FixedShapeTensorType):
+            return np.zeros((0, *typ.shape), dtype=typ.value_type.to_pandas_dtype())
+        raise ValueError(f"column `{column}` is empty; no images to load")
+    if isinstance(typ, pa.FixedShapeTensorType):
+        return np.concatenate([c.to_numpy_ndarray() for c in chunks])
+    if isinstance(typ, pa.ExtensionType):  # e.g. Ray Data's own tensor type, when ray is imported
+        shape = getattr(typ, "shape", None)
+        flat = np.concatenate([_list_to_numpy(c.storage, column) for c in chunks])
+        return flat.reshape(len(flat), *shape) if shape and None not in shape else flat
+    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+        images = [a for c in chunks for a in _decode_bytes(c, column)]
+        shapes = sorted({a.shape for a in images})
+        if len(shapes) > 1:
+            raise ValueError(f"column `{column}`: images of different shapes {shapes}; resize to one size")
+        return np.stack(images)
+    if not _is_list(typ):
+        raise ValueError(f"column `{column}` has type {typ}; store images as a fixed_shape_tensor, "
+                         "a (nested) list of numbers, or PNG/JPEG bytes")
+    flat = np.concatenate([_list_to_numpy(c, column) for c in chunks])
+    # Ray Data writes tensors as a flat list with the shape in the field's extension metadata.
+    if meta.get(b"ARROW:extension:name", b"").startswith(b"ray.data.arrow_tensor"):
+        shape = json.loads(meta.get(b"ARROW:extension:metadata", b"null"))
+        if isinstance(shape, list) and all(isinstance(s, int) for s in shape):
+            flat = flat.reshape(len(flat), *shape)
+    return flat
+
+
+def _as_nchw(images: np.ndarray, column: str) -> np.ndarray:
+    """2D images get one channel; 3D channel-last images (H×W×{1,3,4}) are moved to channel-first."""
+    if images.ndim == 3:
+        return images.reshape(images.shape[0], 1, *images.shape[1:])
+    if images.ndim == 4:
+        if images.shape[1] not in (1, 3, 4) and images.shape[3] in (1, 3, 4):
+            return images.transpose(0, 3, 1, 2)
+        return images
+    raise ValueError(f"column `{column}`: each image must be H×W or C×H×W, got shape {images.shape[1:]}")
+
+
+def _column_labels(table: pa.Table) -> np.ndarray:
+    col = table.column("label")
+    if not pa.types.is_integer(col.type):
+        raise ValueError(f"column `label` must hold integer class ids 0..K-1, got {col.type}; "
+                         "map class names to ints")
+    if col.null_count:
+        raise ValueError("column `label` has nulls; drop unlabeled rows")
+    y = col.to_numpy().astype(np.int64)
+    if len(y) and y.min() < 0:
+        raise ValueError(f"column `label` has negative values (min {y.min()}); class ids must be 0..K-1")
+    return y
+
+
+def load_parquet(path: str | Path, *, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 seed: int = 0) -> DatasetSplits:
+    """User data: columns ``image`` and ``label`` (optional ``split``). Normalized per channel by the train
+    split's mean/std, so any image format lands on the same scale. A ``split`` column is honoured; a split it
+    leaves empty (val or test) is carved from train by the fractions."""
+    table = _read_table(path)
+    for col, fix in (("image", "an image per row (tensor, list of numbers, or PNG/JPEG bytes)"),
+                     ("label", "integer class ids 0..K-1")):
+        if col not in table.column_names:
+            raise ValueError(f"{path}: no `{col}` column (have {table.column_names}); "
+                             f"add a `{col}` column with {fix}")
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: no rows; the `image` and `label` columns are empty")
+    raw = _as_nchw(_column_images(table), "image")
+    x = raw.astype(np.float32) / (255.0 if raw.dtype == np.uint8 else 1.0)
+    y = _column_labels(table)
+    if "split" in table.column_names:
+        values = np.asarray(table.column("split").to_pylist(), dtype=object)
+        unknown = sorted({str(v) for v in values} - set(_SPLIT_ALIASES))
+        if unknown:
+            raise ValueError(f"column `split` has unknown values {unknown}; use train / val / test "
+                             "(or drop the column for a seeded split)")
+        values = np.array([_SPLIT_ALIASES[v] for v in values])
+        parts = {s: np.flatnonzero(values == s) for s in _SPLITS}
+        if not len(parts["train"]):
+            raise ValueError("column `split` has no `train` rows; mark some rows train (or drop the column)")
+        rng = np.random.default_rng(seed)
+        for s, frac in (("val", val_fraction), ("test", test_fraction)):
+            if not len(parts[s]):
+                train = rng.permutation(parts["train"])
+                k = max(1, round(len(train) * frac)) if frac > 0 else 0
+                if k >= len(train):
+                    raise ValueError(f"too few train rows ({len(train)}) to carve a `{s}` split; "
+                                     f"add `{s}` rows")
+                parts[s], parts["train"] = np.sort(train[:k]), np.sort(train[k:])
+    else:
+        parts = _split_indices(len(y), val_fraction, test_fraction, seed)
+    mean = x[parts["train"]].mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+    std = x[parts["train"]].std(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+    x = ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+    splits = {s: ArrayDataset(torch.from_numpy(x[idx]), torch.from_numpy(y[idx])) for s, idx in parts.items()}
+    return DatasetSplits(Path(path).stem, splits["train"], splits["val"], splits["test"],
+                         num_classes=int(y.max()) + 1)
+
+
+def load_dataset(name_or_path: str, **kwargs) -> DatasetSplits:
+    """A built-in by name, else a parquet file or folder; ``kwargs`` go to the loader."""
+    key = str(name_or_path).strip().lower().replace("-", "_")
+    if key == "fashion_mnist":
+        return load_fashion_mnist(**kwargs)
+    if key == "digits":
+        return load_digits(**kwargs)
+    path = Path(name_or_path)
+    if path.is_dir() or path.suffix == ".parquet" or path.exists():
+        return load_parquet(path, **kwargs)
+    raise ValueError(f"unknown dataset {name_or_path!r}: use one of {', '.join(BUILTIN_DATASETS)}, "
+                     "or a path to a parquet file / folder of parquet files with `image` and `label` columns")
+
+
+def to_parquet(ds: ArrayDataset, path: str | Path, *, split: str | None = None) -> Path:
+    """One split as parquet with a fixed-shape tensor ``image`` column, the form Ray Data's read_parquet turns
+    straight into N×C×H×W numpy batches. A ``split`` column is for :func:`load_parquet`; drop it
+    (``select_columns``) before ``iter_torch_batches``, which cannot convert strings."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = np.ascontiguousarray(ds.x.detach().cpu().numpy(), dtype=np.float32)
+    # Built from the flat buffer, not from_numpy_ndarray: that infers a dim permutation from strides, and
+    # size-1 dims (C=1) can carry any stride, which silently stores shape (H, 1, W) plus a permutation.
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), int(np.prod(x.shape[1:])))
+    columns = {
+        "image": pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), x.shape[1:]), storage),
+        "label": pa.array(ds.y.detach().cpu().numpy().astype(np.int64), type=pa.int64()),
+    }
+    if split is not None:
+        columns["split"] = pa.array([split] * len(ds), type=pa.string())
+    pq.write_table(pa.table(columns), path, row_group_size=PARQUET_ROW_GROUP)
+    return path
+
+
+def export_parquet(splits: DatasetSplits, out_dir: str | Path) -> dict[str, Path]:
+    """``out_dir/{train,val,test}.parquet`` with only ``image`` and ``label``: a string ``split`` column would
+    make Ray Data's ``iter_torch_batches`` fail (it converts every column to a tensor)."""
+    out_dir = Path(out_dir)
+    return {s: to_parquet(getattr(splits, s), out_dir / f"{s}.parquet") for s in _SPLITS}
+
+
+def read_parquet_arrays(path: str | Path) -> ArrayDataset:
+    """Inverse of :func:`to_parquet`: the stored values as they are (no scaling, no normalizing)."""
+    table = _read_table(path)
+    x = _as_nchw(_column_images(table), "image")
+    return ArrayDataset(_tensor(x, np.float32), _tensor(table.column("label").to_numpy(), np.int64))
+
+
+def batch_to_tensors(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Ray Data numpy batch -> (float32 B×C×H×W, int64 B). Ray gives fixed-shape tensor columns as one
+    ndarray, ragged or pickled ones as an object array of per-row arrays; both are accepted."""
+    images = batch["image"]
+    if images.dtype == object:
+        if not len(images):
+            raise ValueError("empty batch: no images")
+        images = np.stack([np.asarray(a) for a in images])
+    x = _tensor(images, np.float32)
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    if x.ndim != 4:
+        raise ValueError(f"batch `image` must be B×C×H×W (or B×H×W), got shape {tuple(x.shape)}")
+    y = _tensor(batch["label"], np.int64)
+    return x, y
