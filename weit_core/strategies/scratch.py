@@ -18,7 +18,7 @@ def scratch(spec: ViTSpec, *, seed: int = 0, init_mode: str = "", **_: object) -
 
 @register("scratch_fit")
 def scratch_fit(
-    spec: ViTSpec, *, fit_data: tuple[torch.Tensor, torch.Tensor], fit_steps: int = 100, fit_lr: float = 1e-3,
+    spec: ViTSpec, *, fit_data: tuple[torch.Tensor, torch.Tensor], fit_steps: int = 100, fit_lr: float = 3e-3,
     fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", device: str = "cpu", **_: object,
 ) -> InitResult:
     seed_everything(seed)

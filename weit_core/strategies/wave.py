@@ -49,7 +49,7 @@ def _wave(
 @register("wave")
 def wave(
     spec: ViTSpec, *, bank: TemplateBank, aux_scalers: Scalers | None = None,
-    fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 1e-3,
+    fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
     fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", scaler_init: str = "resample",
     device: str = "cpu", **_: object,
 ) -> InitResult:
@@ -61,7 +61,7 @@ def wave(
 @register("wave_random_bank")
 def wave_random_bank(
     spec: ViTSpec, *, bank: TemplateBank, aux_scalers: Scalers | None = None,
-    fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 1e-3,
+    fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
     fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", device: str = "cpu", **_: object,
 ) -> InitResult:
     """An untrained bank (fresh templates + fresh aux scalers of the trained bank's shapes), then

@@ -1,0 +1,85 @@
+"""Shared fixtures: real data slices, a bank distilled in-process on digits, a local Ray, a sqlite MLflow."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray >= 2.59 token auth breaks later CLI/job calls
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from weit_core.models import TemplatedModel, ViTSpec, create_vit, vit_kinds, vit_layout  # noqa: E402
+from weit_core.templates import Scalers, TemplateBank  # noqa: E402
+from weit_core.train import distill_epoch, evaluate, iterate_batches, make_optimizer, seed_everything  # noqa: E402
+
+# one thread: the test models are tiny, and Ray workers/servers share the 2 cores (2 threads each oversubscribe)
+torch.set_num_threads(1)
+
+DIGITS_ANCESTRY = ViTSpec(depth=2, width=32, heads=2, patch=2, img_size=8, in_chans=1, num_classes=10)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from weit_core.data import load_digits
+
+    return load_digits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_ancestry(digits):
+    """A small ViT trained on digits (the teacher for test banks): ~92% val accuracy in ~15 s."""
+    seed_everything(0)
+    model = create_vit(DIGITS_ANCESTRY)
+    opt = make_optimizer(model, 3e-3)
+    for ep in range(30):
+        distill_epoch(model, iterate_batches(digits.train.x, digits.train.y, 64, seed=ep), opt)
+    acc = evaluate(model, iterate_batches(digits.val.x, digits.val.y, 256, shuffle=False))["acc"]
+    return model.eval(), acc
+
+
+@pytest.fixture(scope="session")
+def digits_bank(digits, digits_ancestry):
+    """(bank, aux_scalers, aux_acc): a WAVE bank distilled in-process from the digits ancestry into an
+    auxiliary model of the same size built only from templates."""
+    teacher, _ = digits_ancestry
+    seed_everything(1)
+    kinds = vit_kinds(DIGITS_ANCESTRY, n=4, block=16)
+    bank = TemplateBank(kinds)
+    aux = TemplatedModel(create_vit(DIGITS_ANCESTRY), bank, Scalers(vit_layout(DIGITS_ANCESTRY), kinds))
+    aux.set_stage("pretrain")
+    opt = make_optimizer(aux, 3e-3)
+    for ep in range(30):
+        distill_epoch(aux, iterate_batches(digits.train.x, digits.train.y, 64, seed=ep), opt, teacher=teacher)
+    acc = evaluate(aux, iterate_batches(digits.val.x, digits.val.y, 256, shuffle=False))["acc"]
+    return bank, aux.scalers, acc
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs, loopback) for the whole test session."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path):
+    """A fresh sqlite MLflow store per test (absolute URI, as workers need)."""
+    return f"sqlite:///{tmp_path / 'mlruns.db'}"
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A loopback ``mlflow server`` over a fresh sqlite file, for tests with many concurrent writers."""
+    from pipelines.mlflow_server import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path / "mlflow.db")
+    yield server
+    server.stop()

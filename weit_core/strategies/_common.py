@@ -1,0 +1,85 @@
+"""Helpers shared by the ancestry-based baselines (weight_selection, tleg_fit, net2net): the ancestry
+check, reading a timm ViT's size back into a ViTSpec, and the documented index rules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from weit_core.models import ViTSpec, create_vit
+
+ELEMENT_SELECTIONS = ("uniform", "consecutive")
+LAYER_SELECTIONS = ("first_n", "even")
+
+
+def infer_vit_spec(model: nn.Module) -> ViTSpec:
+    """The ViTSpec of an ordinary timm ``VisionTransformer`` (so callers may pass the ancestry alone)."""
+    try:
+        pe, blk = model.patch_embed, model.blocks[0]
+        return ViTSpec(
+            depth=len(model.blocks), width=model.embed_dim, heads=blk.attn.num_heads,
+            mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, patch=pe.patch_size[0], img_size=pe.img_size[0],
+            in_chans=pe.proj.in_channels, num_classes=getattr(model.head, "out_features", 0),
+        )
+    except (AttributeError, IndexError, TypeError) as e:
+        raise ValueError(f"the ancestry is not a timm VisionTransformer ({type(model).__name__}: {e}); "
+                         "load it with weit_core.io.load_model or pass ancestry_spec") from e
+
+
+def require_ancestry(
+    strategy: str, ancestry: nn.Module | None, ancestry_spec: ViTSpec | None,
+) -> tuple[nn.Module, ViTSpec]:
+    """The ancestry and its spec, or a ValueError naming the strategy that needs ``--ancestry``."""
+    if ancestry is None:
+        raise ValueError(f"strategy {strategy!r} needs an ancestry model; pass --ancestry <model.safetensors> "
+                         "(train one with `weit ancestry`)")
+    spec = ancestry_spec or infer_vit_spec(ancestry)
+    have = {k: tuple(v.shape) for k, v in ancestry.state_dict().items()}
+    with torch.device("meta"):  # shapes only: no memory, no draw from the global RNG
+        want = {k: tuple(v.shape) for k, v in create_vit(spec).state_dict().items()}
+    if have != want:
+        raise ValueError(f"strategy {strategy!r}: the ancestry's weights do not match ancestry_spec {spec}; "
+                         "pass the spec the ancestry was built with")
+    return ancestry, spec
+
+
+def check_same_tokens(strategy: str, src: ViTSpec, dst: ViTSpec) -> None:
+    """Patch size, image size and channels must agree: the patch kernel and position table are copied as
+    they are (their positions have a meaning; subsampling them would not be selection but resizing)."""
+    for key in ("patch", "img_size", "in_chans"):
+        if getattr(src, key) != getattr(dst, key):
+            raise ValueError(f"strategy {strategy!r}: ancestry {key}={getattr(src, key)} but target "
+                             f"{key}={getattr(dst, key)}; use a target with the ancestry's {key}")
+
+
+def select_indices(n: int, m: int, mode: str) -> torch.Tensor:
+    """Which ``m`` of ``n`` indices to keep (int64, increasing).
+
+    ``uniform`` is the reference code's rule: ``i * (n // m)`` when ``m`` divides ``n``, otherwise
+    ``round(linspace(0, n - 1, m))`` (float64, round half to even) — every dimension spread evenly, the first
+    and, for non-integer ratios, the last index kept. ``consecutive`` keeps ``0 .. m-1``.
+    """
+    if m > n:
+        raise ValueError(f"cannot select {m} of {n}: the ancestry must be at least as large as the target")
+    if mode == "consecutive":
+        return torch.arange(m)
+    if mode == "uniform":
+        if n % m == 0:
+            return torch.arange(m) * (n // m)
+        return torch.round(torch.linspace(0, n - 1, m, dtype=torch.float64)).long()
+    raise ValueError(f"unknown selection {mode!r}; choose one of {ELEMENT_SELECTIONS}")
+
+
+def layer_indices(n: int, m: int, mode: str) -> torch.Tensor:
+    """Which ancestry blocks feed the ``m`` target blocks: ``first_n`` = ``0 .. m-1`` (the paper's default),
+    ``even`` = evenly spaced by the ``uniform`` rule of :func:`select_indices`."""
+    if mode == "first_n":
+        return select_indices(n, m, "consecutive")
+    if mode == "even":
+        return select_indices(n, m, "uniform")
+    raise ValueError(f"unknown layer_selection {mode!r}; choose one of {LAYER_SELECTIONS}")
+
+
+def as_text(idx: torch.Tensor) -> str:
+    """An index list as a short string, for MLflow params."""
+    return ",".join(str(int(i)) for i in idx)

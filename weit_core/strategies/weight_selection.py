@@ -1,0 +1,146 @@
+"""``weight_selection``: Xu et al., "Initializing Models with Larger Ones" (ICLR 2024), reference code
+github.com/OscarXZQ/weight-selection.
+
+A smaller target takes a subset of a larger ancestry's weights: layer selection picks which ancestry blocks
+feed the target's blocks, element selection picks which indices of every dimension are kept, the same
+indices in every layer (the paper's "consistency"), so the embedding channel ``c`` of the target is the
+same ancestry channel in the patch embedding, every norm, every residual write and every read.
+
+Index rules (see docs/baselines.md): ``uniform`` keeps ``i * (n // m)`` when ``m`` divides ``n`` and
+``round(linspace(0, n - 1, m))`` otherwise (the reference code's rule; its older release produced an
+out-of-range index here); ``consecutive`` keeps ``0 .. m-1``. The fused ``qkv`` matrix is selected per
+q/k/v section with the same attention-channel indices, and ``proj``'s input columns use those indices too,
+so a value channel still meets its own projection column. ``head_aware=True`` (ours) selects whole heads
+(head indices by the rule over the head count, then the same within-head indices for every head) instead of
+spreading over the flat attention width. The classifier head is never copied: it stays timm-initialised.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from weit_core.models import ViTSpec, create_vit
+from weit_core.strategies import InitResult, register
+from weit_core.strategies._common import (
+    as_text,
+    check_same_tokens,
+    layer_indices,
+    require_ancestry,
+    select_indices,
+)
+from weit_core.train import seed_everything
+
+
+def selection_plan(src: ViTSpec, dst: ViTSpec, layer_selection: str = "first_n", element_selection: str = "uniform",
+                   head_aware: bool = False) -> dict[str, torch.Tensor]:
+    """The indices weight selection uses: ``layers`` (ancestry block per target block), ``embed`` (residual
+    channels), ``attn`` (channels of each q/k/v section and of proj's input), ``hidden`` (MLP units)."""
+    too_big = [f"{k} {getattr(dst, k)} > {getattr(src, k)}" for k in ("depth", "width", "hidden")
+               if getattr(dst, k) > getattr(src, k)]
+    if too_big:
+        raise ValueError(f"weight_selection selects from a larger ancestry, but target {', '.join(too_big)}; "
+                         "pick a smaller target or grow with net2net")
+    plan = {
+        "layers": layer_indices(src.depth, dst.depth, layer_selection),
+        "embed": select_indices(src.width, dst.width, element_selection),
+        "hidden": select_indices(src.hidden, dst.hidden, element_selection),
+    }
+    if head_aware:
+        hd_src, hd_dst = src.width // src.heads, dst.width // dst.heads
+        if dst.heads > src.heads or hd_dst > hd_src:
+            raise ValueError(f"head_aware weight selection needs target heads <= {src.heads} and head_dim <= "
+                             f"{hd_src}, got heads={dst.heads}, head_dim={hd_dst}; pick fewer heads or head_aware=False")
+        heads = select_indices(src.heads, dst.heads, element_selection)
+        dims = select_indices(hd_src, hd_dst, element_selection)
+        plan["heads"] = heads
+        plan["attn"] = (heads[:, None] * hd_src + dims[None, :]).reshape(-1)
+    else:
+        plan["attn"] = plan["embed"]
+    return plan
+
+
+def _block_index(src: dict[str, torch.Tensor], a: int, plan: dict[str, torch.Tensor], d_src: int) -> dict:
+    e, h, at = plan["embed"], plan["hidden"], plan["attn"]
+    qkv_rows = torch.cat([s * d_src + at for s in range(3)])
+    p = f"blocks.{a}."
+    return {
+        "norm1.weight": src[p + "norm1.weight"][e], "norm1.bias": src[p + "norm1.bias"][e],
+        "attn.qkv.weight": src[p + "attn.qkv.weight"][qkv_rows][:, e],
+        "attn.qkv.bias": src[p + "attn.qkv.bias"][qkv_rows],
+        "attn.proj.weight": src[p + "attn.proj.weight"][e][:, at], "attn.proj.bias": src[p + "attn.proj.bias"][e],
+        "norm2.weight": src[p + "norm2.weight"][e], "norm2.bias": src[p + "norm2.bias"][e],
+        "mlp.fc1.weight": src[p + "mlp.fc1.weight"][h][:, e], "mlp.fc1.bias": src[p + "mlp.fc1.bias"][h],
+        "mlp.fc2.weight": src[p + "mlp.fc2.weight"][e][:, h], "mlp.fc2.bias": src[p + "mlp.fc2.bias"][e],
+    }
+
+
+@torch.no_grad()
+def select_weights(ancestry: nn.Module, src: ViTSpec, model: nn.Module, plan: dict[str, torch.Tensor]) -> nn.Module:
+    """Overwrite every parameter of ``model`` that has an ancestry counterpart (all but the head)."""
+    sd = {k: v.detach().cpu() for k, v in ancestry.state_dict().items()}
+    e = plan["embed"]
+    new = {
+        "cls_token": sd["cls_token"][..., e], "pos_embed": sd["pos_embed"][..., e],
+        "patch_embed.proj.weight": sd["patch_embed.proj.weight"][e], "patch_embed.proj.bias": sd["patch_embed.proj.bias"][e],
+        "norm.weight": sd["norm.weight"][e], "norm.bias": sd["norm.bias"][e],
+    }
+    for t, a in enumerate(plan["layers"].tolist()):
+        new.update({f"blocks.{t}.{k}": v for k, v in _block_index(sd, a, plan, src.width).items()})
+    own = model.state_dict()
+    for k, v in new.items():
+        own[k].copy_(v)
+    return model
+
+
+def _weight_selection(
+    spec: ViTSpec, ancestry: nn.Module | None, ancestry_spec: ViTSpec | None, *, seed: int, init_mode: str,
+    layer_selection: str, element_selection: str, head_aware: bool, name: str,
+) -> InitResult:
+    ancestry, src = require_ancestry(name, ancestry, ancestry_spec)
+    check_same_tokens(name, src, spec)
+    plan = selection_plan(src, spec, layer_selection, element_selection, head_aware)
+    seed_everything(seed)
+    model = select_weights(ancestry, src, create_vit(spec, init_mode), plan)
+    rule = ("i*(n//m) if m divides n else round(linspace(0,n-1,m))" if element_selection == "uniform"
+            else "0..m-1")
+    return InitResult(model, {
+        "source": "ancestry", "layer_selection": layer_selection, "element_selection": element_selection,
+        "head_aware": head_aware, "index_rule": rule, "ancestry_layers": as_text(plan["layers"]),
+        "ancestry_depth": src.depth, "ancestry_width": src.width, "ancestry_heads": src.heads,
+        "ancestry_hidden": src.hidden, "qkv_sections": "q,k,v selected with the same indices",
+        "classifier_head": "new (timm init)", "init_mode": init_mode or "timm_default",
+    })
+
+
+@register("weight_selection")
+def weight_selection(
+    spec: ViTSpec, *, ancestry: nn.Module | None = None, ancestry_spec: ViTSpec | None = None, seed: int = 0,
+    init_mode: str = "", layer_selection: str = "first_n", element_selection: str = "uniform", head_aware: bool = False,
+    **_: object,
+) -> InitResult:
+    """Paper defaults: first-N layers, uniform element selection; the options are keyword arguments."""
+    return _weight_selection(spec, ancestry, ancestry_spec, seed=seed, init_mode=init_mode,
+                             layer_selection=layer_selection, element_selection=element_selection,
+                             head_aware=head_aware, name="weight_selection")
+
+
+def _variant(name: str, **fixed: object) -> None:
+    """A named variant with some options fixed, so a sweep can list it by name alone."""
+
+    def fn(spec: ViTSpec, **kw: object) -> InitResult:
+        clash = {k: kw[k] for k in fixed if k in kw and kw[k] != fixed[k]}
+        if clash:
+            raise ValueError(f"strategy {name!r} fixes {fixed}; got {clash} (use 'weight_selection' with options)")
+        opts = {"layer_selection": "first_n", "element_selection": "uniform", "head_aware": False}
+        opts.update({k: kw[k] for k in opts if k in kw}, **fixed)
+        return _weight_selection(spec, kw.get("ancestry"), kw.get("ancestry_spec"), seed=int(kw.get("seed", 0)),
+                                 init_mode=str(kw.get("init_mode", "")), name=name, **opts)
+
+    fn.__doc__ = f"weight_selection with {fixed}."
+    register(name)(fn)
+
+
+_variant("weight_selection_even", layer_selection="even")
+_variant("weight_selection_consecutive", element_selection="consecutive")
+_variant("weight_selection_head_aware", head_aware=True)
