@@ -99,3 +99,19 @@ def test_wrong_kind_of_file_and_mismatched_bank(bank_file, tmp_path):
         load_bank(plain)
     with pytest.raises(WeitFileError, match="no such file"):
         load_bank(tmp_path / "missing.safetensors")
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """The first byte of a safetensors file is the low byte of its header length: 0x80 (a pickle's first
+    byte) in 1 of 256 files. Such a file (first seen as a real bank) must still load."""
+    spec = ViTSpec(depth=1, width=16, heads=1, patch=2, img_size=4, in_chans=1, num_classes=2)
+    model = create_vit(spec)
+    for pad in range(512):
+        path = save_model(tmp_path / "m.safetensors", model, spec, {"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length with low byte 0x80")
+    loaded, header = load_model(path)
+    assert header["info"]["pad"] == "x" * pad
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())

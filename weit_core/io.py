@@ -31,7 +31,11 @@ def _sniff(path: Path) -> None:
     """Name the common wrong files (pickle, torch.save zip) instead of a parser error."""
     if not path.is_file():
         raise WeitFileError(f"{path}: no such file")
-    head = path.read_bytes()[:8] if path.stat().st_size < 8 else path.open("rb").read(8)
+    with path.open("rb") as f:
+        head = f.read(9)
+    # safetensors = u64 little-endian header length, then the JSON header: its first byte may be 0x80 too
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return
     if head[:1] == b"\x80" or head[:2] == b"PK":
         raise WeitFileError(
             f"{path}: looks like a pickle / torch.save file; weit only reads safetensors (pickles are never "
