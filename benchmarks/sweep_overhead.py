@@ -1,0 +1,203 @@
+"""What does Ray Tune cost a sweep? K short fixed-work trials through the sweep's own Tune path vs the
+same trials in a plain loop.
+
+The work is the real trial body (``pipelines.sweep.run_trial``: scratch init + a fixed number of training
+steps + a small evaluation, one thread), calibrated to about ``--work-s`` seconds. The Tune arm is the
+sweep's code path: ``tune.with_parameters(_tune_trial)`` + ``with_resources``, ``grid_search`` over the
+trial configs, ``reuse_actors=True``, per-trial result files off, ``verbose=0``; MLflow is off in both arms
+(``--mlflow`` puts it in both: it is trial work, not Tune overhead). Ray start-up is excluded, everything
+inside ``Tuner.fit()`` (actor start-up and imports included) is counted.
+
+    ratio              = wall(Tune) / (work / slots)          work = sum of the plain loop's trial times
+    per_trial_overhead = (wall(Tune) - work / slots) * slots / K   (slot-seconds a trial costs beyond its work)
+    steady-state overhead: the same, measured between trial completions after every slot finished one
+    trial (so the one-off actor start-up and imports are left out; reported next to the totals)
+    vs work inside Tune: the same two figures with the work timed inside the Tune arm (Tune's time_total_s
+    per trial), which a machine whose load changes between the two arms cannot skew
+
+    python benchmarks/sweep_overhead.py [--trials 200] [--work-s 1.0] [--slots 2] [--mlflow]
+
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.spaces import expand, inspect_tasks, parse_space  # noqa: E402
+
+SPACE = """
+name: overhead
+tasks: [{data: digits, patch: 2, val_limit: 128}]
+strategies: [scratch]
+sizes: {depth: 2, width: 32, heads: 2, mlp_ratio: 2}
+training: {epochs: 1, batch_size: 64, steps_per_epoch: STEPS, fit_steps: 0, fit_examples: 0, test_eval: false,
+           seeds: SEEDS}
+"""
+
+
+def configs(trials: int, steps: int) -> list[dict]:
+    space = parse_space(SPACE.replace("STEPS", str(steps)).replace("SEEDS", str(list(range(trials)))))
+    return expand(space, inspect_tasks(space)).trials
+
+
+def calibrate(work_s: float) -> int:
+    """Training steps whose trial takes about ``work_s`` seconds here (median of a few timings)."""
+    from pipelines.sweep import run_trial
+
+    probe = 20
+    (cfg,) = configs(1, probe)
+    run_trial(cfg, threads=1)  # warm-up: imports, data cache, allocator
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run_trial(cfg, threads=1)
+        times.append(time.perf_counter() - t0)
+    per_step = statistics.median(times) / probe
+    return max(1, round(work_s / per_step))
+
+
+def plain_loop(cfgs: list[dict], tracking: tuple | None) -> list[float]:
+    from pipelines.sweep import TrialTracker, run_trial
+
+    times = []
+    for cfg in cfgs:
+        tracker = TrialTracker(*tracking) if tracking else None
+        t0 = time.perf_counter()
+        run_trial(cfg, tracker=tracker, threads=1)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None,
+             storage: str) -> tuple[float, list[float], float]:
+    """Wall time of ``Tuner.fit()``, the driver-clock completion time of every trial (from fit start), and
+    the work as timed inside Tune (sum over trials of Tune's ``time_total_s``: trial start to last report)."""
+    from ray import tune
+
+    from pipelines.sweep import SweepContext, _trial_dirname, _tune_trial
+
+    done: list[float] = []
+    inside: dict[str, float] = {}
+
+    class Completions(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            inside[trial.trial_id] = float(result["time_total_s"])
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            done.append(time.perf_counter())
+
+    uri, exp_id, parent, sweep = tracking if tracking else (None, None, None, "overhead")
+    ctx = SweepContext(uri, exp_id, parent, sweep, save_models=False, threads=1)
+    trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), {"cpu": 1})
+    tuner = tune.Tuner(
+        trainable, param_space={"trial": tune.grid_search(cfgs)},
+        tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True, max_concurrent_trials=slots,
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name="overhead", storage_path=storage, verbose=0, callbacks=[Completions()]))
+    t0 = time.perf_counter()
+    results = tuner.fit()
+    wall = time.perf_counter() - t0
+    if results.num_errors:
+        raise RuntimeError(f"{results.num_errors} trials failed: {results.errors[:1]}")
+    return wall, sorted(t - t0 for t in done), sum(inside.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=200)
+    ap.add_argument("--work-s", type=float, default=1.0, help="target work per trial (seconds)")
+    ap.add_argument("--steps", type=int, default=None, help="fixed training steps per trial (skips calibration)")
+    ap.add_argument("--slots", type=int, default=None, help="concurrent trials (default: the CPUs Ray sees)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    ap.add_argument("--mlflow", action="store_true", help="log every trial to MLflow in both arms")
+    args = ap.parse_args()
+
+    import logging
+
+    import ray
+    import torch
+
+    torch.set_num_threads(1)
+    steps = args.steps or calibrate(args.work_s)
+    cfgs = configs(args.trials, steps)
+    with tempfile.TemporaryDirectory(prefix="weit-overhead-") as tmp:
+        tracking_plain = tracking_tune = None
+        if args.mlflow:
+            import mlflow
+
+            from pipelines.common import prepare_mlflow
+
+            uri, exp_id = prepare_mlflow(f"sqlite:///{tmp}/mlruns.db", "overhead")
+            client = mlflow.MlflowClient(uri)
+            tracking_plain = (uri, exp_id, client.create_run(exp_id).info.run_id, "plain")
+            tracking_tune = (uri, exp_id, client.create_run(exp_id).info.run_id, "tune")
+
+        t0 = time.perf_counter()
+        times = plain_loop(cfgs, tracking_plain)
+        plain_wall = time.perf_counter() - t0
+        work = sum(times)
+
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 logging_level=logging.WARNING)
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # no result files
+        slots = args.slots or int(ray.cluster_resources().get("CPU", 1))
+        wall, done, work_inside = tune_arm(cfgs, slots, tracking_tune, f"{tmp}/tune")
+        ray.shutdown()
+
+    ideal = work / slots
+    ratio = wall / ideal
+    overhead = (wall - ideal) * slots / len(cfgs)
+    mean_work = work / len(cfgs)
+    # steady state: once every slot has finished a trial (actors started, imports done), each further trial
+    # costs slots * (time between completions); what exceeds the work is per-trial overhead
+    k = min(slots, len(done) - 1)
+    steady_per_trial = slots * (done[-1] - done[k - 1]) / (len(done) - k) if len(done) > k >= 1 else float("nan")
+    steady_overhead = steady_per_trial - mean_work
+    startup = done[k - 1] - mean_work if k >= 1 else float("nan")
+    # the same against the work as timed inside the Tune arm: immune to load drifting between the two arms
+    ratio_inside = wall / (work_inside / slots)
+    overhead_inside = (wall * slots - work_inside) / len(cfgs)
+    rows = [("trials", f"{len(cfgs)}"), ("training steps per trial", f"{steps}"),
+            ("work per trial, plain loop (median)", f"{statistics.median(times):.3f} s"),
+            ("work total (sum, 1 thread each)", f"{work:.2f} s"), ("plain loop wall", f"{plain_wall:.2f} s"),
+            ("slots (concurrent trials)", f"{slots}"), ("ideal wall = work / slots", f"{ideal:.2f} s"),
+            ("Tune wall (Tuner.fit)", f"{wall:.2f} s"), ("ratio Tune / ideal", f"{ratio:.3f}"),
+            ("per-trial overhead (slot-seconds)", f"{overhead:.3f} s"),
+            ("  of which start-up (first trial on every slot)", f"{startup:.2f} s"),
+            ("  steady-state overhead per trial (after start-up)", f"{steady_overhead:.3f} s"),
+            ("work total as timed inside Tune (time_total_s)", f"{work_inside:.2f} s"),
+            ("ratio Tune / (work inside Tune / slots)", f"{ratio_inside:.3f}"),
+            ("per-trial overhead vs work inside Tune", f"{overhead_inside:.3f} s"),
+            ("MLflow logging in both arms", str(args.mlflow)),
+            ("CPUs on this machine / load avg (1 min)", f"{os.cpu_count()} / {os.getloadavg()[0]:.1f}")]
+    width = max(len(k) for k, _ in rows)
+    print("\nsweep overhead: Ray Tune vs a plain loop over the same trials")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v:>12}")
+    verdict = "meets" if ratio <= 1.10 and overhead <= 0.1 else "misses"
+    print(f"  goal ratio <= 1.10 and overhead <= 0.1 s: {verdict}")
+    print(json.dumps({"ratio": round(ratio, 4), "per_trial_overhead_s": round(overhead, 4), "trials": len(cfgs),
+                      "slots": slots, "work_per_trial_s": round(work / len(cfgs), 4), "tune_wall_s": round(wall, 2),
+                      "ideal_wall_s": round(ideal, 2), "startup_s": round(startup, 2),
+                      "steady_overhead_per_trial_s": round(steady_overhead, 4),
+                      "ratio_vs_inside_work": round(ratio_inside, 4),
+                      "overhead_vs_inside_work_s": round(overhead_inside, 4), "mlflow": args.mlflow,
+                      "load_avg_1m": round(os.getloadavg()[0], 2)}))
+
+
+if __name__ == "__main__":
+    main()

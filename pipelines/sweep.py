@@ -1,0 +1,721 @@
+"""Stages 2+3 over a search space on Ray Tune, every trial recorded once in MLflow.
+
+One trial = one (task, size, strategy, seed): ``init_model`` (stage 2) then E epochs of the one training
+loop (stage 3), val accuracy reported to Tune each epoch. The trial body is :func:`run_trial`, a plain
+function (no Ray needed) that Tune calls through :func:`_tune_trial` and that benchmarks can call directly.
+
+Shared inputs travel once: the bank and the ancestry are ``ray.put`` in the driver and fetched once per
+worker process into a cache keyed by the file's sha256 (``reuse_actors=True`` keeps the process alive
+across trials); the data is loaded once per worker process (``pipelines.spaces.load_task_data``).
+
+Exactly-once logging: a child run carries ``weit.trial_key`` (hash of the trial config). A trial that
+starts again (Tune restore after a killed driver) looks its key up under the parent: a FINISHED run is
+replayed to Tune from MLflow without recomputing; a deterministic NaN failure fails again at once; a
+half-written run (the killed attempt) is deleted and the trial runs afresh.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipelines.common import UserError, git_revision, init_ray, prepare_mlflow, storage_path
+from pipelines.spaces import (
+    DROP_REASONS,
+    Space,
+    block_of_bank,
+    expand,
+    inspect_tasks,
+    load_space,
+    load_task_data,
+    spec_of,
+    summarize_space,
+)
+
+EXPERIMENT = "weit-sweep"
+METRIC = "val_acc"
+PREFIX = "[weit sweep]"
+SOURCE_NAMES = ("bank", "ancestry", "ancestry_spec", "fit_data")
+"""Keyword sources a strategy may require (a keyword-only parameter without default)."""
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+@dataclass
+class TrialSources:
+    """What strategies draw on besides the config: the loaded bank and the ancestry (model, spec)."""
+
+    bank: Any = None  # weit_core.io.LoadedBank
+    ancestry: tuple[Any, Any] | None = None  # (timm model, ViTSpec)
+
+
+@dataclass
+class SweepContext:
+    """Everything a Tune trial needs that is not its config; passed once via ``tune.with_parameters``."""
+
+    tracking_uri: str | None
+    experiment_id: str | None
+    parent_run_id: str | None
+    sweep: str
+    save_models: bool = True
+    bank_ref: Any = None
+    bank_id: str | None = None
+    ancestry_ref: Any = None
+    ancestry_id: str | None = None
+    threads: int = 1
+    device: str = "cpu"
+
+
+_SOURCE_CACHE: dict[str, Any] = {}
+
+
+def _cached_get(key: str | None, ref: Any) -> Any:
+    """``ray.get`` a shared object once per worker process (keyed by the file's sha256)."""
+    if ref is None:
+        return None
+    if key not in _SOURCE_CACHE:
+        import ray
+
+        _SOURCE_CACHE[key] = ray.get(ref)
+    return _SOURCE_CACHE[key]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def strategy_needs(name: str) -> set[str]:
+    """Sources a strategy cannot run without: its keyword-only parameters that have no default."""
+    from weit_core.strategies import get_strategy
+
+    sig = inspect.signature(get_strategy(name))
+    return {p.name for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+            and p.name in SOURCE_NAMES}
+
+
+def scaler_count(spec: Any, kinds: dict) -> int | None:
+    """How many scalers this size needs under the bank's kinds (None when its sizes do not tile)."""
+    from weit_core.models import vit_layout
+    from weit_core.templates import grid_shape
+
+    try:
+        total = 0
+        for kind, group in vit_layout(spec).items():
+            p, q = grid_shape(kind, group, kinds[kind])
+            total += group.depth * kinds[kind].n * p * q
+        return total
+    except (KeyError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------ MLflow child run
+
+
+@dataclass
+class TrialTracker:
+    """The MLflow child run of one trial, found again by its trial key (exactly one per trial)."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep: str
+    save_models: bool = True
+    run_id: str | None = None
+    _client: Any = field(default=None, repr=False)
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = _mlflow_client(self.tracking_uri)
+        return self._client
+
+    def find(self, key: str) -> list:
+        from mlflow.entities import ViewType
+
+        return self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`weit.trial_key` = '{key}'",
+            run_view_type=ViewType.ACTIVE_ONLY, max_results=10)
+
+    def start(self, config: dict) -> dict | None:
+        """Open the trial's run. Returns the previous run's per-epoch metrics when the trial already
+        FINISHED (replay them, do not retrain); raises NonFiniteLossError again for a trial whose loss
+        went NaN before (deterministic); deletes a half-written run of a killed attempt."""
+        from weit_core.train import NonFiniteLossError
+
+        for run in self.find(config["key"]):
+            status, tags = run.info.status, run.data.tags
+            if status == "FINISHED":
+                self.run_id = run.info.run_id
+                return dict(run.data.metrics)
+            if status == "FAILED" and tags.get("weit.failure_kind") == "non_finite_loss":
+                self.run_id = run.info.run_id
+                raise NonFiniteLossError(tags.get("weit.failure", "loss was not finite (earlier attempt)"))
+            self.client.delete_run(run.info.run_id)  # an interrupted attempt: replaced, never duplicated
+        size = f"{config['depth']}x{config['width']}x{config['heads']}x{config['mlp_ratio']:g}"
+        tags = {"mlflow.parentRunId": self.parent_run_id, "weit.trial_key": config["key"], "weit.sweep": self.sweep,
+                "weit.kind": "trial", "weit.task": config["task"], "weit.strategy": config["strategy"],
+                "weit.size": size, "weit.seed": str(config["seed"])}
+        name = f"{config['task']}/{config['strategy']}/{size}/s{config['seed']}"
+        self.run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        return None
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_model(self, model: Any, spec: Any, info: dict) -> None:
+        from weit_core.io import save_model
+
+        with tempfile.TemporaryDirectory(prefix="weit-trial-") as d:
+            path = save_model(Path(d) / "model.safetensors", model, spec, info)
+            self.client.log_artifact(self.run_id, str(path), "model")
+
+    def log_epoch(self, epoch: int, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = []
+        for k, v in metrics.items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                batch.append(Metric(k, float(v), now, epoch))  # a curve per metric, step = epoch
+                batch.append(Metric(f"{k}_e{epoch}", float(v), now, 0))  # one column per budget for search_runs
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def finish(self, epochs_done: int, stopped_early: bool = False) -> None:
+        self.client.set_tag(self.run_id, "weit.epochs_done", str(epochs_done))
+        if stopped_early:
+            self.client.set_tag(self.run_id, "weit.stopped_early", "true")
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self, exc: BaseException, kind: str) -> None:
+        if self.run_id is None:
+            return
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]
+        self.client.set_tag(self.run_id, "weit.failure", reason)
+        self.client.set_tag(self.run_id, "weit.failure_kind", kind)
+        self.client.set_terminated(self.run_id, "FAILED")
+
+
+_CLIENTS: dict[str, Any] = {}
+
+
+def _mlflow_client(uri: str):
+    if uri not in _CLIENTS:
+        import mlflow
+
+        _CLIENTS[uri] = mlflow.MlflowClient(uri)
+    return _CLIENTS[uri]
+
+
+def _param_value(v: Any) -> str:
+    return ("" if v is None else str(v))[:6000]
+
+
+# ------------------------------------------------------------------------------------------ the trial
+
+
+@dataclass
+class TrialResult:
+    """What one trial produced (also what the plain-function caller gets back)."""
+
+    config: dict
+    history: list[dict]  # one dict per epoch (epoch 0 = right after init)
+    info: dict
+    replayed: bool = False
+    model: Any = None  # the trained model (not kept for replayed trials)
+
+
+def _replay(config: dict, metrics: dict, report: Callable[[dict], None] | None) -> TrialResult:
+    history = []
+    for e in range(0, config["epochs"] + 1):
+        row = {k[: -len(f"_e{e}")]: v for k, v in metrics.items() if k.endswith(f"_e{e}")}
+        if not row:
+            continue
+        row["epoch"] = e
+        history.append(row)
+        if e > 0 and report is not None:
+            report({k: v for k, v in row.items() if k in (METRIC, "val_loss", "train_loss", "epoch")})
+    return TrialResult(config, history, {}, replayed=True)
+
+
+def run_trial(
+    config: dict, sources: TrialSources | None = None, *, tracker: TrialTracker | None = None,
+    report: Callable[[dict], None] | None = None, device: str = "cpu", threads: int | None = None,
+) -> TrialResult:
+    """One trial, no Ray needed: stage 2 (``init_model``) then ``config['epochs']`` epochs of
+    ``train_epoch`` + ``evaluate``. ``report`` gets ``{val_acc, val_loss, train_loss, epoch}`` after each
+    epoch (Tune's ``tune.report``; anything else outside Tune). With a ``tracker`` every step is logged to
+    the trial's MLflow child run; a NaN loss marks that run FAILED with the reason and re-raises."""
+    import torch
+
+    from weit_core.strategies import init_model
+    from weit_core.train import (
+        NonFiniteLossError,
+        evaluate,
+        iterate_batches,
+        make_optimizer,
+        seed_everything,
+        train_epoch,
+    )
+
+    sources = sources or TrialSources()
+    if threads:
+        torch.set_num_threads(threads)
+    if tracker is not None:
+        previous = tracker.start(config)
+        if previous is not None:
+            return _replay(config, previous, report)
+    epochs_done = 0
+    try:
+        spec = spec_of(config)
+        data = load_task_data({k: config[k] for k in ("data", "val_fraction", "test_fraction", "data_seed",
+                                                       "limit", "val_limit")})
+        kwargs: dict[str, Any] = dict(seed=config["seed"], init_mode=config["init_mode"], device=device,
+                                      fit_steps=config["fit_steps"], fit_lr=config["fit_lr"],
+                                      fit_batch_size=config["fit_batch_size"])
+        if config["fit_examples"] > 0:
+            fit = data.train.subset(config["fit_examples"], seed=1000 + config["seed"])
+            kwargs["fit_data"] = (fit.x, fit.y)
+        if sources.bank is not None:
+            kwargs.update(bank=sources.bank.bank, aux_scalers=sources.bank.aux_scalers)
+        if sources.ancestry is not None:  # strategies may change what they are given: each trial gets a copy
+            kwargs.update(ancestry=copy.deepcopy(sources.ancestry[0]), ancestry_spec=sources.ancestry[1])
+        missing = strategy_needs(config["strategy"]) - set(kwargs)
+        if missing:
+            flag = " and ".join(f"--{m.split('_')[0]}" for m in sorted(missing))
+            raise UserError(f"strategy {config['strategy']!r} needs {', '.join(sorted(missing))}; pass {flag}")
+
+        t0 = time.perf_counter()
+        res = init_model(config["strategy"], spec, **kwargs)
+        init_s = time.perf_counter() - t0
+        model = res.model.to(device)
+        n_scalers = res.info.get("scaler_count")
+        if n_scalers is None and sources.bank is not None:
+            n_scalers = scaler_count(spec, sources.bank.bank.kinds)
+        params = {k: v for k, v in config.items() if k != "key"}
+        params.update(trial_key=config["key"], num_params=spec.num_params(), flops=spec.flops(),
+                      scaler_count=n_scalers if n_scalers is not None else 0, init_s=round(init_s, 4),
+                      n_train=len(data.train), n_val=len(data.val),
+                      fit_examples_used=len(kwargs["fit_data"][0]) if "fit_data" in kwargs else 0)
+        params.update({f"info.{k}": v for k, v in res.info.items()})
+        if tracker is not None:
+            tracker.log_params(params)
+            if tracker.save_models:  # the *initialized* model, before stage 3 (what `weit export` recovers)
+                tracker.log_model(res.model, spec, {**res.info, "trial_key": config["key"], "task": config["task"]})
+
+        val = (data.val.x, data.val.y)
+        ebs = config["eval_batch_size"]
+
+        def _eval(x: torch.Tensor, y: torch.Tensor) -> dict:
+            return evaluate(model, iterate_batches(x, y, ebs, shuffle=False), device=device)
+
+        ev = _eval(*val)
+        history = [{"epoch": 0, METRIC: ev["acc"], "val_loss": ev["loss"], "init_s": init_s}]
+        if tracker is not None:
+            tracker.log_epoch(0, {METRIC: ev["acc"], "val_loss": ev["loss"]})
+        seed_everything(config["seed"])
+        opt = make_optimizer(model, config["lr"], config["weight_decay"])
+        for epoch in range(1, config["epochs"] + 1):
+            t1 = time.perf_counter()
+            batches = iterate_batches(data.train.x, data.train.y, config["batch_size"],
+                                      seed=config["seed"] * 1000 + epoch)
+            tr = train_epoch(model, batches, opt, device=device, max_steps=config["steps_per_epoch"])
+            ev = _eval(*val)
+            row = {METRIC: ev["acc"], "val_loss": ev["loss"], "train_loss": tr["loss"], "train_acc": tr["acc"],
+                   "epoch_s": time.perf_counter() - t1}
+            last = epoch == config["epochs"]
+            if last and config["test_eval"]:
+                row["test_acc"] = _eval(data.test.x, data.test.y)["acc"]
+            history.append({"epoch": epoch, **row})
+            epochs_done = epoch
+            if tracker is not None:
+                tracker.log_epoch(epoch, row)
+                if last:  # closed before the last report: Tune may stop the thread inside it
+                    tracker.finish(epoch)
+            if report is not None:
+                report({METRIC: row[METRIC], "val_loss": row["val_loss"], "train_loss": row["train_loss"],
+                        "epoch": epoch})
+        return TrialResult(config, history, {**res.info, "init_s": init_s}, model=model)
+    except NonFiniteLossError as e:
+        if tracker is not None:
+            tracker.fail(e, "non_finite_loss")
+        raise
+    except SystemExit:  # Tune stopped the trial inside report (ASHA): a legitimate early end
+        if tracker is not None and epochs_done < config["epochs"]:
+            tracker.finish(epochs_done, stopped_early=True)
+        raise
+    except BaseException as e:
+        if tracker is not None:
+            tracker.fail(e, "error")
+        raise
+
+
+def _tune_trial(config: dict, ctx: SweepContext | None = None) -> None:
+    """The Tune trainable: the trial config is ``config['trial']``; shared sources come from the
+    per-process cache; metrics go to ``tune.report``."""
+    from ray import tune
+
+    ctx = ctx or SweepContext(None, None, None, "adhoc")
+    bank = _cached_get(ctx.bank_id, ctx.bank_ref)
+    ancestry = _cached_get(ctx.ancestry_id, ctx.ancestry_ref)
+    tracker = None
+    if ctx.tracking_uri and ctx.parent_run_id:
+        tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.sweep, ctx.save_models)
+    run_trial(config["trial"], TrialSources(bank, ancestry), tracker=tracker, report=tune.report,
+              device=ctx.device, threads=ctx.threads)
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+
+_QUIET = False
+
+
+def _progress_callback_cls():
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        """Terminal progress in place of Tune's tables: trials done/total and the best so far per task."""
+
+        def __init__(self, total: int) -> None:
+            self.total = total
+
+        @property
+        def quiet(self) -> bool:  # read at call time: a restored sweep reuses the pickled callback
+            return _QUIET
+
+        def _line(self, trials: list, current: Any = None, current_status: str = "") -> str:
+            # the hooks run before Tune updates the trial's status: count the current trial as ended
+            status = {id(t): (current_status if t is current else t.status) for t in trials}
+            done = sum(s == "TERMINATED" for s in status.values())
+            failed = sum(s == "ERROR" for s in status.values())
+            best: dict[str, tuple[float, dict]] = {}
+            for t in trials:
+                acc = (t.last_result or {}).get(METRIC)
+                cfg = t.config.get("trial", {})
+                if status[id(t)] == "TERMINATED" and acc is not None and acc > best.get(cfg.get("task"), (-1, {}))[0]:
+                    best[cfg["task"]] = (acc, cfg)
+            parts = [f"{PREFIX} {done + failed}/{self.total} trials done"
+                     + (f" ({failed} failed)" if failed else "")]
+            for task, (acc, c) in sorted(best.items()):
+                parts.append(f"best {task}: {c['strategy']} {c['depth']}x{c['width']}x{c['heads']} s{c['seed']} "
+                             f"{METRIC}={acc:.4f}")
+            return " | ".join(parts)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if not self.quiet:
+                print(self._line(trials, trial, "TERMINATED"), flush=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if not self.quiet:
+                c = trial.config.get("trial", {})
+                print(f"{PREFIX} trial failed: {c.get('task')}/{c.get('strategy')} {c.get('depth')}x"
+                      f"{c.get('width')}x{c.get('heads')} s{c.get('seed')} (see its MLflow run's weit.failure tag)",
+                      flush=True)
+                print(self._line(trials, trial, "ERROR"), flush=True)
+
+    return Progress
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep did: where it is recorded and how many trials ended how."""
+
+    name: str
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    experiment_path: str
+    n_trials: int
+    n_dropped: int  # size combinations dropped by the constraints (summed over tasks)
+    dropped: dict[str, int]
+    n_finished: int
+    n_failed: int
+    resumed: bool
+    wall_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _load_sources(space: Space, bank: str | None, ancestry: str | None) -> tuple[Any, Any, dict]:
+    """Load the bank / ancestry the space's strategies need, once, in the driver, and check they fit."""
+    from weit_core.io import WeitFileError, check_bank_kinds, load_bank, load_model
+    from weit_core.models import ViTSpec, vit_kinds
+
+    needs = {s: strategy_needs(s) for s in space.strategies}
+    need_bank = sorted(s for s, n in needs.items() if "bank" in n)
+    need_anc = sorted(s for s, n in needs.items() if n & {"ancestry", "ancestry_spec"}
+                      or (not ancestry and not n and _refuses_without_ancestry(s)))
+    if need_bank and not bank:
+        raise UserError(f"strategies {need_bank} need a template bank; pass --bank BANK.safetensors (made by "
+                        f"`weit distill`) or drop them from the space")
+    if need_anc and not ancestry:
+        raise UserError(f"strategies {need_anc} need an ancestry model; pass --ancestry MODEL.safetensors (made by "
+                        f"`weit ancestry`) or drop them from the space")
+    meta: dict[str, Any] = {"need_bank": bool(need_bank)}
+    loaded_bank = loaded_anc = None
+    if bank:
+        try:
+            loaded_bank = load_bank(bank)
+        except WeitFileError as e:
+            raise UserError(f"--bank: {e}") from e
+        meta.update(bank_path=str(Path(bank).resolve()), bank_sha256=file_sha256(bank),
+                    bank_block=block_of_bank(loaded_bank.bank.kinds))
+        qkv = loaded_bank.bank.kinds.get("qkv")
+        if need_bank and qkv is not None:
+            for t in space.tasks:
+                probe = ViTSpec(depth=1, width=qkv.a, heads=1, patch=t.patch, img_size=t.patch,
+                                in_chans=_task_chans(t))
+                try:
+                    check_bank_kinds(loaded_bank.bank.kinds, vit_kinds(probe, qkv.n, qkv.a), f"--bank {bank}")
+                except WeitFileError as e:
+                    raise UserError(f"task {t.name!r} (patch {t.patch}): {e}") from e
+    if ancestry:
+        try:
+            model, header = load_model(ancestry)
+        except WeitFileError as e:
+            raise UserError(f"--ancestry: {e}") from e
+        loaded_anc = (model, ViTSpec.from_dict(header["spec"]))
+        meta.update(ancestry_path=str(Path(ancestry).resolve()), ancestry_sha256=file_sha256(ancestry))
+    return loaded_bank, loaded_anc, meta
+
+
+def _refuses_without_ancestry(strategy: str) -> bool:
+    """Strategies that take ``ancestry=None`` in their signature but raise without one: found by building
+    one tiny model without sources (milliseconds), so a missing --ancestry fails before any trial."""
+    from weit_core.models import ViTSpec
+    from weit_core.strategies import init_model
+
+    try:
+        init_model(strategy, ViTSpec(depth=1, width=16, heads=1, mlp_ratio=1, patch=2, img_size=4), seed=0,
+                   fit_steps=0)
+    except ValueError as e:
+        return "ancestry" in str(e)
+    except Exception:  # anything else is the strategy's business at trial time
+        return False
+    return False
+
+
+def _task_chans(task: Any) -> int:
+    splits = load_task_data(task.data_key())
+    return int(splits.input_shape[0])
+
+
+def _find_parent(client: Any, exp_id: str, name: str) -> Any:
+    runs = client.search_runs([exp_id], f"tags.`weit.sweep` = '{name}' and tags.`weit.kind` = 'sweep'",
+                              max_results=5, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def _open_parent(client: Any, exp_id: str, name: str, space: Space, meta: dict, expansion: Any,
+                 settings: dict, resume: bool, exists_in_tune: bool) -> tuple[str, bool]:
+    """The sweep's parent run: created fresh, or found again by name on --resume (same space, same bank)."""
+    from mlflow.entities import Param, RunTag
+
+    parent = _find_parent(client, exp_id, name)
+    if not resume:
+        if parent is not None or exists_in_tune:
+            where = f"MLflow run {parent.info.run_id}" if parent is not None else "Tune storage"
+            raise UserError(f"sweep {name!r} already exists ({where}); pass --resume to continue it, or --name NEW "
+                            f"for a fresh sweep (see its results with `weit report --sweep {name}`)")
+    elif parent is None:
+        if exists_in_tune:
+            raise UserError(f"sweep {name!r} has Tune state but no MLflow parent run in this tracking store; "
+                            f"pass the --mlflow-uri it was run with")
+        raise UserError(f"nothing to resume: no sweep named {name!r} in MLflow or Tune storage; run it without "
+                        f"--resume first (or pass the --name/--storage/--mlflow-uri it used)")
+    if parent is not None:
+        tags = parent.data.tags
+        if tags.get("weit.space_hash") != space.content_hash():
+            raise UserError(f"sweep {name!r} was run with a different space file (content changed); resume needs "
+                            f"the same file, or start a new sweep with --name")
+        if tags.get("weit.bank_sha256", "") != meta.get("bank_sha256", ""):
+            raise UserError(f"sweep {name!r} was run with bank {tags.get('weit.bank_path') or 'none'} (sha256 "
+                            f"{tags.get('weit.bank_sha256', '')[:12] or '-'}); --bank now differs")
+        client.update_run(parent.info.run_id, status="RUNNING")
+        return parent.info.run_id, True
+    rev = git_revision()
+    tags = {"weit.kind": "sweep", "weit.sweep": name, "weit.space_hash": space.content_hash(),
+            "weit.bank_sha256": meta.get("bank_sha256", ""), "weit.bank_path": meta.get("bank_path", ""),
+            "weit.ancestry_sha256": meta.get("ancestry_sha256", ""), "mlflow.source.git.commit": rev}
+    run_id = client.create_run(exp_id, run_name=f"sweep-{name}", tags=tags).info.run_id
+    params = {"space": str(space.path or space.name), "space_name": space.name, "space_hash": space.content_hash(),
+              "git_revision": rev, "bank": meta.get("bank_path", ""), "bank_sha256": meta.get("bank_sha256", ""),
+              "bank_id": f"{meta.get('bank_path', '')}@{meta.get('bank_sha256', '')[:16]}" if meta.get("bank_path")
+              else "", "ancestry": meta.get("ancestry_path", ""), "ancestry_sha256": meta.get("ancestry_sha256", ""),
+              "n_trials": settings["n_trials"], "n_dropped": expansion.n_dropped, "sizes_total": expansion.sizes_total,
+              "strategies": ",".join(space.strategies), "tasks": ",".join(t.name for t in space.tasks),
+              **{f"dropped.{r}": expansion.dropped.get(r, 0) for r in DROP_REASONS},
+              **{k: v for k, v in settings.items() if k != "n_trials"}}
+    client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    if space.path is not None:
+        client.log_artifact(run_id, str(space.path), "space")
+    else:
+        client.log_text(run_id, space.text, "space/space.yaml")
+    client.log_dict(run_id, {"dropped": dict(expansion.dropped), "reasons": DROP_REASONS,
+                             "sizes_total": expansion.sizes_total, "sizes_valid": expansion.sizes_valid},
+                    "space/dropped.json")
+    client.log_dict(run_id, {"trials": expansion.trials[: settings["n_trials"]]}, "space/trials.json")
+    return run_id, False
+
+
+def run_sweep(
+    space: str | Path, *, bank: str | None = None, ancestry: str | None = None, name: str | None = None,
+    resume: bool = False, cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
+    max_concurrent: int | None = None, asha: bool = False, storage: str | None = None, address: str | None = None,
+    mlflow_uri: str | None = None, limit_trials: int | None = None, save_models: bool = True,
+    experiment: str = EXPERIMENT, quiet: bool = False,
+) -> SweepSummary:
+    """Expand the space, open (or find again) the parent MLflow run, and run every trial on Ray Tune.
+    ``resume=True`` continues an interrupted sweep of the same name without re-running finished trials."""
+    global _QUIET
+    _QUIET = quiet
+    t_start = time.perf_counter()
+    sp = load_space(space)
+    name = name or sp.name
+    if cpus_per_trial <= 0 or gpus_per_trial < 0:
+        raise UserError(f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {cpus_per_trial}, "
+                        f"{gpus_per_trial}")
+    if limit_trials is not None and limit_trials < 1:
+        raise UserError(f"--limit-trials must be >= 1, got {limit_trials}")
+    loaded_bank, loaded_anc, meta = _load_sources(sp, bank, ancestry)
+    shapes = inspect_tasks(sp)
+    expansion = expand(sp, shapes, meta.get("bank_block") if meta["need_bank"] else None)
+    trials = expansion.trials[:limit_trials] if limit_trials else expansion.trials
+    if not trials:
+        raise UserError(f"space {sp.name}: no valid trial ({expansion.describe_drops()}); relax the constraints "
+                        f"or change the sizes")
+    say = (lambda *_: None) if quiet else (lambda msg: print(f"{PREFIX} {msg}", flush=True))
+    say(summarize_space(sp, expansion) + (f"; running the first {len(trials)}" if limit_trials else ""))
+
+    uri, exp_id = prepare_mlflow(mlflow_uri, experiment)
+    client = _mlflow_client(uri)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial json/csv/tensorboard files
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from ray import tune
+
+    store = storage_path(storage)
+    exp_path = f"{store.rstrip('/')}/{name}"
+    exists_in_tune = tune.Tuner.can_restore(exp_path)
+    settings = {"n_trials": len(trials), "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
+                "max_concurrent": max_concurrent, "asha": asha, "tune_path": exp_path, "limit_trials": limit_trials,
+                "save_models": save_models}
+    parent_id, resumed = _open_parent(client, exp_id, name, sp, meta, expansion, settings, resume, exists_in_tune)
+    say(f"MLflow parent run {parent_id} (experiment {experiment!r} at {uri})")
+
+    init_ray(address)
+    import ray
+
+    ctx = SweepContext(
+        tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent_id, sweep=name, save_models=save_models,
+        bank_ref=ray.put(loaded_bank) if loaded_bank is not None else None, bank_id=meta.get("bank_sha256"),
+        ancestry_ref=ray.put(loaded_anc) if loaded_anc is not None else None, ancestry_id=meta.get("ancestry_sha256"),
+        threads=max(1, int(cpus_per_trial)), device="cuda" if gpus_per_trial > 0 else "cpu")
+    resources = {"cpu": cpus_per_trial, **({"gpu": gpus_per_trial} if gpus_per_trial else {})}
+    trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), resources)
+    if exists_in_tune and resume:
+        say(f"resuming Tune experiment {exp_path}")
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        if resume:
+            say("no Tune state to restore; re-running the trial list (finished trials replay from MLflow)")
+        scheduler = None
+        if asha:
+            from ray.tune.schedulers import ASHAScheduler
+
+            max_t = max(t["epochs"] for t in trials)
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=1,
+                                      reduction_factor=2)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, reuse_actors=True,
+                                        max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=name, storage_path=store, verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=[_progress_callback_cls()(len(trials))]),
+        )
+    # per-trial result files are off (MLflow is the record), so the result grid's metric fetch is expected to miss
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    results = tuner.fit()
+    n_errors = results.num_errors
+    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50000)
+    n_finished = sum(r.info.status == "FINISHED" for r in children)
+    n_failed = sum(r.info.status == "FAILED" for r in children)
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(parent_id, metrics=[Metric("trials_finished", n_finished, now, 0),
+                                         Metric("trials_failed", n_failed, now, 0),
+                                         Metric("tune_errors", n_errors, now, 0)])
+    client.set_terminated(parent_id, "FINISHED")
+    summary = SweepSummary(name, parent_id, exp_id, uri, exp_path, len(trials), expansion.n_dropped,
+                           dict(expansion.dropped), n_finished, n_failed, resumed, time.perf_counter() - t_start)
+    say(f"done: {n_finished}/{len(trials)} trials finished, {n_failed} failed, in {summary.wall_s:.1f}s; "
+        f"report with `weit report --sweep {name}`")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ command
+
+
+def sweep_command(
+    space: Annotated[str, typer.Option(help="Search space YAML (see tune_spaces/README.md).")] = "tune_spaces/ci.yaml",
+    bank: Annotated[str | None, typer.Option(help="Template bank (safetensors) for wave / wave_random_bank.")] = None,
+    ancestry: Annotated[str | None, typer.Option(help="Ancestry model (weit safetensors) for strategies that "
+                                                      "inherit from it.")] = None,
+    name: Annotated[str | None, typer.Option(help="Sweep name (default: the space's name); names the Tune "
+                                                  "experiment and the MLflow parent run.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep of this name; finished "
+                                                          "trials are not re-run.")] = False,
+    cpus_per_trial: Annotated[float, typer.Option(help="CPUs per trial (fractional allowed).")] = 1.0,
+    gpus_per_trial: Annotated[float, typer.Option(help="GPUs per trial (fractional allowed).")] = 0.0,
+    max_concurrent: Annotated[int | None, typer.Option(help="At most this many trials at once.")] = None,
+    asha: Annotated[bool, typer.Option("--asha", help="ASHA early stopping on val accuracy.")] = False,
+    limit_trials: Annotated[int | None, typer.Option(help="Run only the first N trials (smoke runs).")] = None,
+    save_models: Annotated[bool, typer.Option(help="Log each trial's initialized model as an artifact.")] = True,
+    storage: Annotated[str | None, typer.Option(help="Tune storage (run state); default ./weit_runs.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray).")] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+) -> None:
+    """Stages 2+3: initialize and train every size x strategy x seed of a space on Ray Tune, logged to MLflow."""
+    run_sweep(space, bank=bank, ancestry=ancestry, name=name, resume=resume, cpus_per_trial=cpus_per_trial,
+              gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, asha=asha, storage=storage,
+              address=address, mlflow_uri=mlflow_uri, limit_trials=limit_trials, save_models=save_models)
+
+
+if __name__ == "__main__":  # python -m pipelines.sweep --space ...
+    sys.exit(typer.run(sweep_command))

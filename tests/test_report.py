@@ -1,0 +1,130 @@
+"""The report reads a sweep back from MLflow only: leaderboard statistics equal a pandas computation over
+``mlflow.search_runs``, the winner is the argmax, plots and tables land on the parent run, the champion is
+registered once, and ``export`` recovers the *initialized* model. Trials are real (digits), run as plain
+functions logging through the sweep's own tracker, so no Ray is needed here."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from pipelines.common import UserError, prepare_mlflow
+from pipelines.spaces import TaskShape, expand, parse_space
+from pipelines.sweep import EXPERIMENT, TrialTracker, run_trial
+
+SPACE = """
+name: unit
+tasks: [{data: digits, patch: 2}]
+strategies: [scratch, scratch_fit]
+sizes: {depth: 1, width: [16, 32], heads: 2, mlp_ratio: 2}
+training: {epochs: 2, lr: 0.003, fit_steps: 10, fit_examples: 128, seeds: [0, 1]}
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep_store(tmp_path_factory):
+    """A sweep's worth of MLflow runs: a parent tagged as the sweep and one child per trial."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("report")
+    uri, exp_id = prepare_mlflow(f"sqlite:///{root / 'mlruns.db'}", EXPERIMENT)
+    client = mlflow.MlflowClient(uri)
+    parent = client.create_run(exp_id, run_name="sweep-unit", tags={"weit.kind": "sweep", "weit.sweep": "unit"})
+    parent_id = parent.info.run_id
+    trials = expand(parse_space(SPACE), {"digits": TaskShape(1, 8, 10)}).trials
+    for config in trials:
+        run_trial(config, tracker=TrialTracker(uri, exp_id, parent_id, "unit"))
+    client.set_terminated(parent_id)
+    return uri, exp_id, parent_id, trials, root
+
+
+def _search(uri: str, exp_id: str, parent_id: str) -> pd.DataFrame:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_ids=[exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_leaderboard_and_winner_equal_a_pandas_computation_over_mlflow(sweep_store, tmp_path):
+    from pipelines.report import build_report
+
+    uri, exp_id, parent_id, trials, _ = sweep_store
+    report = build_report("unit", out=tmp_path / "out", mlflow_uri=uri, register=False, show=False)
+    df = _search(uri, exp_id, parent_id)
+    assert len(df) == len(trials) and len(report.runs) == len(trials)
+    keys = ["tags.weit.strategy", "params.width"]
+    g = df.groupby(keys)
+    board = report.leaderboard.assign(w=lambda b: b["width"].astype(str)).set_index(["strategy", "w"])
+    assert len(board) == g.ngroups == 4
+    for e in (0, 1, 2):
+        mean, std = g[f"metrics.val_acc_e{e}"].mean(), g[f"metrics.val_acc_e{e}"].std()
+        for idx in mean.index:
+            assert board.loc[idx, f"acc_e{e}_mean"] == pytest.approx(mean[idx])
+            assert board.loc[idx, f"acc_e{e}_std"] == pytest.approx(std[idx])
+            assert board.loc[idx, f"acc_e{e}_n"] == 2
+    final = g["metrics.val_acc_e2"].mean()
+    w = report.winners["digits"]
+    assert (w.strategy, str(w.width)) == final.idxmax() and w.acc_mean == pytest.approx(final.max())
+    # its champion run is the better of its two seeds
+    mine = df[(df["tags.weit.strategy"] == w.strategy) & (df["params.width"] == str(w.width))]
+    assert w.run_id == mine.loc[mine["metrics.val_acc_e2"].idxmax(), "run_id"]
+    per_strategy = df.groupby(["tags.weit.strategy", "params.width"])["metrics.val_acc_e2"].mean().groupby(
+        level=0).mean()
+    assert w.best_strategy == per_strategy.idxmax()
+
+
+def test_report_files_land_on_the_parent_run(sweep_store, tmp_path):
+    import mlflow
+
+    from pipelines.report import build_report
+
+    uri, _, parent_id, _, _ = sweep_store
+    out = tmp_path / "out"
+    report = build_report(parent_run_id=parent_id, out=out, mlflow_uri=uri, register=False, show=False)
+    csv = pd.read_csv(out / "leaderboard.csv")
+    assert len(csv) == len(report.leaderboard) and {"acc_e2_mean", "acc_e2_std", "num_params"} <= set(csv.columns)
+    md = (out / "leaderboard.md").read_text()
+    assert "±" in md and "scratch_fit" in md and "Winner:" in md
+    for png in ("acc_vs_params_digits.png", "convergence_digits.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    logged = {f.path for f in mlflow.MlflowClient(uri).list_artifacts(parent_id, "report")}
+    assert {f"report/{p.name}" for p in report.files} <= logged
+
+
+def test_champion_registered_once_and_export_recovers_the_initialized_model(sweep_store, tmp_path, digits):
+    import mlflow
+
+    from pipelines.report import build_report, export_run
+    from weit_core.io import load_model
+    from weit_core.train import evaluate, iterate_batches
+
+    uri, exp_id, parent_id, _, _ = sweep_store
+    client = mlflow.MlflowClient(uri)
+    first = build_report("unit", out=tmp_path / "a", mlflow_uri=uri, show=False).winners["digits"]
+    mv = client.get_model_version_by_alias("weit-digits", "champion")
+    assert mv.run_id == first.run_id and first.registered == f"weit-digits/{mv.version}"
+    assert mv.tags["strategy"] == first.strategy and float(mv.tags["val_acc_mean"]) == pytest.approx(first.acc_mean)
+    build_report("unit", out=tmp_path / "b", mlflow_uri=uri, show=False)  # unchanged champion: no new version
+    assert len(client.search_model_versions("name = 'weit-digits'")) == 1
+
+    path, header = export_run("models:/weit-digits@champion", tmp_path / "champ.safetensors", mlflow_uri=uri)
+    model, _ = load_model(path)
+    acc = evaluate(model, iterate_batches(digits.val.x, digits.val.y, 512, shuffle=False))["acc"]
+    row = _search(uri, exp_id, parent_id).set_index("run_id").loc[first.run_id]
+    assert acc == pytest.approx(row["metrics.val_acc_e0"], abs=1e-6)  # the init, before any stage-3 epoch
+    assert header["info"]["trial_key"] == row["tags.weit.trial_key"]
+
+
+def test_report_and_export_errors_are_one_clear_line(sweep_store, tmp_path):
+    from pipelines.report import build_report, export_run
+
+    uri, _, parent_id, _, _ = sweep_store
+    with pytest.raises(UserError, match="no sweep named 'nope'"):
+        build_report("nope", mlflow_uri=uri, show=False)
+    with pytest.raises(UserError, match="has no model/model.safetensors"):
+        export_run(parent_id, tmp_path / "x.safetensors", mlflow_uri=uri)
+    with pytest.raises(UserError, match="no MLflow run 'deadbeef'"):
+        export_run("deadbeef", tmp_path / "x.safetensors", mlflow_uri=uri)
+    with pytest.raises(UserError, match="cannot resolve 'models:/weit-nope@champion'"):
+        export_run("models:/weit-nope@champion", tmp_path / "x.safetensors", mlflow_uri=uri)

@@ -1,0 +1,388 @@
+"""Search spaces and the Tune sweep on real digits: validation errors name the key, constraints drop and
+count before anything runs, the shipped ci.yaml sweep logs one MLflow child per valid trial, a NaN trial is
+FAILED with its reason while the sweep goes on, and a sweep whose driver is SIGKILLed resumes with every
+trial logged exactly once."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.spaces import (
+    SpaceError,
+    TaskShape,
+    expand,
+    inspect_tasks,
+    load_space,
+    parse_space,
+    size_points,
+    trial_key,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CI_SPACE = ROOT / "tune_spaces" / "ci.yaml"
+DIGITS = TaskShape(in_chans=1, img_size=8, num_classes=10)
+
+MINIMAL = """
+tasks: [{data: digits, patch: 2}]
+strategies: [scratch]
+sizes: {depth: [1], width: [16], heads: [2]}
+"""
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize("text, match", [
+    (MINIMAL + "strategy: [wave]\n", r"unknown key 'strategy' in the top level; did you mean 'strategies'"),
+    (MINIMAL.replace("heads: [2]", "heads: [2], hidden: [3]"), r"unknown key 'hidden' in sizes"),
+    (MINIMAL.replace("width: [16]", "width: []"), r"sizes\.width: empty grid"),
+    (MINIMAL.replace("width: [16]", "width: [sixteen]"), r"sizes\.width\[0\]: expected an integer, got str"),
+    (MINIMAL.replace("depth: [1]", "depth: {range: [4, 2, 1]}"), r"sizes\.depth\.range: empty grid"),
+    (MINIMAL.replace("[scratch]", "[scratch, wav]"), r"strategies\[1\]: unknown strategy 'wav' \(did you mean 'wave'"),
+    (MINIMAL + "training: {epochs: two}\n", r"training\.epochs: expected an integer, got str"),
+    (MINIMAL + "training: {seeds: []}\n", r"training\.seeds: empty list"),
+    (MINIMAL + "training: {init_mode: xavier}\n", r"training\.init_mode: timm init mode"),
+    (MINIMAL + "constraints: {max_param: 10}\n", r"unknown key 'max_param' in constraints; did you mean 'max_params'"),
+    (MINIMAL.replace("patch: 2", "patch: 2, epochs: 3"), r"unknown key 'epochs' in tasks\[0\]"),
+    (MINIMAL.replace("data: digits", "data: no/such.parquet"), r"tasks\[0\]\.data: 'no/such.parquet' is not a built-in"),
+    (MINIMAL.replace("data: digits, patch: 2", "data: digits, val_fraction: 0.2"), r"applies to parquet data only"),
+    (MINIMAL.replace("depth: [1]", "depth: {randint: [1, 4]}"), r"samples: a size axis is a sampler"),
+    (MINIMAL.replace("strategies: [scratch]\n", ""), r"missing required key 'strategies'"),
+    ("tasks: [digits\n", r"not valid YAML"),
+])
+def test_malformed_space_is_one_clear_error_naming_the_key(text, match):
+    with pytest.raises(SpaceError, match=match):
+        parse_space(text, source="bad.yaml")
+
+
+def test_missing_space_file_names_the_shipped_ones(tmp_path):
+    with pytest.raises(SpaceError, match=r"nope.yaml not found.*ci.yaml"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_patch_that_does_not_tile_the_images_fails_before_any_trial():
+    space = parse_space(MINIMAL.replace("patch: 2", "patch: 3"), source="p.yaml")
+    with pytest.raises(SpaceError, match=r"patch 3 does not divide the image size 8; use one of \[1, 2, 4, 8\]"):
+        inspect_tasks(space)
+
+
+# ------------------------------------------------------------------------------------------ constraints
+
+
+def test_constraints_drop_invalid_sizes_and_count_each_reason():
+    """Every combination is either a trial or counted once under the first rule it breaks; the counts are
+    recomputed here by brute force from the rules as the schema states them."""
+    from weit_core.models import ViTSpec
+
+    depths, widths, heads, ratios = [1, 2, 3], [16, 24, 32, 48, 64], [1, 2, 3, 4], [2, 4]
+    max_params, block, min_head_dim = 60_000, 16, 8
+    space = parse_space(f"""
+tasks: [{{data: digits, patch: 2}}]
+strategies: [scratch, scratch_fit]
+sizes: {{depth: {depths}, width: {widths}, heads: {heads}, mlp_ratio: {ratios}}}
+constraints: {{width_multiple: block, max_params: {max_params}, min_head_dim: {min_head_dim}}}
+training: {{seeds: [0, 1]}}
+""", source="c.yaml")
+    exp = expand(space, {"digits": DIGITS}, bank_block=block)
+
+    expected: dict[str, int] = {}
+    valid = []
+    for d, w, h, r in itertools.product(depths, widths, heads, ratios):
+        if w % h:
+            reason = "heads_not_dividing_width"
+        elif w % block or int(w * r) % block:
+            reason = "not_multiple_of_block"
+        elif w // h < min_head_dim:
+            reason = "head_dim_out_of_range"
+        elif ViTSpec(d, w, h, r, patch=2, img_size=8).num_params() > max_params:
+            reason = "params_above_max"
+        else:
+            valid.append((d, w, h, r))
+            continue
+        expected[reason] = expected.get(reason, 0) + 1
+    assert dict(exp.dropped) == expected
+    assert all(expected.get(k) for k in ("heads_not_dividing_width", "not_multiple_of_block",
+                                         "head_dim_out_of_range", "params_above_max"))  # each rule exercised
+    assert exp.sizes_total == len(depths) * len(widths) * len(heads) * len(ratios)
+    assert exp.n_dropped + len(valid) == exp.sizes_total
+    assert len(exp.trials) == len(valid) * 2 * 2  # x strategies x seeds
+    assert {(t["depth"], t["width"], t["heads"], t["mlp_ratio"]) for t in exp.trials} == set(valid)
+    assert len({t["key"] for t in exp.trials}) == len(exp.trials)
+    assert all(t["key"] == trial_key(t) for t in exp.trials)
+    for reason in expected:  # the summary names every reason in words
+        assert str(expected[reason]) in exp.describe_drops()
+
+    # an explicit width multiple is its own reason; without a bank in play there is no block to tile
+    space2 = parse_space(MINIMAL.replace("width: [16]", "width: [16, 24, 40]") + "constraints: {width_multiple: 8}\n")
+    assert not expand(space2, {"digits": DIGITS}).dropped
+    space3 = parse_space(MINIMAL.replace("width: [16]", "width: [16, 20, 24]") + "constraints: {width_multiple: 8}\n")
+    assert dict(expand(space3, {"digits": DIGITS}).dropped) == {"width_not_multiple": 1}
+
+
+def test_samplers_are_drawn_in_the_driver_seeded_and_constrained():
+    text = MINIMAL.replace("depth: [1]", "depth: {randint: [1, 6]}").replace(
+        "width: [16]", "width: {choice: [16, 32, 48]}") + "samples: 12\nsample_seed: 3\n"
+    a, b = parse_space(text), parse_space(text)
+    pa, pb = size_points(a), size_points(b)
+    assert pa == pb and 1 <= len(pa) <= 12  # same seed, same draws; duplicates removed
+    assert all(1 <= p["depth"] <= 6 and p["width"] in (16, 32, 48) for p in pa)
+    other = size_points(parse_space(text.replace("sample_seed: 3", "sample_seed: 4")))
+    assert other != pa
+
+
+def test_shipped_spaces_parse_and_fmnist_has_hundreds_of_valid_sizes():
+    ci = load_space(CI_SPACE)
+    assert ci.name == "ci" and {t.data for t in ci.tasks} == {"digits"}
+    fm = load_space(ROOT / "tune_spaces" / "fmnist_sizes.yaml")
+    exp = expand(fm, {"fashion_mnist": TaskShape(1, 28, 10)}, bank_block=16)
+    sizes = {(t["depth"], t["width"], t["heads"]) for t in exp.trials}
+    assert len(sizes) >= 200, len(sizes)
+    assert len(exp.trials) >= 200 * len(fm.strategies)
+    assert exp.n_dropped > 0
+
+
+# ------------------------------------------------------------------------------------------ trials
+
+
+def test_user_parquet_task_runs_as_a_plain_function(tmp_path, digits):
+    """A task given as the user's own parquet (relative to the space file) runs through ``run_trial``
+    without Ray or MLflow, and learns."""
+    from pipelines.sweep import run_trial
+    from weit_core.data import export_parquet
+
+    export_parquet(digits, tmp_path / "mydata")
+    (tmp_path / "space.yaml").write_text("""
+tasks: [{name: mine, data: mydata, patch: 4}]
+strategies: [scratch_fit]
+sizes: {depth: 1, width: 32, heads: 2, mlp_ratio: 2}
+training: {epochs: 2, fit_steps: 10, fit_examples: 128, lr: 0.003}
+""")
+    space = load_space(tmp_path / "space.yaml")
+    shapes = inspect_tasks(space)
+    assert shapes["mine"] == TaskShape(1, 8, 10)
+    (config,) = expand(space, shapes).trials
+    assert config["data"] == str((tmp_path / "mydata").resolve())
+    seen = []
+    result = run_trial(config, report=seen.append)
+    assert [r["epoch"] for r in seen] == [1, 2]
+    assert result.info["fit_steps"] == 10
+    assert result.history[-1]["val_acc"] > result.history[0]["val_acc"]  # epoch 2 beats the fresh init
+    assert result.history[-1]["val_acc"] > 0.3  # chance is 0.1
+
+
+# ------------------------------------------------------------------------------------------ Tune + MLflow
+
+
+@pytest.fixture
+def bank_file(tmp_path, digits_bank):
+    from weit_core.io import save_bank
+
+    bank, aux, _ = digits_bank
+    return save_bank(tmp_path / "bank.safetensors", bank, aux)
+
+
+def _children(uri: str, parent_id: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.MlflowClient(uri).get_run(parent_id)
+    return mlflow.search_runs(experiment_ids=[run.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10_000)
+
+
+def test_ci_sweep_logs_every_valid_trial_once_and_report_picks_the_argmax(ray_session, bank_file, mlflow_uri,
+                                                                          tmp_path):
+    from pipelines.report import build_report, export_run
+    from pipelines.sweep import run_sweep
+    from weit_core.io import load_model
+    from weit_core.train import evaluate, iterate_batches
+
+    space = load_space(CI_SPACE)
+    expected = expand(space, inspect_tasks(space), bank_block=16)
+    t0 = time.monotonic()
+    summary = run_sweep(CI_SPACE, bank=str(bank_file), storage=str(tmp_path / "tune"), mlflow_uri=mlflow_uri,
+                        quiet=True)
+    wall = time.monotonic() - t0
+    assert summary.n_trials == len(expected.trials) and summary.n_dropped == expected.n_dropped
+    assert summary.n_finished == len(expected.trials) and summary.n_failed == 0
+
+    df = _children(mlflow_uri, summary.parent_run_id)
+    assert len(df) == len(expected.trials)
+    assert set(df["tags.weit.trial_key"]) == {t["key"] for t in expected.trials}
+    assert (df["status"] == "FINISHED").all()
+    for col in ("params.num_params", "params.flops", "params.scaler_count", "params.init_s", "params.info.strategy",
+                "metrics.val_acc_e0", "metrics.val_acc_e2", "metrics.train_loss_e2"):
+        assert df[col].notna().all(), col
+    wave = df[df["tags.weit.strategy"] == "wave"]
+    assert (wave["params.info.scaler_count"].astype(int) == wave["params.scaler_count"].astype(int)).all()
+
+    # the report's winner is the argmax of the seed-mean final accuracy, recomputed here with pandas
+    report = build_report("ci", out=tmp_path / "report", mlflow_uri=mlflow_uri, show=False)
+    df["size"] = list(zip(df["params.depth"].astype(int), df["params.width"].astype(int),
+                          df["params.heads"].astype(int), df["params.mlp_ratio"].astype(float), strict=True))
+    means = df.groupby(["tags.weit.strategy", "size"])["metrics.val_acc_e2"].mean()
+    best_strategy, best_size = means.idxmax()
+    w = report.winners["digits"]
+    assert (w.strategy, (w.depth, w.width, w.heads, w.mlp_ratio)) == (best_strategy, best_size)
+    assert w.acc_mean == pytest.approx(means.max())
+
+    # the champion is one registry lookup away and exports as a loadable *initialized* model
+    import mlflow
+
+    mv = mlflow.MlflowClient(mlflow_uri).get_model_version_by_alias("weit-digits", "champion")
+    assert mv.run_id == w.run_id and mv.tags["strategy"] == w.strategy
+    out, header = export_run("models:/weit-digits@champion", tmp_path / "champ.safetensors", mlflow_uri=mlflow_uri)
+    model, _ = load_model(out)
+    from weit_core.data import load_digits
+
+    d = load_digits(seed=0)
+    acc = evaluate(model, iterate_batches(d.val.x, d.val.y, 512, shuffle=False))["acc"]
+    logged = df.set_index("run_id").loc[w.run_id, "metrics.val_acc_e0"]
+    assert acc == pytest.approx(logged, abs=1e-6)  # accuracy before stage 3: the init, not the trained model
+    print(f"ci sweep: {summary.n_trials} trials in {wall:.1f}s wall")
+
+
+def test_nan_trial_is_failed_with_its_reason_and_the_sweep_goes_on(ray_session, mlflow_uri, tmp_path):
+    from pipelines.report import build_report
+    from pipelines.sweep import run_sweep
+
+    (tmp_path / "nan.yaml").write_text("""
+name: nan
+tasks:
+  - {name: ok, data: digits, patch: 2}
+  - {name: diverges, data: digits, patch: 2, training: {lr: 1.0e+30}}
+strategies: [scratch]
+sizes: {depth: 1, width: 16, heads: 2, mlp_ratio: 2}
+training: {epochs: 1, fit_steps: 0, fit_examples: 0}
+""")
+    summary = run_sweep(tmp_path / "nan.yaml", storage=str(tmp_path / "tune"), mlflow_uri=mlflow_uri, quiet=True)
+    assert (summary.n_trials, summary.n_finished, summary.n_failed) == (2, 1, 1)
+    df = _children(mlflow_uri, summary.parent_run_id).set_index("tags.weit.task")
+    assert df.loc["ok", "status"] == "FINISHED"
+    assert df.loc["diverges", "status"] == "FAILED"
+    assert df.loc["diverges", "tags.weit.failure_kind"] == "non_finite_loss"
+    assert "NonFiniteLossError: loss became nan" in df.loc["diverges", "tags.weit.failure"]
+    report = build_report(parent_run_id=summary.parent_run_id, out=tmp_path / "r", mlflow_uri=mlflow_uri,
+                          register=False, show=False)
+    assert set(report.winners) == {"ok"} and report.n_failed == 1
+
+
+def test_killed_driver_resumes_and_every_trial_finishes_exactly_once(ray_session, bank_file, mlflow_uri, tmp_path):
+    """SIGKILL the sweep driver (its own local Ray dies with it) once >= 2 trials are FINISHED in MLflow;
+    ``--resume`` then completes the sweep: one FINISHED child per trial key, none duplicated."""
+    import mlflow
+
+    from pipelines.common import prepare_mlflow
+    from pipelines.sweep import EXPERIMENT, run_sweep
+
+    space = load_space(CI_SPACE)
+    n_valid = len(expand(space, inspect_tasks(space), bank_block=16).trials)
+    storage = str(tmp_path / "tune")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "pipelines.cli", "sweep", "--space", str(CI_SPACE), "--bank", str(bank_file),
+           "--storage", storage, "--mlflow-uri", mlflow_uri, "--max-concurrent", "1"]
+    log = (tmp_path / "driver.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _, exp_id = prepare_mlflow(mlflow_uri, EXPERIMENT)  # the store exists before two processes use it
+    client = mlflow.MlflowClient(mlflow_uri)
+    finished_before = 0
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1.0)
+            runs = client.search_runs([exp_id], "tags.`weit.kind` = 'trial' and attributes.status = 'FINISHED'",
+                                      max_results=1000)
+            finished_before = len(runs)
+            if finished_before >= 2:
+                break
+        assert proc.poll() is None, f"driver ended before it could be killed:\n{(tmp_path / 'driver.log').read_text()}"
+        assert finished_before >= 2, (tmp_path / "driver.log").read_text()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the driver; its local Ray shares its fate
+        proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # and anything of its session that outlived it
+        except ProcessLookupError:
+            pass
+        log.close()
+    time.sleep(1.0)
+    partial = client.search_runs([exp_id], "tags.`weit.kind` = 'trial'", max_results=1000)
+    assert len({r.data.tags["weit.trial_key"] for r in partial}) < n_valid  # it really was interrupted
+
+    summary = run_sweep(CI_SPACE, bank=str(bank_file), storage=storage, mlflow_uri=mlflow_uri, resume=True,
+                        quiet=True)
+    assert summary.resumed and summary.n_trials == n_valid
+    df = _children(mlflow_uri, summary.parent_run_id)
+    assert len(df) == n_valid, df[["tags.weit.trial_key", "status"]]
+    assert df["tags.weit.trial_key"].is_unique
+    assert (df["status"] == "FINISHED").all()
+    with pytest.raises(Exception, match="already exists.*--resume"):
+        run_sweep(CI_SPACE, bank=str(bank_file), storage=storage, mlflow_uri=mlflow_uri, quiet=True)
+
+
+def test_restarted_trial_replays_a_finished_run_and_replaces_a_killed_one(mlflow_uri):
+    """What a restored trial sees in MLflow: a FINISHED run is replayed to Tune without retraining; a run
+    left RUNNING by a killed attempt is replaced, so each trial key has exactly one active run."""
+    import mlflow
+
+    from pipelines.common import prepare_mlflow
+    from pipelines.sweep import EXPERIMENT, TrialTracker, run_trial
+
+    uri, exp_id = prepare_mlflow(mlflow_uri, EXPERIMENT)
+    client = mlflow.MlflowClient(uri)
+    parent = client.create_run(exp_id, tags={"weit.kind": "sweep", "weit.sweep": "t"}).info.run_id
+    space = parse_space(MINIMAL + "training: {epochs: 2, fit_steps: 0, fit_examples: 0}\n")
+    (config,) = expand(space, {"digits": DIGITS}).trials
+
+    def active() -> list:
+        return TrialTracker(uri, exp_id, parent, "t").find(config["key"])
+
+    stale = client.create_run(exp_id, tags={"mlflow.parentRunId": parent, "weit.trial_key": config["key"]})
+    first_reports: list[dict] = []
+    first = run_trial(config, tracker=TrialTracker(uri, exp_id, parent, "t"), report=first_reports.append)
+    runs = active()
+    assert [r.info.run_id for r in runs] != [stale.info.run_id] and len(runs) == 1
+    assert runs[0].info.status == "FINISHED" and not first.replayed
+
+    again: list[dict] = []
+    second = run_trial(config, tracker=TrialTracker(uri, exp_id, parent, "t"), report=again.append)
+    assert second.replayed and len(active()) == 1
+    assert [r["val_acc"] for r in again] == pytest.approx([r["val_acc"] for r in first_reports])
+
+
+@pytest.mark.slow
+def test_asha_stops_weak_trials_and_mlflow_records_them_as_stopped(ray_session, mlflow_uri, tmp_path):
+    """With --asha, trials ASHA stops after epoch 1 end FINISHED in MLflow with ``weit.stopped_early`` and
+    only the epochs they ran; the report ranks only groups that reached the final budget."""
+    from pipelines.report import build_report
+    from pipelines.sweep import run_sweep
+
+    (tmp_path / "asha.yaml").write_text("""
+name: asha
+tasks: [{data: digits, patch: 2}]
+strategies: [scratch, scratch_fit]
+sizes: {depth: 1, width: [16, 32], heads: 2, mlp_ratio: 2}
+training: {epochs: 3, fit_steps: 10, fit_examples: 128, seeds: [0, 1]}
+""")
+    summary = run_sweep(tmp_path / "asha.yaml", storage=str(tmp_path / "tune"), mlflow_uri=mlflow_uri, asha=True,
+                        max_concurrent=2, quiet=True)
+    df = _children(mlflow_uri, summary.parent_run_id)
+    assert len(df) == summary.n_trials and (df["status"] == "FINISHED").all()
+    done = df["tags.weit.epochs_done"].astype(int)
+    stopped = df[done < 3]
+    assert len(stopped) >= 1, "ASHA stopped nothing"
+    assert (stopped["tags.weit.stopped_early"] == "true").all()
+    assert stopped["metrics.val_acc_e3"].isna().all() and stopped["metrics.val_acc_e1"].notna().all()
+    report = build_report("asha", out=tmp_path / "r", mlflow_uri=mlflow_uri, register=False, show=False)
+    w = report.winners["digits"]
+    full = df[done == 3]
+    assert w.acc_mean <= full["metrics.val_acc_e3"].max() + 1e-9
