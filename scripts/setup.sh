@@ -26,18 +26,23 @@ fi
 echo "[setup] installing weit and its dependencies"
 $PIP install -q -e ".[dev]"
 
-# Fashion-MNIST: the Debian package where we can, else say where the files go.
-FMNIST=/usr/share/datasets/fashion-mnist
-if [ -n "${WEIT_DATA:-}" ] && ls "$WEIT_DATA"/train-images-idx3-ubyte.gz >/dev/null 2>&1; then
-  echo "[setup] Fashion-MNIST found in \$WEIT_DATA=$WEIT_DATA"
-elif ls "$FMNIST"/train-images-idx3-ubyte.gz >/dev/null 2>&1; then
-  echo "[setup] Fashion-MNIST found in $FMNIST"
+# Fashion-MNIST: the Debian package where we can, else say where the files go. Found = the same search
+# weit itself does (weit_core.data.find_fashion_mnist: $WEIT_DATA, then the Debian package's folder).
+have_fmnist() { "$VENV/bin/python" -c "from weit_core.data import find_fashion_mnist as f; print(f())" 2>/dev/null; }
+if where=$(have_fmnist); then
+  echo "[setup] Fashion-MNIST found in $where"
 elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "[setup] installing Fashion-MNIST (apt-get install dataset-fashion-mnist)"
-  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; })
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+         || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; }; then
+    echo "[setup] error: apt-get could not install dataset-fashion-mnist; put the four official files" >&2
+    echo "        (train-images-idx3-ubyte.gz, ...) in a folder and export WEIT_DATA=<folder>" >&2
+    exit 1
+  fi
+  echo "[setup] Fashion-MNIST installed in $(have_fmnist)"
 else
   echo "[setup] Fashion-MNIST not found. Either run 'sudo apt-get install dataset-fashion-mnist', or put the"
   echo "        four official files (train-images-idx3-ubyte.gz, ...) in a folder and export WEIT_DATA=<folder>."
 fi
-echo "[setup] done: activate with 'source $VENV/bin/activate'"
+echo "[setup] done in ${SECONDS}s: run '$VENV/bin/weit quickstart', or activate with 'source $VENV/bin/activate'"

@@ -1,0 +1,323 @@
+"""``weit quickstart``: the whole pipeline on Fashion-MNIST in one command, sized for 2 CPU cores.
+
+ancestry (a 4x96 ViT, in-process) -> distill (stage 1: a template bank, 2 Ray Train workers) -> sweep
+(stages 2+3: ``tune_spaces/quickstart.yaml``, a dozen sizes x WAVE, its controls and baselines, Ray Tune)
+-> report (leaderboard + plots from MLflow). Every stage is the same code the individual commands run,
+with smaller budgets (data slices via ``limit``, few epochs), so the result is a demonstration of the
+machinery and of the comparison, not a benchmark: a short-trained ancestry has little to pass on
+(DESIGN.md, "Evaluation protocol").
+
+Re-running is cheap: what was built is remembered in ``<out-dir>/quickstart.json`` (settings + sha256 of
+every file) and reused when nothing upstream changed; a finished sweep is not run again. ``--fresh``
+starts a new generation (new files, new Ray job and sweep names; old MLflow runs stay where they are).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipelines.common import UserError, storage_path, tracking_uri
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SPACE = REPO / "tune_spaces" / "quickstart.yaml"
+DEFAULT_OUT = "weit_runs/quickstart"
+STATE_FILE = "quickstart.json"
+
+
+@dataclass
+class QuickstartBudget:
+    """The settings that decide how long the quickstart takes (defaults: <= 15 minutes on 2 CPU cores)."""
+
+    ancestry_depth: int = 4
+    ancestry_width: int = 96
+    ancestry_heads: int = 3
+    ancestry_epochs: int = 4
+    ancestry_limit: int = 20000
+    """Training examples for the ancestry (val 5k and test 10k stay whole)."""
+    distill_epochs: int = 3
+    distill_limit: int = 10000
+    workers: int = 2
+    n_templates: int = 4
+    block: int = 16
+    seed: int = 0
+
+
+@dataclass
+class QuickstartResult:
+    """Where everything ended up, and how long each stage took."""
+
+    ancestry: Path
+    bank: Path
+    sweep: str
+    tracking_uri: str
+    leaderboard: Any = None  # pipelines.report.Report
+    plots: list[Path] = field(default_factory=list)
+    report_dir: Path | None = None
+    mlflow_ui: str = ""
+    stage_s: dict[str, float] = field(default_factory=dict)
+    reused: dict[str, bool] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _State:
+    """``quickstart.json``: per stage the fingerprint of its inputs and the sha256 of its output file."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / STATE_FILE
+        try:
+            self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except json.JSONDecodeError:
+            self.data = {}
+        self.data.setdefault("generation", 0)
+
+    def reusable(self, stage: str, key: str, path: Path | None = None) -> bool:
+        rec = self.data.get(stage, {})
+        if rec.get("key") != key:
+            return False
+        if path is None:
+            return bool(rec.get("done"))
+        return path.is_file() and rec.get("sha256") == _sha256(path)
+
+    def record(self, stage: str, key: str, path: Path | None = None, **extra: Any) -> None:
+        self.data[stage] = {"key": key, **({"sha256": _sha256(path)} if path is not None else {}), **extra}
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _sweep_exists(name: str, uri: str, store: str) -> bool:
+    """Whether ``weit sweep --name NAME`` ran before (MLflow parent run or Tune state): then we resume it."""
+    import mlflow
+
+    from pipelines.sweep import EXPERIMENT
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is not None and client.search_runs(
+            [exp.experiment_id], f"tags.`weit.sweep` = '{name}' and tags.`weit.kind` = 'sweep'", max_results=1):
+        return True
+    from ray import tune
+
+    return tune.Tuner.can_restore(f"{store.rstrip('/')}/{name}")
+
+
+def mlflow_ui_command(uri: str) -> str:
+    """The exact command that opens this tracking store in the MLflow UI (loopback only)."""
+    exe = Path(sys.executable).with_name("mlflow")
+    try:
+        exe_text = str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        exe_text = str(exe)
+    if shutil.which("mlflow") == str(exe):
+        exe_text = "mlflow"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser (the MLflow server is already running)"
+    return f"{shlex.quote(exe_text)} ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
+
+
+def run_quickstart(
+    out_dir: str | Path = DEFAULT_OUT, *, fresh: bool = False, budget: QuickstartBudget | None = None,
+    space: str | Path | None = None, mlflow_uri: str | None = None, address: str | None = None,
+    storage: str | None = None, quiet: bool = False,
+) -> QuickstartResult:
+    """ancestry -> distill -> sweep -> report, reusing what an earlier run built with the same settings."""
+    from weit_core.data import find_fashion_mnist
+
+    t_start = time.perf_counter()
+    budget = budget or QuickstartBudget()
+    console = _console()
+    say = (lambda *_a, **_k: None) if quiet else console.print
+    data_dir = find_fashion_mnist()  # DataNotFoundError (exit 2, with the install line) before any work
+    space_path = Path(space) if space else DEFAULT_SPACE
+    if not space_path.is_file():
+        raise UserError(f"quickstart space {space_path} not found; pass --space tune_spaces/quickstart.yaml from "
+                        f"a weit checkout")
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    state = _State(out)
+    if fresh:
+        state.data = {"generation": state.data["generation"] + 1}
+        state.save()
+    gen = state.data["generation"]
+    uri = tracking_uri(mlflow_uri)
+    store = storage_path(storage)
+    ancestry_path, bank_path = out / "ancestry.safetensors", out / "bank.safetensors"
+    result = QuickstartResult(ancestry_path, bank_path, "", uri)
+    say(f"[bold]weit quickstart[/bold]: Fashion-MNIST from {data_dir}; outputs in {out}, MLflow at {uri}")
+    say(f"budget: ancestry {budget.ancestry_depth}x{budget.ancestry_width} for {budget.ancestry_epochs} epochs on "
+        f"{budget.ancestry_limit:,} images, distill {budget.distill_epochs} epochs on {budget.distill_limit:,} "
+        f"images with {budget.workers} Ray Train workers, sweep {space_path.name}"
+        + ("" if gen == 0 else f" (generation {gen})"))
+
+    def stage(i: int, title: str) -> float:
+        if not quiet:
+            console.print("")
+            console.rule(f"[bold]{i}/4  {title}")
+        return time.perf_counter()
+
+    def done(name: str, t0: float, reused: bool, what: str) -> None:
+        result.stage_s[name] = time.perf_counter() - t0
+        result.reused[name] = reused
+        say(f"[green]done[/green] {name}: {what} ({result.stage_s[name]:.0f} s{', reused' if reused else ''})")
+
+    # 1. ancestry --------------------------------------------------------------------------------------------
+    from pipelines.ancestry import train_ancestry
+    from weit_core.io import read_header
+
+    t0 = stage(1, "ancestry: train the teacher ViT (in-process)")
+    anc_settings = {"dataset": "fashion_mnist", "depth": budget.ancestry_depth, "width": budget.ancestry_width,
+                    "heads": budget.ancestry_heads, "epochs": budget.ancestry_epochs, "limit": budget.ancestry_limit,
+                    "seed": budget.seed, "generation": gen}
+    anc_key = _hash(anc_settings)
+    if state.reusable("ancestry", anc_key, ancestry_path):
+        acc = read_header(ancestry_path).get("info", {}).get("metrics", {}).get("test_acc")
+        done("ancestry", t0, True, f"{ancestry_path} already built with these settings (test_acc {acc:.4f}); "
+                                   f"--fresh to retrain" if acc is not None else f"{ancestry_path} reused")
+    else:
+        _, m = train_ancestry("fashion_mnist", depth=budget.ancestry_depth, width=budget.ancestry_width,
+                              heads=budget.ancestry_heads, epochs=budget.ancestry_epochs, limit=budget.ancestry_limit,
+                              seed=budget.seed, out=ancestry_path, workers=0, mlflow_uri=uri, quiet=quiet)
+        state.record("ancestry", anc_key, ancestry_path, test_acc=m["test_acc"])
+        done("ancestry", t0, False, f"{ancestry_path}, test_acc {m['test_acc']:.4f}")
+    anc_sha = state.data["ancestry"]["sha256"]
+
+    # 2. distill ---------------------------------------------------------------------------------------------
+    from pipelines.distill import DistillConfig, run_distill
+
+    t0 = stage(2, f"distill: stage 1, the template bank ({budget.workers} Ray Train workers)")
+    bank_settings = {"epochs": budget.distill_epochs, "limit": budget.distill_limit, "workers": budget.workers,
+                     "n_templates": budget.n_templates, "block": budget.block, "seed": budget.seed,
+                     "ancestry_sha256": anc_sha, "generation": gen}
+    bank_key = _hash(bank_settings)
+    if state.reusable("bank", bank_key, bank_path):
+        done("distill", t0, True, f"{bank_path} already built from this ancestry with these settings; --fresh to "
+                                  f"rebuild")
+    else:
+        _, m = run_distill(DistillConfig(
+            teacher=str(ancestry_path), dataset="fashion_mnist", limit=budget.distill_limit, epochs=budget.distill_epochs,
+            workers=budget.workers, n_templates=budget.n_templates, block=budget.block, seed=budget.seed,
+            out=str(bank_path), name=f"quickstart-bank-{bank_key}", storage=store, address=address, mlflow_uri=uri,
+            quiet=quiet))
+        state.record("bank", bank_key, bank_path, test_acc=m["test_acc"])
+        done("distill", t0, False, f"{bank_path}, aux test_acc {m['test_acc']:.4f}")
+    bank_sha = state.data["bank"]["sha256"]
+
+    # 3. sweep -----------------------------------------------------------------------------------------------
+    from pipelines.spaces import load_space
+    from pipelines.sweep import run_sweep
+
+    t0 = stage(3, f"sweep: stages 2+3 over {space_path.name} (Ray Tune)")
+    sweep_key = _hash({"space": load_space(space_path).content_hash(), "bank": bank_sha, "ancestry": anc_sha,
+                       "generation": gen, "uri": uri})
+    result.sweep = f"quickstart-{sweep_key}"
+    if state.reusable("sweep", sweep_key):
+        done("sweep", t0, True, f"sweep {result.sweep} already finished; --fresh to run it again")
+    else:
+        resume = _sweep_exists(result.sweep, uri, store)
+        if resume:
+            say(f"sweep {result.sweep} was interrupted before: resuming it (finished trials are not re-run)")
+        summary = run_sweep(space_path, bank=str(bank_path), ancestry=str(ancestry_path), name=result.sweep,
+                            resume=resume, storage=store, address=address, mlflow_uri=uri, quiet=quiet)
+        state.record("sweep", sweep_key, done=summary.n_failed == 0 and summary.n_finished >= summary.n_trials,
+                     name=result.sweep, finished=summary.n_finished, failed=summary.n_failed)
+        done("sweep", t0, False, f"{summary.n_finished}/{summary.n_trials} trials finished, {summary.n_failed} failed")
+
+    # 4. report ----------------------------------------------------------------------------------------------
+    t0 = stage(4, "report: leaderboard and plots from MLflow")
+    _report(result, out, uri)
+    done("report", t0, False, f"{len(result.plots)} plot(s) and the leaderboard in {result.report_dir}")
+    result.mlflow_ui = mlflow_ui_command(uri)
+    result.wall_s = time.perf_counter() - t_start
+    if not quiet:
+        _print_summary(console, result)
+    return result
+
+
+def _report(result: QuickstartResult, out: Path, uri: str) -> None:
+    from pipelines.report import build_report
+
+    result.report_dir = out / "report"
+    report = build_report(result.sweep, out=result.report_dir, mlflow_uri=uri, show=False)
+    result.leaderboard = report
+    result.plots = [Path(f) for f in report.files if Path(f).suffix == ".png"]
+
+
+def _print_summary(console: Any, result: QuickstartResult) -> None:
+    from rich.table import Table
+
+    from pipelines.report import print_report
+
+    console.print("")
+    console.rule("[bold]leaderboard")
+    print_report(result.leaderboard)
+    table = Table(title="time per stage", header_style="bold")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for name, s in result.stage_s.items():
+        table.add_row(name + (" (reused)" if result.reused.get(name) else ""), f"{s:.0f}")
+    table.add_row("[bold]total", f"[bold]{result.wall_s:.0f}")
+    console.print(table)
+    console.print(f"leaderboard: {result.report_dir / 'leaderboard.md'} (all rows; also leaderboard.csv)")
+    console.print("plots:")
+    for p in result.plots:
+        console.print(f"  {p}", soft_wrap=True)
+    console.print(f"ancestry: {result.ancestry}\nbank:     {result.bank}\nsweep:    {result.sweep}  "
+                  f"(weit report --sweep {result.sweep})", soft_wrap=True)
+    console.print("open the comparison in the MLflow UI (experiment weit-sweep, then compare the runs):")
+    console.print(f"  {result.mlflow_ui}", soft_wrap=True)
+
+
+def quickstart_command(
+    out_dir: Annotated[str, typer.Option(help="Where the ancestry, bank, report and state file go.")] = DEFAULT_OUT,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Rebuild everything instead of reusing earlier "
+                                                        "outputs.")] = False,
+    ancestry_epochs: Annotated[int, typer.Option(help="Ancestry training epochs.")] = QuickstartBudget.ancestry_epochs,
+    ancestry_limit: Annotated[int, typer.Option(help="Ancestry training examples.")] = QuickstartBudget.ancestry_limit,
+    distill_epochs: Annotated[int, typer.Option(help="Distillation (stage 1) epochs.")] = QuickstartBudget.distill_epochs,
+    distill_limit: Annotated[int, typer.Option(help="Distillation training examples.")] = QuickstartBudget.distill_limit,
+    workers: Annotated[int, typer.Option(help="Ray Train workers for distillation.")] = QuickstartBudget.workers,
+    space: Annotated[str, typer.Option(help="Search space of the sweep.")] = str(DEFAULT_SPACE.relative_to(REPO)),
+    storage: Annotated[str | None, typer.Option(help="Ray Train/Tune run state; default ./weit_runs.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite ./mlruns.db).")] = None,
+) -> None:
+    """ancestry -> distill -> sweep -> report on Fashion-MNIST, sized for a laptop (<= 15 min on 2 CPU cores)."""
+    space_path = Path(space)
+    if not space_path.is_absolute() and not space_path.is_file():
+        space_path = REPO / space  # the shipped space, from any working directory
+    budget = QuickstartBudget(ancestry_epochs=ancestry_epochs, ancestry_limit=ancestry_limit,
+                              distill_epochs=distill_epochs, distill_limit=distill_limit, workers=workers)
+    if min(asdict(budget).values()) < 0 or ancestry_epochs < 1 or distill_epochs < 1 or workers < 1:
+        raise UserError("--ancestry-epochs, --distill-epochs and --workers must be >= 1")
+    run_quickstart(out_dir, fresh=fresh, budget=budget, space=space_path, mlflow_uri=mlflow_uri, address=address,
+                   storage=storage)
