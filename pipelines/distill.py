@@ -354,9 +354,15 @@ def load_train_state(d: Path, cfg: dict, model: nn.Module, optimizer: torch.opti
 
 
 def _crash_after(batches: Iterator, steps: int, marker: Path) -> Iterator:
-    """Fault-injection hook for tests: SIGKILL this worker process after ``steps`` batches, once."""
+    """Fault-injection hook for tests: SIGKILL this worker process after ``steps`` batches, once.
+
+    It waits two health-check intervals first: Ray Train V2's controller collects ``report()``s by polling
+    the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s), so a worker lost within one poll of a report
+    can take that epoch's checkpoint with it (the restart then redoes one more epoch; never wrong, but not
+    the case this hook is meant to show)."""
     for i, b in enumerate(batches):
         if i == steps and not marker.exists():
+            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(f"killed pid {os.getpid()}\n")
             os.kill(os.getpid(), signal.SIGKILL)

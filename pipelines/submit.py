@@ -139,11 +139,14 @@ def _quiet_ray():
             logging.getLogger(n).setLevel(level)
 
 
-def follow_job(job_id: str, *, address: str | None = None, out: TextIO | None = sys.stdout, poll: float = 1.0,
+def follow_job(job_id: str, *, address: str | None = None, out: TextIO | None | bool = True, poll: float = 1.0,
                timeout: float | None = None) -> JobOutcome:
     """Stream the job's log to ``out`` (Ray's log-tail websocket) until it ends; the exit code is the
     driver's own (2 for a bad-input error inside the job), 1 for other failures or a stopped job, 0 on
-    success. If the stream drops, the rest of the log is fetched once the job is over."""
+    success. If the stream drops, the rest of the log is fetched once the job is over. ``out=True`` is the
+    current ``sys.stdout`` (looked up per call, so redirections and test capture see the log)."""
+    if out is True:
+        out = sys.stdout
     client = connect(address)
     deadline = None if timeout is None else time.monotonic() + timeout
     shown = 0

@@ -169,10 +169,10 @@ def test_private_head_loopback_submit_exit_code_and_clean_stop(capsys, monkeypat
         assert live_pids(sid=head.proc.pid)
         rc = main(["submit", "sweep", "--address", head.dashboard_url, "--wait", "--working-dir", str(ROOT),
                    "--space", "tune_spaces/no_such_space.yaml"])
-        out = capsys.readouterr().out
-        assert rc == 2
-        assert "error: search space tune_spaces/no_such_space.yaml not found" in out  # from the job's log
-        assert "FAILED: Job entrypoint command failed with exit code 2" in out
+        out, err = capsys.readouterr()
+        assert rc == 2, (out, err)
+        assert "error: search space tune_spaces/no_such_space.yaml not found" in out, (out, err)  # job log
+        assert "FAILED: Job entrypoint command failed with exit code 2" in out, (out, err)
     finally:
         head.stop()
     deadline = time.monotonic() + 20
