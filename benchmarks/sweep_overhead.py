@@ -43,30 +43,41 @@ name: overhead
 tasks: [{data: digits, patch: 2, val_limit: 128}]
 strategies: [scratch]
 sizes: {depth: 2, width: 32, heads: 2, mlp_ratio: 2}
-training: {epochs: 1, batch_size: 64, steps_per_epoch: STEPS, fit_steps: 0, fit_examples: 0, test_eval: false,
+training: {epochs: EPOCHS, batch_size: 64, steps_per_epoch: 10, fit_steps: 0, fit_examples: 0, test_eval: false,
            seeds: SEEDS}
 """
 
 
 def configs(trials: int, steps: int) -> list[dict]:
-    space = parse_space(SPACE.replace("STEPS", str(steps)).replace("SEEDS", str(list(range(trials)))))
+    """``steps`` in whole epochs of 10 (``steps_per_epoch`` only caps an epoch, and digits' train split is
+    19 batches, so the work is set by the number of epochs; each epoch ends with a 128-image evaluation)."""
+    epochs = max(1, round(steps / 10))
+    space = parse_space(SPACE.replace("EPOCHS", str(epochs)).replace("SEEDS", str(list(range(trials)))))
     return expand(space, inspect_tasks(space)).trials
 
 
 def calibrate(work_s: float) -> int:
-    """Training steps whose trial takes about ``work_s`` seconds here (median of a few timings)."""
+    """Training steps whose trial takes about ``work_s`` seconds here. A trial is a fixed part (init,
+    evaluation) plus a per-step part, so two step counts are timed (median of 3 each) and the line
+    through them is solved for ``work_s``; dividing one timing by its steps would count the fixed part
+    as steps and give trials far shorter than asked."""
     from pipelines.sweep import run_trial
 
-    probe = 20
-    (cfg,) = configs(1, probe)
-    run_trial(cfg, threads=1)  # warm-up: imports, data cache, allocator
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        run_trial(cfg, threads=1)
-        times.append(time.perf_counter() - t0)
-    per_step = statistics.median(times) / probe
-    return max(1, round(work_s / per_step))
+    def timed(steps: int) -> float:
+        (cfg,) = configs(1, steps)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            run_trial(cfg, threads=1)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    run_trial(configs(1, 20)[0], threads=1)  # warm-up: imports, data cache, allocator
+    lo, hi = 20, 200
+    t_lo, t_hi = timed(lo), timed(hi)
+    per_step = max((t_hi - t_lo) / (hi - lo), 1e-6)
+    fixed = max(t_lo - lo * per_step, 0.0)
+    return max(10, 10 * round((work_s - fixed) / per_step / 10))
 
 
 def plain_loop(cfgs: list[dict], tracking: tuple | None) -> list[float]:
@@ -119,7 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--work-s", type=float, default=1.0, help="target work per trial (seconds)")
-    ap.add_argument("--steps", type=int, default=None, help="fixed training steps per trial (skips calibration)")
+    ap.add_argument("--steps", type=int, default=None, help="fixed training steps per trial, a multiple of 10 (skips calibration)")
     ap.add_argument("--slots", type=int, default=None, help="concurrent trials (default: the CPUs Ray sees)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     ap.add_argument("--mlflow", action="store_true", help="log every trial to MLflow in both arms")

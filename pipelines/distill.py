@@ -681,7 +681,10 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
     resumed = _job_guard(job_dir, json.loads(json.dumps(settings, default=str)))
 
     init_ray(config.address)
-    if config.use_gpu and not config.address and ray.cluster_resources().get("GPU", 0) < config.workers:
+    # only a local Ray is known to be all there is; a cluster (--address, or $RAY_ADDRESS inside a Ray job)
+    # may autoscale GPU workers in after the job starts
+    local = not (config.address or os.environ.get("RAY_ADDRESS"))
+    if config.use_gpu and local and ray.cluster_resources().get("GPU", 0) < config.workers:
         raise UserError(f"--use-gpu needs {config.workers} GPU(s) but this machine's Ray sees "
                         f"{ray.cluster_resources().get('GPU', 0):g}; drop --use-gpu or pass --address of a GPU cluster")
     teacher_ref = None

@@ -610,6 +610,12 @@ def run_sweep(
                         f"{gpus_per_trial}")
     if limit_trials is not None and limit_trials < 1:
         raise UserError(f"--limit-trials must be >= 1, got {limit_trials}")
+    if gpus_per_trial > 0 and not (address or os.environ.get("RAY_ADDRESS")):
+        import torch
+
+        if torch.cuda.device_count() == 0:  # a local Ray would queue the trials forever
+            raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but this machine has no GPU; drop the flag, or "
+                            f"pass --address of a Ray cluster with GPU workers")
     loaded_bank, loaded_anc, meta = _load_sources(sp, bank, ancestry)
     shapes = inspect_tasks(sp)
     expansion = expand(sp, shapes, meta.get("bank_block") if meta["need_bank"] else None)

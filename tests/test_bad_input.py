@@ -91,7 +91,17 @@ CASES = {
                                                              f"{{data: {no_label_parquet(d)}, patch: 2}}",
                                                              strategy="scratch"))],
         r"no `label` column \(have \['image', 'target'\]\); add a `label` column with integer class ids"),
+    "gpus_per_trial_without_gpu": (
+        lambda d, bank: (pytest.skip("this machine has a GPU") if _has_gpu() else
+                         ["sweep", "--space", str(CI_SPACE), "--bank", str(bank), "--gpus-per-trial", "0.5"]),
+        r"--gpus-per-trial 0.5 but this machine has no GPU; drop the flag, or pass --address"),
 }
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.device_count() > 0
 
 
 def truncated(bank: Path, d: Path) -> Path:
