@@ -34,6 +34,8 @@ SIZES = [(2, 64, 2), (2, 128, 4), (4, 64, 2), (4, 96, 3), (4, 128, 4), (6, 64, 2
          (8, 96, 3), (8, 128, 4), (12, 64, 2), (12, 96, 3)]
 CONTROLS = ("scratch", "scratch_fit", "wave_random_bank")
 NEEDS_BANK = ("wave", "wave_random_bank")
+BASELINES = ("weight_selection", "weight_selection_even", "weight_selection_consecutive",
+             "weight_selection_head_aware", "mimetic", "tleg", "tleg_fit", "net2net")
 
 
 def parse_sizes(text: str) -> list[tuple[int, int, int]]:
@@ -64,19 +66,23 @@ def run_job(size, strategy, seed, *, data, bank, ancestry, args) -> dict:
     seed_everything(seed)
     opt = make_optimizer(model, args.lr, 0.05)
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",")})
-    test = lambda: evaluate(model, iterate_batches(data.test.x, data.test.y, 512, shuffle=False))["acc"]  # noqa: E731
+    ts = data.test.subset(args.test_examples, seed=12345)  # the same test images for every job
+    test = lambda: evaluate(model, iterate_batches(ts.x, ts.y, 512, shuffle=False))["acc"]  # noqa: E731
     stream = batch_stream(data.train.x, data.train.y, args.batch_size, seed)
     curve, done = {0: test()}, 0
     for c in checkpoints:
         done += train_epoch(model, stream, opt, max_steps=c - done)["steps"]
         curve[done] = test()
     return {"size": f"{depth}x{width}x{heads}", "strategy": strategy, "seed": seed, "curve": curve,
+            "test_examples": len(ts),
             "init_seconds": round(init_s, 2), "params": spec.num_params(), "info": res.info,
             "steps_per_epoch": len(data.train) // args.batch_size}
 
 
 def summarize(path: Path, budgets: list[int]) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    skipped = sorted({(r["size"], r["strategy"], r["skipped"]) for r in rows if "skipped" in r})
+    rows = [r for r in rows if "skipped" not in r]
     by: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         r["curve"] = {int(k): v for k, v in r["curve"].items()}
@@ -115,6 +121,8 @@ def summarize(path: Path, budgets: list[int]) -> dict:
             print(f"{size:<10}{b:>6} " + "".join(cells) + f"{lead:>11}{match:>9}")
     share = wins / total if total else math.nan
     print(f"\nwave ahead of every control in {wins}/{total} (size, budget) cells")
+    for size, strat, why in skipped:
+        print(f"n/a: {strat} at {size}: {why}")
     return {"wave_leads_share": round(share, 3), "cells": total, "jobs": len(rows), "sizes": len(sizes)}
 
 
@@ -133,7 +141,11 @@ def main() -> None:
     ap.add_argument("--ancestry", help="the ancestry model (weit model safetensors), for the baselines")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--sizes", default="", help="e.g. 2x64x2,4x96x3 (default: 12 sizes, depth 2-12)")
-    ap.add_argument("--strategies", default="wave,scratch,scratch_fit,wave_random_bank")
+    ap.add_argument("--strategies", default="wave,scratch,scratch_fit,wave_random_bank,weight_selection,mimetic,"
+                    "tleg_fit,net2net", help="baselines that cannot make a size (e.g. net2net only grows) are "
+                    "recorded as n/a for it")
+    ap.add_argument("--test-examples", type=int, default=10_000,
+                    help="test images scored at each checkpoint (a fixed subset; all 10k by default)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--checkpoints", default="200,430,860,1290,2150,3000",
                     help="stage-3 steps at which test accuracy is recorded (horizon = last)")
@@ -156,6 +168,9 @@ def main() -> None:
             raise SystemExit(f"unknown strategies {sorted(unknown)}; available: {available()}")
         if any(s in NEEDS_BANK for s in strategies) and not args.bank:
             raise SystemExit("--bank is required for wave / wave_random_bank")
+        if any(s in BASELINES and s != "mimetic" for s in strategies) and not args.ancestry:
+            raise SystemExit("--ancestry is required for the ancestry-based baselines (or drop them from "
+                             "--strategies)")
         data = load_fashion_mnist()
         bank = load_bank(args.bank) if args.bank else None
         ancestry = None
@@ -177,7 +192,16 @@ def main() -> None:
             if key in done:
                 continue
             t0 = time.perf_counter()
-            row = run_job(size, s, seed, data=data, bank=bank, ancestry=ancestry, args=args)
+            try:
+                row = run_job(size, s, seed, data=data, bank=bank, ancestry=ancestry, args=args)
+            except ValueError as e:  # this strategy cannot make this size from this ancestry
+                if s not in BASELINES:
+                    raise
+                row = {"size": key[0], "strategy": s, "seed": seed, "skipped": str(e).splitlines()[0][:200]}
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"{key}: n/a ({row['skipped']})", flush=True)
+                continue
             row["wall_seconds"] = round(time.perf_counter() - t0, 1)
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
