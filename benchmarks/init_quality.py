@@ -18,17 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # parts run side by side: no spinning OpenMP threads
 
-from weit_core.data import load_fashion_mnist
-from weit_core.io import load_bank, load_model
-from weit_core.models import ViTSpec
-from weit_core.strategies import available, init_model
-from weit_core.train import evaluate, iterate_batches, make_optimizer, seed_everything, train_epoch
+import torch  # noqa: E402
+
+from weit_core.data import load_fashion_mnist  # noqa: E402
+from weit_core.io import load_bank, load_model  # noqa: E402
+from weit_core.models import ViTSpec  # noqa: E402
+from weit_core.strategies import available, init_model  # noqa: E402
+from weit_core.train import evaluate, iterate_batches, make_optimizer, seed_everything, train_epoch  # noqa: E402
 
 SIZES = [(2, 64, 2), (2, 128, 4), (4, 64, 2), (4, 96, 3), (4, 128, 4), (6, 64, 2), (6, 96, 3), (6, 128, 4),
          (8, 96, 3), (8, 128, 4), (12, 64, 2), (12, 96, 3)]
