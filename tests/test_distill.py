@@ -31,6 +31,9 @@ from weit_core.train import evaluate, iterate_batches
 CHANCE = 0.1  # ten classes
 FAR_ABOVE_CHANCE = 4 * CHANCE
 EPOCHS = 3
+# one recipe for the two ancestry tests (in process, on Ray Train): a tiny digits ViT that reaches 77-81%
+ANCESTRY_RECIPE = dict(depth=2, width=32, heads=2, patch=2, epochs=12, lr=3e-3, batch_size=32,
+                       warmup_epochs=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -196,27 +199,27 @@ def test_ancestry_in_process_on_digits(digits, tmp_path):
     from pipelines.ancestry import train_ancestry
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    path, metrics = train_ancestry("digits", depth=2, width=32, heads=2, patch=2, epochs=12, lr=3e-3,
-                                   batch_size=32, warmup_epochs=0.5, out=tmp_path / "anc.safetensors",
+    path, metrics = train_ancestry("digits", **ANCESTRY_RECIPE, out=tmp_path / "anc.safetensors",
                                    mlflow_uri=uri, quiet=True)
     model, header = load_model(path)
-    assert header["spec"] == DIGITS_ANCESTRY.to_dict() and header["info"]["metrics"]["epoch"] == 12
+    assert header["spec"] == DIGITS_ANCESTRY.to_dict()
+    assert header["info"]["metrics"]["epoch"] == ANCESTRY_RECIPE["epochs"]
     acc = evaluate(model, iterate_batches(digits.test.x, digits.test.y, 256, shuffle=False))["acc"]
     assert acc == pytest.approx(metrics["test_acc"], abs=1e-9) and acc > FAR_ABOVE_CHANCE
     history = MlflowClient(uri).get_metric_history(metrics["run_id"], "test_acc")
-    assert [m.step for m in history] == list(range(1, 13))
+    assert [m.step for m in history] == list(range(1, ANCESTRY_RECIPE["epochs"] + 1))
 
 
 @pytest.mark.slow
 def test_ancestry_on_ray_train(ray_session, digits_parquet, tmp_path):
     from pipelines.ancestry import train_ancestry
 
-    path, metrics = train_ancestry(str(digits_parquet), depth=2, width=32, heads=2, patch=2, epochs=12, lr=3e-3,
-                                   batch_size=32, warmup_epochs=0.5, out=tmp_path / "anc.safetensors",
+    path, metrics = train_ancestry(str(digits_parquet), **ANCESTRY_RECIPE, out=tmp_path / "anc.safetensors",
                                    workers=2, storage=str(tmp_path / "runs"),
                                    mlflow_uri=f"sqlite:///{tmp_path / 'mlruns.db'}", quiet=True)
     model, header = load_model(path)
-    assert metrics["epochs_now"] == 12 and metrics["test_acc"] > FAR_ABOVE_CHANCE, metrics
+    assert metrics["epochs_now"] == ANCESTRY_RECIPE["epochs"], metrics
+    assert metrics["test_acc"] > FAR_ABOVE_CHANCE, metrics
     assert header["info"]["job"].startswith("ancestry-")
 
 
