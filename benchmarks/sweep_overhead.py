@@ -4,8 +4,10 @@ same trials in a plain loop.
 The work is the real trial body (``pipelines.sweep.run_trial``: scratch init + a fixed number of training
 steps + a small evaluation, one thread), calibrated to about ``--work-s`` seconds. The Tune arm is the
 sweep's code path: ``tune.with_parameters(_tune_trial)`` + ``with_resources``, ``grid_search`` over the
-trial configs, ``reuse_actors=True``, per-trial result files off, ``verbose=0``; MLflow is off in both arms
-(``--mlflow`` puts it in both: it is trial work, not Tune overhead). Ray start-up is excluded, everything
+trial configs, ``reuse_actors=True``, per-trial result files off, ``verbose=0``, one Tune report per trial
+as the sweep does without ASHA (``--report-each-epoch``: a report after every epoch, as with ``--asha``;
+each is a blocking round trip to the driver); MLflow is off in both arms (``--mlflow`` puts it in both: it
+is trial work, not Tune overhead). Ray start-up is excluded, everything
 inside ``Tuner.fit()`` (actor start-up and imports included) is counted.
 
     ratio              = wall(Tune) / (work / slots)          work = sum of the plain loop's trial times
@@ -15,7 +17,7 @@ inside ``Tuner.fit()`` (actor start-up and imports included) is counted.
     vs work inside Tune: the same two figures with the work timed inside the Tune arm (Tune's time_total_s
     per trial), which a machine whose load changes between the two arms cannot skew
 
-    python benchmarks/sweep_overhead.py [--trials 200] [--work-s 1.0] [--slots 2] [--mlflow]
+    python benchmarks/sweep_overhead.py [--trials 200] [--work-s 1.0] [--slots 2] [--mlflow] [--report-each-epoch]
 
 The last line printed is one JSON object with the figures.
 """
@@ -92,8 +94,8 @@ def plain_loop(cfgs: list[dict], tracking: tuple | None) -> list[float]:
     return times
 
 
-def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None,
-             storage: str) -> tuple[float, list[float], float]:
+def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
+             each_epoch: bool) -> tuple[float, list[float], float]:
     """Wall time of ``Tuner.fit()``, the driver-clock completion time of every trial (from fit start), and
     the work as timed inside Tune (sum over trials of Tune's ``time_total_s``: trial start to last report)."""
     from ray import tune
@@ -111,7 +113,7 @@ def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None,
             done.append(time.perf_counter())
 
     uri, exp_id, parent, sweep = tracking if tracking else (None, None, None, "overhead")
-    ctx = SweepContext(uri, exp_id, parent, sweep, save_models=False, threads=1)
+    ctx = SweepContext(uri, exp_id, parent, sweep, save_models=False, threads=1, report_each_epoch=each_epoch)
     trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), {"cpu": 1})
     tuner = tune.Tuner(
         trainable, param_space={"trial": tune.grid_search(cfgs)},
@@ -134,6 +136,8 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=None, help="concurrent trials (default: the CPUs Ray sees)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     ap.add_argument("--mlflow", action="store_true", help="log every trial to MLflow in both arms")
+    ap.add_argument("--report-each-epoch", action="store_true",
+                    help="a Tune report after every epoch (the sweep's path with --asha)")
     args = ap.parse_args()
 
     import logging
@@ -166,7 +170,7 @@ def main() -> None:
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # no result files
         slots = args.slots or int(ray.cluster_resources().get("CPU", 1))
-        wall, done, work_inside = tune_arm(cfgs, slots, tracking_tune, f"{tmp}/tune")
+        wall, done, work_inside = tune_arm(cfgs, slots, tracking_tune, f"{tmp}/tune", args.report_each_epoch)
         ray.shutdown()
 
     ideal = work / slots
@@ -207,6 +211,7 @@ def main() -> None:
                       "steady_overhead_per_trial_s": round(steady_overhead, 4),
                       "ratio_vs_inside_work": round(ratio_inside, 4),
                       "overhead_vs_inside_work_s": round(overhead_inside, 4), "mlflow": args.mlflow,
+                      "report_each_epoch": args.report_each_epoch,
                       "load_avg_1m": round(os.getloadavg()[0], 2)}))
 
 

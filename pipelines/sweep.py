@@ -1,8 +1,10 @@
 """Stages 2+3 over a search space on Ray Tune, every trial recorded once in MLflow.
 
 One trial = one (task, size, strategy, seed): ``init_model`` (stage 2) then E epochs of the one training
-loop (stage 3), val accuracy reported to Tune each epoch. The trial body is :func:`run_trial`, a plain
-function (no Ray needed) that Tune calls through :func:`_tune_trial` and that benchmarks can call directly.
+loop (stage 3), val accuracy logged to MLflow each epoch (and reported to Tune each epoch when ASHA acts
+on it, once at the end otherwise: each report is a blocking driver round trip). The trial body is
+:func:`run_trial`, a plain function (no Ray needed) that Tune calls through :func:`_tune_trial` and that
+benchmarks can call directly.
 
 Shared inputs travel once: the bank and the ancestry are ``ray.put`` in the driver and fetched once per
 worker process into a cache keyed by the file's sha256 (``reuse_actors=True`` keeps the process alive
@@ -78,6 +80,7 @@ class SweepContext:
     ancestry_id: str | None = None
     threads: int = 1
     device: str = "cpu"
+    report_each_epoch: bool = True  # False: one Tune report per trial (see ``run_trial``)
 
 
 _SOURCE_CACHE: dict[str, Any] = {}
@@ -248,7 +251,8 @@ class TrialResult:
     model: Any = None  # the trained model (not kept for replayed trials)
 
 
-def _replay(config: dict, metrics: dict, report: Callable[[dict], None] | None) -> TrialResult:
+def _replay(config: dict, metrics: dict, report: Callable[[dict], None] | None,
+            report_each_epoch: bool = True) -> TrialResult:
     history = []
     for e in range(0, config["epochs"] + 1):
         row = {k[: -len(f"_e{e}")]: v for k, v in metrics.items() if k.endswith(f"_e{e}")}
@@ -256,7 +260,9 @@ def _replay(config: dict, metrics: dict, report: Callable[[dict], None] | None) 
             continue
         row["epoch"] = e
         history.append(row)
-        if e > 0 and report is not None:
+    if report is not None:
+        trained = [row for row in history if row["epoch"] > 0]
+        for row in trained if report_each_epoch else trained[-1:]:
             report({k: v for k, v in row.items() if k in (METRIC, "val_loss", "train_loss", "epoch")})
     return TrialResult(config, history, {}, replayed=True)
 
@@ -264,11 +270,15 @@ def _replay(config: dict, metrics: dict, report: Callable[[dict], None] | None) 
 def run_trial(
     config: dict, sources: TrialSources | None = None, *, tracker: TrialTracker | None = None,
     report: Callable[[dict], None] | None = None, device: str = "cpu", threads: int | None = None,
+    report_each_epoch: bool = True,
 ) -> TrialResult:
     """One trial, no Ray needed: stage 2 (``init_model``) then ``config['epochs']`` epochs of
     ``train_epoch`` + ``evaluate``. ``report`` gets ``{val_acc, val_loss, train_loss, epoch}`` after each
-    epoch (Tune's ``tune.report``; anything else outside Tune). With a ``tracker`` every step is logged to
-    the trial's MLflow child run; a NaN loss marks that run FAILED with the reason and re-raises."""
+    epoch (Tune's ``tune.report``; anything else outside Tune), or only after the last one with
+    ``report_each_epoch=False``: a Tune report blocks the trial until the driver has processed it, a round
+    trip that costs more than a short epoch, so the sweep asks for every epoch only when a scheduler (ASHA)
+    acts on them. With a ``tracker`` every epoch is logged to the trial's MLflow child run as it ends,
+    either way; a NaN loss marks that run FAILED with the reason and re-raises."""
     import torch
 
     from weit_core.strategies import init_model
@@ -287,7 +297,7 @@ def run_trial(
     if tracker is not None:
         previous = tracker.start(config)
         if previous is not None:
-            return _replay(config, previous, report)
+            return _replay(config, previous, report, report_each_epoch)
     epochs_done = 0
     try:
         spec = spec_of(config)
@@ -355,7 +365,7 @@ def run_trial(
                 tracker.log_epoch(epoch, row)
                 if last:  # closed before the last report: Tune may stop the thread inside it
                     tracker.finish(epoch)
-            if report is not None:
+            if report is not None and (report_each_epoch or last):
                 report({METRIC: row[METRIC], "val_loss": row["val_loss"], "train_loss": row["train_loss"],
                         "epoch": epoch})
         return TrialResult(config, history, {**res.info, "init_s": init_s}, model=model)
@@ -385,7 +395,7 @@ def _tune_trial(config: dict, ctx: SweepContext | None = None) -> None:
     if ctx.tracking_uri and ctx.parent_run_id:
         tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.sweep, ctx.save_models)
     run_trial(config["trial"], TrialSources(bank, ancestry), tracker=tracker, report=tune.report,
-              device=ctx.device, threads=ctx.threads)
+              device=ctx.device, threads=ctx.threads, report_each_epoch=ctx.report_each_epoch)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -648,7 +658,8 @@ def run_sweep(
         tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent_id, sweep=name, save_models=save_models,
         bank_ref=ray.put(loaded_bank) if loaded_bank is not None else None, bank_id=meta.get("bank_sha256"),
         ancestry_ref=ray.put(loaded_anc) if loaded_anc is not None else None, ancestry_id=meta.get("ancestry_sha256"),
-        threads=max(1, int(cpus_per_trial)), device="cuda" if gpus_per_trial > 0 else "cpu")
+        threads=max(1, int(cpus_per_trial)), device="cuda" if gpus_per_trial > 0 else "cpu",
+        report_each_epoch=asha or (exists_in_tune and resume))  # a restored scheduler may be ASHA
     resources = {"cpu": cpus_per_trial, **({"gpu": gpus_per_trial} if gpus_per_trial else {})}
     trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), resources)
     if exists_in_tune and resume:

@@ -173,6 +173,9 @@ training: {epochs: 2, fit_steps: 10, fit_examples: 128, lr: 0.003}
     seen = []
     result = run_trial(config, report=seen.append)
     assert [r["epoch"] for r in seen] == [1, 2]
+    final_only: list[dict] = []  # the sweep without ASHA: one Tune report per trial, the last epoch's
+    again = run_trial(config, report=final_only.append, report_each_epoch=False)
+    assert final_only == [seen[-1]] and len(again.history) == 3  # same seed, same numbers; all epochs kept
     assert result.info["fit_steps"] == 10
     assert result.history[-1]["val_acc"] > result.history[0]["val_acc"]  # epoch 2 beats the fresh init
     assert result.history[-1]["val_acc"] > 0.3  # chance is 0.1
@@ -219,7 +222,7 @@ def test_ci_sweep_logs_every_valid_trial_once_and_report_picks_the_argmax(ray_se
     assert set(df["tags.weit.trial_key"]) == {t["key"] for t in expected.trials}
     assert (df["status"] == "FINISHED").all()
     for col in ("params.num_params", "params.flops", "params.scaler_count", "params.init_s", "params.info.strategy",
-                "metrics.val_acc_e0", "metrics.val_acc_e2", "metrics.train_loss_e2"):
+                "metrics.val_acc_e0", "metrics.val_acc_e1", "metrics.val_acc_e2", "metrics.train_loss_e2"):
         assert df[col].notna().all(), col
     wave = df[df["tags.weit.strategy"] == "wave"]
     assert (wave["params.info.scaler_count"].astype(int) == wave["params.scaler_count"].astype(int)).all()
@@ -357,6 +360,11 @@ def test_restarted_trial_replays_a_finished_run_and_replaces_a_killed_one(mlflow
     second = run_trial(config, tracker=TrialTracker(uri, exp_id, parent, "t"), report=again.append)
     assert second.replayed and len(active()) == 1
     assert [r["val_acc"] for r in again] == pytest.approx([r["val_acc"] for r in first_reports])
+    last_only: list[dict] = []
+    run_trial(config, tracker=TrialTracker(uri, exp_id, parent, "t"), report=last_only.append,
+              report_each_epoch=False)
+    assert [r["epoch"] for r in last_only] == [2]
+    assert last_only[0]["val_acc"] == pytest.approx(first_reports[-1]["val_acc"])
 
 
 @pytest.mark.slow
