@@ -7,9 +7,9 @@ sweep's code path: ``tune.with_parameters(_tune_trial)`` + ``with_resources``, `
 trial configs, ``reuse_actors=True``, per-trial result files off, ``verbose=0``, one Tune report per trial
 as the sweep does without ASHA (``--report-each-epoch``: a report after every epoch, as with ``--asha``;
 each is a blocking round trip to the driver). The plain arm runs the same trials as ``slots`` plain loops
-side by side, one fresh process each: two busy processes on this 2-core VM each run 10-25% slower than
-one alone (measured), so work timed one trial at a time (``--serial``, reported for reference) is a
-baseline no parallel runner can reach. MLflow is off in both arms (``--mlflow`` puts it in both: it is
+side by side, one fresh process each: two busy processes on this 2-core VM ran 10-25% slower each than
+one alone in one check (not in every run), so work timed one trial at a time (``--serial``, reported for
+reference) can be a baseline no parallel runner reaches. MLflow is off in both arms (``--mlflow`` puts it in both: it is
 trial work, not Tune overhead). Ray start-up is excluded; everything inside ``Tuner.fit()`` (actor
 start-up and imports included) is counted.
 

@@ -83,6 +83,8 @@ class SweepContext:
     report_each_epoch: bool = True  # False: one Tune report per trial (see ``run_trial``)
 
 
+REPORTED = (METRIC, "val_loss", "train_loss", "epoch")  # what a trial reports to Tune, live or replayed
+
 _SOURCE_CACHE: dict[str, Any] = {}
 
 
@@ -263,7 +265,7 @@ def _replay(config: dict, metrics: dict, report: Callable[[dict], None] | None,
     if report is not None:
         trained = [row for row in history if row["epoch"] > 0]
         for row in trained if report_each_epoch else trained[-1:]:
-            report({k: v for k, v in row.items() if k in (METRIC, "val_loss", "train_loss", "epoch")})
+            report({k: row[k] for k in REPORTED if k in row})
     return TrialResult(config, history, {}, replayed=True)
 
 
@@ -366,8 +368,7 @@ def run_trial(
                 if last:  # closed before the last report: Tune may stop the thread inside it
                     tracker.finish(epoch)
             if report is not None and (report_each_epoch or last):
-                report({METRIC: row[METRIC], "val_loss": row["val_loss"], "train_loss": row["train_loss"],
-                        "epoch": epoch})
+                report({k: history[-1][k] for k in REPORTED})
         return TrialResult(config, history, {**res.info, "init_s": init_s}, model=model)
     except NonFiniteLossError as e:
         if tracker is not None:
