@@ -3,15 +3,16 @@ same trials in plain loops at the same concurrency.
 
 The work is the real trial body (``pipelines.sweep.run_trial``: scratch init + a fixed number of training
 steps + a small evaluation, one thread), calibrated to about ``--work-s`` seconds. The Tune arm is the
-sweep's code path: ``tune.with_parameters(_tune_trial)`` + ``with_resources``, ``grid_search`` over the
-trial configs, ``reuse_actors=True``, per-trial result files off, ``verbose=0``, one Tune report per trial
-as the sweep does without ASHA (``--report-each-epoch``: a report after every epoch, as with ``--asha``;
-each is a blocking round trip to the driver). The plain arm runs the same trials as ``slots`` plain loops
-side by side, one fresh process each: two busy processes on this 2-core VM ran 10-25% slower each than
-one alone in one check (not in every run), so work timed one trial at a time (``--serial``, reported for
-reference) can be a baseline no parallel runner reaches. MLflow is off in both arms (``--mlflow`` puts it in both: it is
-trial work, not Tune overhead). Ray start-up is excluded; everything inside ``Tuner.fit()`` (actor
-start-up and imports included) is counted.
+sweep's code path: ``tune.with_parameters(_tune_trial)`` + ``with_resources``, the task data shared
+through the object store, ``grid_search`` over the trial configs, ``reuse_actors=True``, per-trial result
+files off, ``verbose=0``, one Tune report per trial as the sweep does without ASHA
+(``--report-each-epoch``: a report after every epoch, as with ``--asha``; each is a blocking round trip to
+the driver). The plain arm runs the same trials as ``slots`` plain loops side by side, one fresh process
+each: two busy processes on this 2-core VM ran 10-25% slower each than one alone in one check (not in
+every run), so work timed one trial at a time (``--serial``, reported for reference) can be a baseline no
+parallel runner reaches. MLflow is off in both arms (``--mlflow`` puts it in both: it is trial work, not
+Tune overhead). Ray start-up is excluded; everything inside ``Tuner.fit()`` (actor start-up and
+imports included) is counted.
 
     ratio              = wall(Tune) / (work / slots)     work = sum of the plain loops' trial times
     per_trial_overhead = (wall(Tune) - work / slots) * slots / K   (slot-seconds a trial costs beyond its work)
@@ -137,7 +138,7 @@ def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
     the work as timed inside Tune (sum over trials of Tune's ``time_total_s``: trial start to last report)."""
     from ray import tune
 
-    from pipelines.sweep import SweepContext, _trial_dirname, _tune_trial
+    from pipelines.sweep import SweepContext, _trial_dirname, _tune_trial, share_task_data
 
     done: list[float] = []
     inside: dict[str, float] = {}
@@ -150,7 +151,8 @@ def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
             done.append(time.perf_counter())
 
     uri, exp_id, parent, sweep = tracking if tracking else (None, None, None, "overhead")
-    ctx = SweepContext(uri, exp_id, parent, sweep, save_models=False, threads=1, report_each_epoch=each_epoch)
+    ctx = SweepContext(uri, exp_id, parent, sweep, save_models=False, threads=1, report_each_epoch=each_epoch,
+                       data_refs=share_task_data(cfgs))
     trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), {"cpu": 1})
     tuner = tune.Tuner(
         trainable, param_space={"trial": tune.grid_search(cfgs)},

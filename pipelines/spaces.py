@@ -62,6 +62,10 @@ class SpaceError(UserError, ValueError):
 # --------------------------------------------------------------------------------------------- model
 
 
+# what decides which arrays a trial sees: the per-process data cache key
+DATA_KEYS = ("data", "val_fraction", "test_fraction", "data_seed", "limit", "val_limit")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One task of a space: data (a built-in name or an absolute parquet path) and its model I/O."""
@@ -83,8 +87,7 @@ class TaskSpec:
 
     def data_key(self) -> dict:
         """Everything that decides which arrays a trial sees (the per-process data cache key)."""
-        return {"data": self.data, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction,
-                "data_seed": self.data_seed, "limit": self.limit, "val_limit": self.val_limit}
+        return {k: getattr(self, k) for k in DATA_KEYS}
 
 
 @dataclass(frozen=True)
@@ -596,6 +599,17 @@ def spec_of(config: dict):
 # --------------------------------------------------------------------------------------------- data
 
 _DATA_CACHE: dict[str, Any] = {}
+
+
+def data_key_of(config: dict) -> dict:
+    """The part of a trial config that decides which arrays it sees (``Task.data_key`` of its task)."""
+    return {k: config[k] for k in DATA_KEYS}
+
+
+def provide_task_data(data_key: dict, splits: Any) -> None:
+    """Cache splits this process did not load itself (a Tune worker gets the driver's copy through Ray's
+    object store), so a worker needs neither the data files nor the time to parse them."""
+    _DATA_CACHE.setdefault(json.dumps(data_key, sort_keys=True), splits)
 
 
 def load_task_data(data_key: dict):

@@ -8,7 +8,8 @@ benchmarks can call directly.
 
 Shared inputs travel once: the bank and the ancestry are ``ray.put`` in the driver and fetched once per
 worker process into a cache keyed by the file's sha256 (``reuse_actors=True`` keeps the process alive
-across trials); the data is loaded once per worker process (``pipelines.spaces.load_task_data``).
+across trials); so do the tasks' data splits as the driver loaded them (:func:`share_task_data`), so a
+worker neither re-parses the files nor needs them on its node.
 
 Exactly-once logging: a child run carries ``weit.trial_key`` (hash of the trial config). A trial that
 starts again (Tune restore after a killed driver) looks its key up under the parent: a FINISHED run is
@@ -21,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import json
 import logging
 import math
 import os
@@ -39,10 +41,12 @@ from pipelines.spaces import (
     DROP_REASONS,
     Space,
     block_of_bank,
+    data_key_of,
     expand,
     inspect_tasks,
     load_space,
     load_task_data,
+    provide_task_data,
     spec_of,
     summarize_space,
 )
@@ -81,6 +85,7 @@ class SweepContext:
     threads: int = 1
     device: str = "cpu"
     report_each_epoch: bool = True  # False: one Tune report per trial (see ``run_trial``)
+    data_refs: dict[str, Any] = field(default_factory=dict)  # data cache key -> the driver's splits
 
 
 REPORTED = (METRIC, "val_loss", "train_loss", "epoch")  # what a trial reports to Tune, live or replayed
@@ -303,8 +308,7 @@ def run_trial(
     epochs_done = 0
     try:
         spec = spec_of(config)
-        data = load_task_data({k: config[k] for k in ("data", "val_fraction", "test_fraction", "data_seed",
-                                                       "limit", "val_limit")})
+        data = load_task_data(data_key_of(config))
         kwargs: dict[str, Any] = dict(seed=config["seed"], init_mode=config["init_mode"], device=device,
                                       fit_steps=config["fit_steps"], fit_lr=config["fit_lr"],
                                       fit_batch_size=config["fit_batch_size"])
@@ -390,6 +394,7 @@ def _tune_trial(config: dict, ctx: SweepContext | None = None) -> None:
     from ray import tune
 
     ctx = ctx or SweepContext(None, None, None, "adhoc")
+    take_shared_data(ctx, config["trial"])
     bank = _cached_get(ctx.bank_id, ctx.bank_ref)
     ancestry = _cached_get(ctx.ancestry_id, ctx.ancestry_ref)
     tracker = None
@@ -397,6 +402,33 @@ def _tune_trial(config: dict, ctx: SweepContext | None = None) -> None:
         tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.sweep, ctx.save_models)
     run_trial(config["trial"], TrialSources(bank, ancestry), tracker=tracker, report=tune.report,
               device=ctx.device, threads=ctx.threads, report_each_epoch=ctx.report_each_epoch)
+
+
+def _data_cache_key(data_key: dict) -> str:
+    return json.dumps(data_key, sort_keys=True)
+
+
+def share_task_data(trials: list[dict]) -> dict[str, Any]:
+    """Put every task's splits, as the driver loaded them, into Ray's object store once: trials then
+    read them from there instead of each worker process re-reading the files, which also need not exist
+    on a worker node (a user's parquet on the machine that submits the sweep is enough)."""
+    import ray
+
+    refs: dict[str, Any] = {}
+    for config in trials:
+        data_key = data_key_of(config)
+        key = _data_cache_key(data_key)
+        if key not in refs:
+            refs[key] = ray.put(load_task_data(data_key))
+    return refs
+
+
+def take_shared_data(ctx: SweepContext, config: dict) -> None:
+    """In a worker: cache the driver's splits for this trial's task, if the driver shared them."""
+    data_key = data_key_of(config)
+    key = _data_cache_key(data_key)
+    if key in ctx.data_refs:
+        provide_task_data(data_key, _cached_get(f"data {key}", ctx.data_refs[key]))
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -660,7 +692,8 @@ def run_sweep(
         bank_ref=ray.put(loaded_bank) if loaded_bank is not None else None, bank_id=meta.get("bank_sha256"),
         ancestry_ref=ray.put(loaded_anc) if loaded_anc is not None else None, ancestry_id=meta.get("ancestry_sha256"),
         threads=max(1, int(cpus_per_trial)), device="cuda" if gpus_per_trial > 0 else "cpu",
-        report_each_epoch=asha or (exists_in_tune and resume))  # a restored scheduler may be ASHA
+        report_each_epoch=asha or (exists_in_tune and resume),  # a restored scheduler may be ASHA
+        data_refs=share_task_data(trials))
     resources = {"cpu": cpus_per_trial, **({"gpu": gpus_per_trial} if gpus_per_trial else {})}
     trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), resources)
     if exists_in_tune and resume:

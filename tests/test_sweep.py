@@ -181,6 +181,37 @@ training: {epochs: 2, fit_steps: 10, fit_examples: 128, lr: 0.003}
     assert result.history[-1]["val_acc"] > 0.3  # chance is 0.1
 
 
+def test_workers_train_on_the_drivers_data_without_the_files(ray_session, tmp_path, digits):
+    """The driver's splits travel through the object store: a fresh worker process trains a parquet task
+    whose files are gone (a node without the user's data); without the shared copy the same trial fails."""
+    import ray
+
+    from pipelines.sweep import SweepContext, run_trial, share_task_data, take_shared_data
+    from weit_core.data import export_parquet
+
+    files = export_parquet(digits, tmp_path / "mydata")
+    (tmp_path / "space.yaml").write_text("""
+tasks: [{name: mine, data: mydata, patch: 4}]
+strategies: [scratch]
+sizes: {depth: 1, width: 32, heads: 2, mlp_ratio: 2}
+training: {epochs: 2, fit_steps: 0, fit_examples: 0, lr: 0.003}
+""")
+    space = load_space(tmp_path / "space.yaml")
+    (config,) = expand(space, inspect_tasks(space)).trials
+    shared = SweepContext(None, None, None, "t", data_refs=share_task_data([config]))
+    for path in files.values():
+        path.unlink()
+
+    @ray.remote(num_cpus=1, max_calls=1)  # a fresh worker process per call: nothing cached from before
+    def trial(ctx: SweepContext, cfg: dict) -> float:
+        take_shared_data(ctx, cfg)
+        return run_trial(cfg, threads=1).history[-1]["val_acc"]
+
+    with pytest.raises(ray.exceptions.RayTaskError, match="mydata"):
+        ray.get(trial.remote(SweepContext(None, None, None, "t"), config))
+    assert ray.get(trial.remote(shared, config)) > 0.3  # learned from the shared rows (chance is 0.1)
+
+
 # ------------------------------------------------------------------------------------------ Tune + MLflow
 
 
