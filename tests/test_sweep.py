@@ -152,20 +152,26 @@ def test_shipped_spaces_parse_and_fmnist_has_hundreds_of_valid_sizes():
 # ------------------------------------------------------------------------------------------ trials
 
 
-def test_user_parquet_task_runs_as_a_plain_function(tmp_path, digits):
-    """A task given as the user's own parquet (relative to the space file) runs through ``run_trial``
-    without Ray or MLflow, and learns."""
-    from pipelines.sweep import run_trial
+def _user_parquet_space(tmp_path: Path, digits) -> tuple[dict, object]:
+    """The user's own data: digits written as parquet files next to a space file that names them."""
     from weit_core.data import export_parquet
 
-    export_parquet(digits, tmp_path / "mydata")
+    files = export_parquet(digits, tmp_path / "mydata")
     (tmp_path / "space.yaml").write_text("""
 tasks: [{name: mine, data: mydata, patch: 4}]
 strategies: [scratch_fit]
 sizes: {depth: 1, width: 32, heads: 2, mlp_ratio: 2}
 training: {epochs: 2, fit_steps: 10, fit_examples: 128, lr: 0.003}
 """)
-    space = load_space(tmp_path / "space.yaml")
+    return files, load_space(tmp_path / "space.yaml")
+
+
+def test_user_parquet_task_runs_as_a_plain_function(tmp_path, digits):
+    """A task given as the user's own parquet (relative to the space file) runs through ``run_trial``
+    without Ray or MLflow, and learns."""
+    from pipelines.sweep import run_trial
+
+    _, space = _user_parquet_space(tmp_path, digits)
     shapes = inspect_tasks(space)
     assert shapes["mine"] == TaskShape(1, 8, 10)
     (config,) = expand(space, shapes).trials
@@ -187,16 +193,8 @@ def test_workers_train_on_the_drivers_data_without_the_files(ray_session, tmp_pa
     import ray
 
     from pipelines.sweep import SweepContext, run_trial, share_task_data, take_shared_data
-    from weit_core.data import export_parquet
 
-    files = export_parquet(digits, tmp_path / "mydata")
-    (tmp_path / "space.yaml").write_text("""
-tasks: [{name: mine, data: mydata, patch: 4}]
-strategies: [scratch]
-sizes: {depth: 1, width: 32, heads: 2, mlp_ratio: 2}
-training: {epochs: 2, fit_steps: 0, fit_examples: 0, lr: 0.003}
-""")
-    space = load_space(tmp_path / "space.yaml")
+    files, space = _user_parquet_space(tmp_path, digits)
     (config,) = expand(space, inspect_tasks(space)).trials
     shared = SweepContext(None, None, None, "t", data_refs=share_task_data([config]))
     for path in files.values():
