@@ -606,10 +606,14 @@ def data_key_of(config: dict) -> dict:
     return {k: config[k] for k in DATA_KEYS}
 
 
+def data_cache_key(data_key: dict) -> str:
+    return json.dumps(data_key, sort_keys=True)
+
+
 def provide_task_data(data_key: dict, splits: Any) -> None:
     """Cache splits this process did not load itself (a Tune worker gets the driver's copy through Ray's
     object store), so a worker needs neither the data files nor the time to parse them."""
-    _DATA_CACHE.setdefault(json.dumps(data_key, sort_keys=True), splits)
+    _DATA_CACHE.setdefault(data_cache_key(data_key), splits)
 
 
 def load_task_data(data_key: dict):
@@ -617,7 +621,7 @@ def load_task_data(data_key: dict):
     capped by ``limit`` / ``val_limit``."""
     from weit_core.data import DatasetSplits, load_dataset
 
-    cache_key = json.dumps(data_key, sort_keys=True)
+    cache_key = data_cache_key(data_key)
     if cache_key not in _DATA_CACHE:
         kwargs: dict[str, Any] = {"seed": data_key["data_seed"]}
         if data_key["data"] not in BUILTIN_DATA:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
-import json
 import logging
 import math
 import os
@@ -41,6 +40,7 @@ from pipelines.spaces import (
     DROP_REASONS,
     Space,
     block_of_bank,
+    data_cache_key,
     data_key_of,
     expand,
     inspect_tasks,
@@ -404,10 +404,6 @@ def _tune_trial(config: dict, ctx: SweepContext | None = None) -> None:
               device=ctx.device, threads=ctx.threads, report_each_epoch=ctx.report_each_epoch)
 
 
-def _data_cache_key(data_key: dict) -> str:
-    return json.dumps(data_key, sort_keys=True)
-
-
 def share_task_data(trials: list[dict]) -> dict[str, Any]:
     """Put every task's splits, as the driver loaded them, into Ray's object store once: trials then
     read them from there instead of each worker process re-reading the files, which also need not exist
@@ -417,7 +413,7 @@ def share_task_data(trials: list[dict]) -> dict[str, Any]:
     refs: dict[str, Any] = {}
     for config in trials:
         data_key = data_key_of(config)
-        key = _data_cache_key(data_key)
+        key = data_cache_key(data_key)
         if key not in refs:
             refs[key] = ray.put(load_task_data(data_key))
     return refs
@@ -426,7 +422,7 @@ def share_task_data(trials: list[dict]) -> dict[str, Any]:
 def take_shared_data(ctx: SweepContext, config: dict) -> None:
     """In a worker: cache the driver's splits for this trial's task, if the driver shared them."""
     data_key = data_key_of(config)
-    key = _data_cache_key(data_key)
+    key = data_cache_key(data_key)
     if key in ctx.data_refs:
         provide_task_data(data_key, _cached_get(f"data {key}", ctx.data_refs[key]))
 
