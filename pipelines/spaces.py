@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -610,10 +611,12 @@ def data_cache_key(data_key: dict) -> str:
     return json.dumps(data_key, sort_keys=True)
 
 
-def provide_task_data(data_key: dict, splits: Any) -> None:
-    """Cache splits this process did not load itself (a Tune worker gets the driver's copy through Ray's
-    object store), so a worker needs neither the data files nor the time to parse them."""
-    _DATA_CACHE.setdefault(data_cache_key(data_key), splits)
+def provide_task_data(data_key: dict, fetch: Callable[[], Any]) -> None:
+    """Cache splits this process does not load itself (a Tune worker fetches the driver's copy from Ray's
+    object store), once, so a worker needs neither the data files nor the time to parse them."""
+    key = data_cache_key(data_key)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = fetch()
 
 
 def load_task_data(data_key: dict):

@@ -422,9 +422,11 @@ def share_task_data(trials: list[dict]) -> dict[str, Any]:
 def take_shared_data(ctx: SweepContext, config: dict) -> None:
     """In a worker: cache the driver's splits for this trial's task, if the driver shared them."""
     data_key = data_key_of(config)
-    key = data_cache_key(data_key)
-    if key in ctx.data_refs:
-        provide_task_data(data_key, _cached_get(f"data {key}", ctx.data_refs[key]))
+    ref = ctx.data_refs.get(data_cache_key(data_key))
+    if ref is not None:
+        import ray
+
+        provide_task_data(data_key, lambda: ray.get(ref))
 
 
 def _trial_dirname(trial: Any) -> str:
