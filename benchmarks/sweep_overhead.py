@@ -24,6 +24,7 @@ imports included) is counted.
 
     python benchmarks/sweep_overhead.py [--trials 200] [--work-s 1.0] [--slots 2] [--mlflow]
                                         [--report-each-epoch] [--serial]
+    python benchmarks/sweep_overhead.py --variants 200,800,4104   # Tune's trial generation alone
 
 The last line printed is one JSON object with the figures.
 """
@@ -138,7 +139,7 @@ def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
     the work as timed inside Tune (sum over trials of Tune's ``time_total_s``: trial start to last report)."""
     from ray import tune
 
-    from pipelines.sweep import SweepContext, _trial_dirname, _tune_trial, share_task_data
+    from pipelines.sweep import SweepContext, _trial_dirname, _tune_trial, share_task_data, trial_param_space
 
     done: list[float] = []
     inside: dict[str, float] = {}
@@ -155,7 +156,7 @@ def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
                        data_refs=share_task_data(cfgs))
     trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), {"cpu": 1})
     tuner = tune.Tuner(
-        trainable, param_space={"trial": tune.grid_search(cfgs)},
+        trainable, param_space=trial_param_space(cfgs),
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True, max_concurrent_trials=slots,
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name="overhead", storage_path=storage, verbose=0, callbacks=[Completions()]))
@@ -165,6 +166,33 @@ def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
     if results.num_errors:
         raise RuntimeError(f"{results.num_errors} trials failed: {results.errors[:1]}")
     return wall, sorted(t - t0 for t in done), sum(inside.values())
+
+
+def variant_costs(counts: list[int], steps: int) -> None:
+    """Driver CPU that Tune's variant generator spends making the trials of a sweep, the configs passed
+    as a grid of dicts vs the sweep's grid of JSON strings (``pipelines.sweep.trial_param_space``)."""
+    from ray import tune
+    from ray.tune.search.variant_generator import generate_variants
+
+    from pipelines.sweep import trial_param_space
+
+    def timed(space: dict) -> float:
+        t0 = time.perf_counter()
+        n = sum(1 for _ in generate_variants(space))
+        assert n == len(cfgs), (n, len(cfgs))
+        return time.perf_counter() - t0
+
+    rows = []
+    for n in counts:
+        cfgs = configs(n, steps)
+        rows.append((n, timed({"trial": tune.grid_search(cfgs)}), timed(trial_param_space(cfgs))))
+    print("\nTune variant generation: driver seconds to make every trial of a sweep")
+    print(f"  {'trials':>7}  {'grid of dicts':>14}  {'grid of JSON':>13}  {'ratio':>7}")
+    for n, dicts, strings in rows:
+        print(f"  {n:>7}  {dicts:>13.3f}s  {strings:>12.3f}s  {dicts / strings:>7.1f}")
+    n, dicts, strings = rows[-1]
+    print(json.dumps({"trials": n, "dicts_s": round(dicts, 3), "json_s": round(strings, 3),
+                      "ratio": round(dicts / strings, 1)}))
 
 
 def main() -> None:
@@ -180,10 +208,14 @@ def main() -> None:
                     help="a Tune report after every epoch (the sweep's path with --asha)")
     ap.add_argument("--serial", action="store_true",
                     help="also time the trials one after another in this process (work with no concurrency)")
+    ap.add_argument("--variants", default=None, metavar="N,N,...",
+                    help="only time Tune's trial generation for sweeps of these sizes, dicts vs JSON configs")
     ap.add_argument("--plain-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.plain_worker:
         return plain_worker(args.plain_worker)
+    if args.variants:
+        return variant_costs([int(n) for n in args.variants.split(",")], args.steps or 110)
 
     import logging
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import json
 import logging
 import math
 import os
@@ -394,14 +395,33 @@ def _tune_trial(config: dict, ctx: SweepContext | None = None) -> None:
     from ray import tune
 
     ctx = ctx or SweepContext(None, None, None, "adhoc")
-    take_shared_data(ctx, config["trial"])
+    trial = trial_config(config)
+    take_shared_data(ctx, trial)
     bank = _cached_get(ctx.bank_id, ctx.bank_ref)
     ancestry = _cached_get(ctx.ancestry_id, ctx.ancestry_ref)
     tracker = None
     if ctx.tracking_uri and ctx.parent_run_id:
         tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.sweep, ctx.save_models)
-    run_trial(config["trial"], TrialSources(bank, ancestry), tracker=tracker, report=tune.report,
+    run_trial(trial, TrialSources(bank, ancestry), tracker=tracker, report=tune.report,
               device=ctx.device, threads=ctx.threads, report_each_epoch=ctx.report_each_epoch)
+
+
+def trial_param_space(trials: list[dict]) -> dict[str, Any]:
+    """Tune's ``param_space`` that runs exactly these trials, each once, in order: a grid over the configs
+    as JSON strings. A grid over the dicts themselves costs O(trials^2) driver CPU while the sweep runs
+    (Tune's variant generator deep-copies the whole spec, the list included, for every trial it makes):
+    8 s at 800 trials and 50 s at 2,000 here, 0.12 s and 0.8 s as strings
+    (``benchmarks/sweep_overhead.py --variants 200,800,2000``)."""
+    from ray import tune
+
+    return {"trial": tune.grid_search([json.dumps(t, sort_keys=True) for t in trials])}
+
+
+def trial_config(config: dict) -> dict:
+    """The trial config inside a Tune config made by :func:`trial_param_space` (a dict from sweeps
+    started before it, which ``--resume`` may still restore)."""
+    trial = config.get("trial", {})
+    return json.loads(trial) if isinstance(trial, str) else trial
 
 
 def share_task_data(trials: list[dict]) -> dict[str, Any]:
@@ -460,7 +480,7 @@ def _progress_callback_cls():
             best: dict[str, tuple[float, dict]] = {}
             for t in trials:
                 acc = (t.last_result or {}).get(METRIC)
-                cfg = t.config.get("trial", {})
+                cfg = trial_config(t.config)
                 if status[id(t)] == "TERMINATED" and acc is not None and acc > best.get(cfg.get("task"), (-1, {}))[0]:
                     best[cfg["task"]] = (acc, cfg)
             parts = [f"{PREFIX} {done + failed}/{self.total} trials done"
@@ -476,7 +496,7 @@ def _progress_callback_cls():
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if not self.quiet:
-                c = trial.config.get("trial", {})
+                c = trial_config(trial.config)
                 print(f"{PREFIX} trial failed: {c.get('task')}/{c.get('strategy')} {c.get('depth')}x"
                       f"{c.get('width')}x{c.get('heads')} s{c.get('seed')} (see its MLflow run's weit.failure tag)",
                       flush=True)
@@ -709,7 +729,7 @@ def run_sweep(
                                       reduction_factor=2)
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(trials)},
+            param_space=trial_param_space(trials),
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, reuse_actors=True,
                                         max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(

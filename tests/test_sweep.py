@@ -149,6 +149,20 @@ def test_shipped_spaces_parse_and_fmnist_has_hundreds_of_valid_sizes():
     assert exp.n_dropped > 0
 
 
+def test_tune_makes_every_trial_of_a_space_once_in_order():
+    """The sweep hands Tune its trial list as a grid of JSON strings (a grid of dicts costs Tune O(n^2)
+    deep copies); what Tune generates must still be exactly the trial list, each once, in order."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from pipelines.sweep import trial_config, trial_param_space
+
+    fm = load_space(ROOT / "tune_spaces" / "fmnist_sizes.yaml")
+    trials = expand(fm, {"fashion_mnist": TaskShape(1, 28, 10)}, bank_block=16).trials[:300]
+    made = [trial_config(config) for _, config in generate_variants(trial_param_space(trials))]
+    assert made == trials
+    assert trial_config({"trial": trials[0]}) == trials[0]  # a sweep started before the JSON grid, restored
+
+
 # ------------------------------------------------------------------------------------------ trials
 
 
