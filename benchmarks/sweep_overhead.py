@@ -4,7 +4,7 @@ same trials in plain loops at the same concurrency.
 The work is the real trial body (``pipelines.sweep.run_trial``: scratch init + a fixed number of training
 steps + a small evaluation, one thread), calibrated to about ``--work-s`` seconds. The Tune arm is the
 sweep's code path: ``tune.with_parameters(_tune_trial)`` + ``with_resources``, the task data shared
-through the object store, ``grid_search`` over the trial configs, ``reuse_actors=True``, per-trial result
+through the object store, the trial list as the sweep hands it to Tune (``trial_param_space``), ``reuse_actors=True``, per-trial result
 files off, ``verbose=0``, one Tune report per trial as the sweep does without ASHA
 (``--report-each-epoch``: a report after every epoch, as with ``--asha``; each is a blocking round trip to
 the driver). The plain arm runs the same trials as ``slots`` plain loops side by side, one fresh process
@@ -22,9 +22,13 @@ imports included) is counted.
     vs work inside Tune: the same two figures with the work timed inside the Tune arm (Tune's time_total_s
     per trial), which a machine whose load changes between the two arms cannot skew
 
+The plain arm runs twice, before and after the Tune arm (A-B-A), and the work is the mean of the two:
+this VM's speed drifts (the same plain arm of 100-200 trials of 110 steps measured 0.81-0.95 s per trial
+in four runs within half an hour), which would otherwise bias the ratio in whichever way it drifted.
+
     python benchmarks/sweep_overhead.py [--trials 200] [--work-s 1.0] [--slots 2] [--mlflow]
                                         [--report-each-epoch] [--serial]
-    python benchmarks/sweep_overhead.py --variants 200,800,4104   # Tune's trial generation alone
+    python benchmarks/sweep_overhead.py --variants 200,800,2000   # Tune's trial generation alone
 
 The last line printed is one JSON object with the figures.
 """
@@ -227,7 +231,7 @@ def main() -> None:
     cfgs = configs(args.trials, steps)
     slots = args.slots or args.num_cpus or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="weit-overhead-") as tmp:
-        tracking_plain = tracking_tune = None
+        tracking = lambda label: None  # noqa: E731 -- MLflow off: no parent run per arm
         if args.mlflow:
             import mlflow
 
@@ -235,19 +239,24 @@ def main() -> None:
 
             uri, exp_id = prepare_mlflow(f"sqlite:///{tmp}/mlruns.db", "overhead")
             client = mlflow.MlflowClient(uri)
-            tracking_plain = (uri, exp_id, client.create_run(exp_id).info.run_id, "plain")
-            tracking_tune = (uri, exp_id, client.create_run(exp_id).info.run_id, "tune")
+            # a parent run per arm: under one parent a trial already logged would be replayed, not re-run
+            tracking = lambda label: (uri, exp_id, client.create_run(exp_id).info.run_id, label)  # noqa: E731
 
-        serial = plain_loop(cfgs, tracking_plain) if args.serial else None
-        plain_wall, times = plain_side_by_side(cfgs, slots, tracking_plain, tmp)
-        work = sum(times)
+        serial = plain_loop(cfgs, tracking("serial")) if args.serial else None
+        wall_before, times_before = plain_side_by_side(cfgs, slots, tracking("plain-before"), tmp)
 
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  logging_level=logging.WARNING)
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # no result files
-        wall, done, work_inside = tune_arm(cfgs, slots, tracking_tune, f"{tmp}/tune", args.report_each_epoch)
+        wall, done, work_inside = tune_arm(cfgs, slots, tracking("tune"), f"{tmp}/tune", args.report_each_epoch)
         ray.shutdown()
+        wall_after, times_after = plain_side_by_side(cfgs, slots, tracking("plain-after"), tmp)
+
+    # plain before and after Tune (A-B-A): a machine whose speed drifts during the run biases neither way
+    times = times_before + times_after
+    work = (sum(times_before) + sum(times_after)) / 2
+    plain_wall = (wall_before + wall_after) / 2
 
     ideal = work / slots
     ratio = wall / ideal
@@ -267,8 +276,10 @@ def main() -> None:
             ("epochs per trial / Tune reports per trial", f"{cfgs[0]['epochs']} / {reports}"),
             ("slots (concurrent trials)", f"{slots}"),
             ("plain: work per trial, side by side (median)", f"{statistics.median(times):.3f} s"),
-            ("plain: work total (sum, 1 thread each)", f"{work:.2f} s"),
-            ("plain: wall, incl. process start + imports", f"{plain_wall:.2f} s"),
+            ("plain: work total (sum, 1 thread each), before / after Tune",
+             f"{sum(times_before):.2f} / {sum(times_after):.2f} s"),
+            ("plain: work total, mean of the two", f"{work:.2f} s"),
+            ("plain: wall, incl. process start + imports (mean)", f"{plain_wall:.2f} s"),
             ("ideal wall = work / slots", f"{ideal:.2f} s"),
             ("Tune wall (Tuner.fit)", f"{wall:.2f} s"), ("ratio Tune / ideal", f"{ratio:.3f}"),
             ("per-trial overhead (slot-seconds)", f"{overhead:.3f} s"),
@@ -292,6 +303,7 @@ def main() -> None:
     out = {"ratio": round(ratio, 4), "per_trial_overhead_s": round(overhead, 4), "trials": len(cfgs),
            "slots": slots, "work_per_trial_s": round(work / len(cfgs), 4), "tune_wall_s": round(wall, 2),
            "ideal_wall_s": round(ideal, 2), "plain_wall_s": round(plain_wall, 2),
+           "plain_work_before_s": round(sum(times_before), 2), "plain_work_after_s": round(sum(times_after), 2),
            "ratio_vs_plain_wall": round(wall / plain_wall, 4), "startup_s": round(startup, 2),
            "steady_overhead_per_trial_s": round(steady_overhead, 4), "ratio_vs_inside_work": round(ratio_inside, 4),
            "overhead_vs_inside_work_s": round(overhead_inside, 4), "mlflow": args.mlflow,
