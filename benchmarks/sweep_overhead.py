@@ -27,7 +27,7 @@ this VM's speed drifts (the same plain arm of 100-200 trials of 110 steps measur
 in four runs within half an hour), which would otherwise bias the ratio in whichever way it drifted.
 
     python benchmarks/sweep_overhead.py [--trials 200] [--work-s 1.0] [--slots 2] [--mlflow]
-                                        [--report-each-epoch] [--serial]
+                                        [--report-each-epoch] [--serial] [--grid json|dicts]
     python benchmarks/sweep_overhead.py --variants 200,800,2000   # Tune's trial generation alone
 
 The last line printed is one JSON object with the figures.
@@ -138,9 +138,13 @@ def plain_worker(job: str) -> None:
 
 
 def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
-             each_epoch: bool) -> tuple[float, list[float], float]:
-    """Wall time of ``Tuner.fit()``, the driver-clock completion time of every trial (from fit start), and
-    the work as timed inside Tune (sum over trials of Tune's ``time_total_s``: trial start to last report)."""
+             each_epoch: bool, grid: str = "json") -> tuple[float, list[float], float, float]:
+    """Wall time of ``Tuner.fit()``, the driver-clock completion time of every trial (from fit start), the
+    work as timed inside Tune (sum over trials of Tune's ``time_total_s``: trial start to last report), and
+    the driver's CPU seconds during the fit. ``grid="dicts"``: the trial list as the sweep handed it to Tune
+    before 20eba1e, a grid of dicts, for comparison."""
+    import resource
+
     from ray import tune
 
     from pipelines.sweep import SweepContext, _trial_dirname, _tune_trial, share_task_data, trial_param_space
@@ -160,16 +164,19 @@ def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
                        data_refs=share_task_data(cfgs))
     trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), {"cpu": 1})
     tuner = tune.Tuner(
-        trainable, param_space=trial_param_space(cfgs),
+        trainable, param_space=trial_param_space(cfgs) if grid == "json" else {"trial": tune.grid_search(cfgs)},
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True, max_concurrent_trials=slots,
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name="overhead", storage_path=storage, verbose=0, callbacks=[Completions()]))
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     results = tuner.fit()
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    driver_cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     if results.num_errors:
         raise RuntimeError(f"{results.num_errors} trials failed: {results.errors[:1]}")
-    return wall, sorted(t - t0 for t in done), sum(inside.values())
+    return wall, sorted(t - t0 for t in done), sum(inside.values()), driver_cpu
 
 
 def variant_costs(counts: list[int], steps: int) -> None:
@@ -214,6 +221,8 @@ def main() -> None:
                     help="also time the trials one after another in this process (work with no concurrency)")
     ap.add_argument("--variants", default=None, metavar="N,N,...",
                     help="only time Tune's trial generation for sweeps of these sizes, dicts vs JSON configs")
+    ap.add_argument("--grid", choices=("json", "dicts"), default="json",
+                    help="how the Tune arm hands Tune the trial list: json (the sweep's way) or dicts (before 20eba1e)")
     ap.add_argument("--plain-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.plain_worker:
@@ -249,7 +258,8 @@ def main() -> None:
                  logging_level=logging.WARNING)
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # no result files
-        wall, done, work_inside = tune_arm(cfgs, slots, tracking("tune"), f"{tmp}/tune", args.report_each_epoch)
+        wall, done, work_inside, driver_cpu = tune_arm(cfgs, slots, tracking("tune"), f"{tmp}/tune",
+                                                       args.report_each_epoch, args.grid)
         ray.shutdown()
         wall_after, times_after = plain_side_by_side(cfgs, slots, tracking("plain-after"), tmp)
 
@@ -288,7 +298,10 @@ def main() -> None:
             ("ratio Tune wall / plain wall (both incl. start-up)", f"{wall / plain_wall:.3f}"),
             ("work total as timed inside Tune (time_total_s)", f"{work_inside:.2f} s"),
             ("ratio Tune / (work inside Tune / slots)", f"{ratio_inside:.3f}"),
-            ("per-trial overhead vs work inside Tune", f"{overhead_inside:.3f} s")]
+            ("per-trial overhead vs work inside Tune", f"{overhead_inside:.3f} s"),
+            ("Tune driver CPU during the fit (total / per trial)",
+             f"{driver_cpu:.2f} s / {1000 * driver_cpu / len(cfgs):.1f} ms"),
+            ("trial list handed to Tune as a grid of", args.grid)]
     if serial is not None:
         rows += [("serial: work total, one trial at a time", f"{sum(serial):.2f} s"),
                  ("ratio Tune / (serial work / slots)", f"{wall / (sum(serial) / slots):.3f}")]
@@ -306,7 +319,8 @@ def main() -> None:
            "plain_work_before_s": round(sum(times_before), 2), "plain_work_after_s": round(sum(times_after), 2),
            "ratio_vs_plain_wall": round(wall / plain_wall, 4), "startup_s": round(startup, 2),
            "steady_overhead_per_trial_s": round(steady_overhead, 4), "ratio_vs_inside_work": round(ratio_inside, 4),
-           "overhead_vs_inside_work_s": round(overhead_inside, 4), "mlflow": args.mlflow,
+           "overhead_vs_inside_work_s": round(overhead_inside, 4), "driver_cpu_s": round(driver_cpu, 2),
+           "grid": args.grid, "mlflow": args.mlflow,
            "report_each_epoch": args.report_each_epoch, "load_avg_1m": round(os.getloadavg()[0], 2)}
     if serial is not None:
         out["ratio_vs_serial_work"] = round(wall / (sum(serial) / slots), 4)
