@@ -4,8 +4,9 @@ same trials in plain loops at the same concurrency.
 The work is the real trial body (``pipelines.sweep.run_trial``: scratch init + a fixed number of training
 steps + a small evaluation, one thread), calibrated to about ``--work-s`` seconds. The Tune arm is the
 sweep's code path: ``tune.with_parameters(_tune_trial)`` + ``with_resources``, the task data shared
-through the object store, the trial list as the sweep hands it to Tune (``trial_param_space``), ``reuse_actors=True``, per-trial result
-files off, ``verbose=0``, one Tune report per trial as the sweep does without ASHA
+through the object store, the trial list as the sweep hands it to Tune (``trial_param_space``),
+``reuse_actors=True``, per-trial result files off, ``verbose=0``, one Tune report per trial as the sweep
+does without ASHA
 (``--report-each-epoch``: a report after every epoch, as with ``--asha``; each is a blocking round trip to
 the driver). The plain arm runs the same trials as ``slots`` plain loops side by side, one fresh process
 each: two busy processes on this 2-core VM ran 10-25% slower each than one alone in one check (not in
