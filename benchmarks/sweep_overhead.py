@@ -6,9 +6,8 @@ steps + a small evaluation, one thread), calibrated to about ``--work-s`` second
 sweep's code path: ``tune.with_parameters(_tune_trial)`` + ``with_resources``, the task data shared
 through the object store, the trial list as the sweep hands it to Tune (``trial_param_space``),
 ``reuse_actors=True``, per-trial result files off, ``verbose=0``, one Tune report per trial as the sweep
-does without ASHA
-(``--report-each-epoch``: a report after every epoch, as with ``--asha``; each is a blocking round trip to
-the driver). The plain arm runs the same trials as ``slots`` plain loops side by side, one fresh process
+does without ASHA (``--report-each-epoch``: a report after every epoch, as with ``--asha``; each is a
+blocking round trip to the driver). The plain arm runs the same trials as ``slots`` plain loops side by side, one fresh process
 each: two busy processes on this 2-core VM ran 10-25% slower each than one alone in one check (not in
 every run), so work timed one trial at a time (``--serial``, reported for reference) can be a baseline no
 parallel runner reaches. MLflow is off in both arms (``--mlflow`` puts it in both: it is trial work, not
