@@ -6,6 +6,7 @@ trial logged exactly once."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -161,6 +162,30 @@ def test_tune_makes_every_trial_of_a_space_once_in_order():
     made = [trial_config(config) for _, config in generate_variants(trial_param_space(trials))]
     assert made == trials
     assert trial_config({"trial": trials[0]}) == trials[0]  # a sweep started before the JSON grid, restored
+
+
+def test_progress_line_names_the_best_finished_trial_per_task_decoding_each_config_once(monkeypatch):
+    """The progress callback scans every trial at each completion; each JSON config is decoded once."""
+    from types import SimpleNamespace
+
+    import pipelines.sweep as sweep
+
+    ci = load_space(CI_SPACE)
+    trials = expand(ci, {"digits": DIGITS}, bank_block=16).trials[:4]
+    space = sweep.trial_param_space(trials)["trial"]["grid_search"]
+    fake = [SimpleNamespace(trial_id=f"t{i}", config={"trial": space[i]}, status="TERMINATED",
+                            last_result={"val_acc": acc}) for i, acc in enumerate([0.5, 0.9, 0.7, None])]
+    fake[2].status, fake[3].status = "RUNNING", "ERROR"  # 2 is the trial completing now
+    decoded = []
+    monkeypatch.setattr(sweep, "trial_config", lambda c: decoded.append(1) or json.loads(c["trial"]))
+    progress = sweep._progress_callback_cls()(total=len(fake))
+    for _ in range(3):
+        line = progress._line(fake, fake[2], "TERMINATED")
+    best = trials[1]
+    assert line.startswith(f"{sweep.PREFIX} 4/4 trials done (1 failed)")
+    assert f"best {best['task']}: {best['strategy']} {best['depth']}x{best['width']}x{best['heads']} " in line
+    assert "val_acc=0.9000" in line
+    assert len(decoded) == 3  # the three finished trials with a result, once each over three scans
 
 
 # ------------------------------------------------------------------------------------------ trials
