@@ -3,16 +3,16 @@ same trials in plain loops at the same concurrency.
 
 The work is the real trial body (``pipelines.sweep.run_trial``: scratch init + a fixed number of training
 steps + a small evaluation, one thread), calibrated to about ``--work-s`` seconds. The Tune arm is the
-sweep's code path: ``tune.with_parameters(_tune_trial)`` + ``with_resources``, the task data shared
-through the object store, the trial list as the sweep hands it to Tune (``trial_param_space``),
-``reuse_actors=True``, per-trial result files off, ``verbose=0``, one Tune report per trial as the sweep
-does without ASHA (``--report-each-epoch``: a report after every epoch, as with ``--asha``; each is a
-blocking round trip to the driver). The plain arm runs the same trials as ``slots`` plain loops side by side, one fresh process
-each: two busy processes on this 2-core VM ran 10-25% slower each than one alone in one check (not in
-every run), so work timed one trial at a time (``--serial``, reported for reference) can be a baseline no
-parallel runner reaches. MLflow is off in both arms (``--mlflow`` puts it in both: it is trial work, not
-Tune overhead). Ray start-up is excluded; everything inside ``Tuner.fit()`` (actor start-up and
-imports included) is counted.
+sweep's code path: ``tune.with_parameters(_tune_trial)`` (wrapped to read the trial thread's schedstat) +
+``with_resources``, the task data shared through the object store, the trial list as the sweep hands it to
+Tune (``trial_param_space``), ``reuse_actors=True``, per-trial result files off, ``verbose=0``, one Tune
+report per trial as the sweep does without ASHA (``--report-each-epoch``: a report after every epoch, as
+with ``--asha``; each is a blocking round trip to the driver). The plain arm runs the same trials as
+``slots`` plain loops side by side, one fresh process each: two busy processes on this 2-core VM ran 10-25%
+slower each than one alone in one check (not in every run), so work timed one trial at a time (``--serial``,
+reported for reference) can be a baseline no parallel runner reaches. MLflow is off in both arms
+(``--mlflow`` puts it in both: it is trial work, not Tune overhead). Ray start-up is excluded; everything
+inside ``Tuner.fit()`` (actor start-up and imports included) is counted.
 
     ratio              = wall(Tune) / (work / slots)     work = sum of the plain loops' trial times
     per_trial_overhead = (wall(Tune) - work / slots) * slots / K   (slot-seconds a trial costs beyond its work)
@@ -21,6 +21,10 @@ imports included) is counted.
     vs plain wall: wall(Tune) / wall(plain loops), both with their process start-up and imports
     vs work inside Tune: the same two figures with the work timed inside the Tune arm (Tune's time_total_s
     per trial), which a machine whose load changes between the two arms cannot skew
+    trial's CPU run and run-queue wait: the trial thread's own schedstat (Linux) around each trial, in both
+    arms, mean per trial: a Tune trial slower in wall time either did more CPU work (the machine got slower,
+    or Tune made the work heavier) or waited longer for a CPU (other processes ran: Ray's driver and
+    daemons run at nice 0, its workers at nice 15)
 
 The plain arm runs twice, before and after the Tune arm (A-B-A), and the work is the mean of the two:
 this VM's speed drifts (the same plain arm of 100-200 trials of 110 steps measured 0.81-0.95 s per trial
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -97,24 +102,38 @@ def calibrate(work_s: float) -> int:
     return max(10, 10 * round((work_s - fixed) / per_step / 10))
 
 
-def plain_loop(cfgs: list[dict], tracking: tuple | None) -> list[float]:
+def thread_sched() -> tuple[float, float]:
+    """(seconds this thread has run on a CPU, seconds it has waited on a run queue) from Linux's schedstat;
+    NaN elsewhere. A trial slower in wall time either ran longer (its work got slower per step) or waited
+    longer for a CPU (something else ran): the two tell drift of the machine from contention apart."""
+    try:
+        run_ns, wait_ns, _ = Path("/proc/thread-self/schedstat").read_text().split()
+        return int(run_ns) / 1e9, int(wait_ns) / 1e9
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
+
+
+def plain_loop(cfgs: list[dict], tracking: tuple | None) -> list[list[float]]:
+    """Every trial's [wall, CPU run, run-queue wait] seconds."""
     from pipelines.sweep import TrialTracker, run_trial
 
-    times = []
+    rows = []
     for cfg in cfgs:
         tracker = TrialTracker(*tracking) if tracking else None
-        t0 = time.perf_counter()
+        (run0, wait0), t0 = thread_sched(), time.perf_counter()
         run_trial(cfg, tracker=tracker, threads=1)
-        times.append(time.perf_counter() - t0)
-    return times
+        (run1, wait1), t1 = thread_sched(), time.perf_counter()
+        rows.append([t1 - t0, run1 - run0, wait1 - wait0])
+    return rows
 
 
-def plain_side_by_side(cfgs: list[dict], slots: int, tracking: tuple | None, tmp: str) -> tuple[float, list[float]]:
+def plain_side_by_side(cfgs: list[dict], slots: int, tracking: tuple | None, tmp: str
+                       ) -> tuple[float, list[list[float]]]:
     """The same trials as ``slots`` plain loops running side by side, one fresh Python process each (trial
     ``i`` in process ``i % slots``), as Tune runs them: the work is then timed under the same concurrency
     (after a warm-up trial: imports and data loading are not counted as work, while Tune's wall counts
     them), and the plain wall includes process start and imports, as Tune's does. Returns (wall, every
-    trial's time)."""
+    trial's [wall, CPU run, run-queue wait])."""
     jobs = []
     t0 = time.perf_counter()
     for i in range(slots):
@@ -136,21 +155,34 @@ def plain_worker(job: str) -> None:
     from pipelines.sweep import run_trial
 
     run_trial({**spec["cfgs"][0], "epochs": 1}, threads=1)  # warm-up (imports, data) outside the timed work
-    times = plain_loop(spec["cfgs"], tuple(spec["tracking"]) if spec["tracking"] else None)
-    Path(job).with_suffix(".out").write_text(json.dumps(times))
+    rows = plain_loop(spec["cfgs"], tuple(spec["tracking"]) if spec["tracking"] else None)
+    Path(job).with_suffix(".out").write_text(json.dumps(rows))
+
+
+def _sched_tune_trial(config: dict, ctx=None, sched_dir: str = "") -> None:
+    """The sweep's ``_tune_trial``, with the trial thread's CPU run and run-queue wait around it appended to
+    a file per worker (two reads of /proc and one small write per trial)."""
+    from pipelines.sweep import _tune_trial
+
+    (run0, wait0), t0 = thread_sched(), time.perf_counter()
+    _tune_trial(config, ctx)
+    (run1, wait1), t1 = thread_sched(), time.perf_counter()
+    with open(Path(sched_dir) / f"{os.getpid()}.txt", "a") as f:
+        f.write(f"{t1 - t0} {run1 - run0} {wait1 - wait0}\n")
 
 
 def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
-             each_epoch: bool, grid: str = "json") -> tuple[float, list[float], float, float]:
+             each_epoch: bool, grid: str = "json") -> tuple[float, list[float], float, float, list[list[float]]]:
     """Wall time of ``Tuner.fit()``, the driver-clock completion time of every trial (from fit start), the
-    work as timed inside Tune (sum over trials of Tune's ``time_total_s``: trial start to last report), and
-    the driver's CPU seconds during the fit. ``grid="dicts"``: the trial list as the sweep handed it to Tune
-    before 20eba1e, a grid of dicts, for comparison."""
+    work as timed inside Tune (sum over trials of Tune's ``time_total_s``: trial start to last report), the
+    driver's CPU seconds during the fit, and every trial's [wall, CPU run, run-queue wait] as its own thread
+    saw them (but each worker's first, which imports torch and timm). ``grid="dicts"``: the trial list as
+    the sweep handed it to Tune before 20eba1e, a grid of dicts, for comparison."""
     import resource
 
     from ray import tune
 
-    from pipelines.sweep import SweepContext, _trial_dirname, _tune_trial, share_task_data, trial_param_space
+    from pipelines.sweep import SweepContext, _trial_dirname, share_task_data, trial_param_space
 
     done: list[float] = []
     inside: dict[str, float] = {}
@@ -165,7 +197,10 @@ def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
     uri, exp_id, parent, sweep = tracking if tracking else (None, None, None, "overhead")
     ctx = SweepContext(uri, exp_id, parent, sweep, save_models=False, threads=1, report_each_epoch=each_epoch,
                        data_refs=share_task_data(cfgs))
-    trainable = tune.with_resources(tune.with_parameters(_tune_trial, ctx=ctx), {"cpu": 1})
+    sched_dir = Path(storage) / "schedstat"
+    sched_dir.mkdir(parents=True, exist_ok=True)
+    trainable = tune.with_resources(tune.with_parameters(_sched_tune_trial, ctx=ctx, sched_dir=str(sched_dir)),
+                                    {"cpu": 1})
     tuner = tune.Tuner(
         trainable, param_space=trial_param_space(cfgs) if grid == "json" else {"trial": tune.grid_search(cfgs)},
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True, max_concurrent_trials=slots,
@@ -179,7 +214,10 @@ def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
     driver_cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     if results.num_errors:
         raise RuntimeError(f"{results.num_errors} trials failed: {results.errors[:1]}")
-    return wall, sorted(t - t0 for t in done), sum(inside.values()), driver_cpu
+    # each worker's first trial imports torch and timm in the trial thread: start-up, not work
+    sched = [[float(x) for x in line.split()]
+             for f in sched_dir.glob("*.txt") for line in f.read_text().splitlines()[1:]]
+    return wall, sorted(t - t0 for t in done), sum(inside.values()), driver_cpu, sched
 
 
 def variant_costs(counts: list[int], steps: int) -> None:
@@ -209,10 +247,11 @@ def variant_costs(counts: list[int], steps: int) -> None:
                       "ratio": round(dicts / strings, 1)}))
 
 
-def arm_figures(wall: float, done: list[float], work_inside: float, driver_cpu: float, before: tuple[float, list[float]],
-                after: tuple[float, list[float]], slots: int) -> dict:
+def arm_figures(wall: float, done: list[float], work_inside: float, driver_cpu: float, sched: list[list[float]],
+                before: tuple[float, list[list[float]]], after: tuple[float, list[list[float]]], slots: int) -> dict:
     """One Tune arm's figures against the mean of the plain arms run just before and just after it."""
-    (wall_before, times_before), (wall_after, times_after) = before, after
+    (wall_before, rows_before), (wall_after, rows_after) = before, after
+    times_before, times_after = [r[0] for r in rows_before], [r[0] for r in rows_after]
     trials = len(times_before)
     work = (sum(times_before) + sum(times_after)) / 2
     ideal = work / slots
@@ -229,7 +268,12 @@ def arm_figures(wall: float, done: list[float], work_inside: float, driver_cpu: 
             "steady_overhead": steady_per_trial - mean_work,
             # against the work as timed inside the Tune arm: immune to load drifting between the two arms
             "work_inside": work_inside, "ratio_inside": wall / (work_inside / slots),
-            "overhead_inside": (wall * slots - work_inside) / trials, "driver_cpu": driver_cpu}
+            "overhead_inside": (wall * slots - work_inside) / trials, "driver_cpu": driver_cpu,
+            # a trial thread's own CPU run and run-queue wait, mean per trial: plain before / Tune / plain after
+            "cpu": [statistics.fmean(r[1] for r in rows) if rows else math.nan
+                    for rows in (rows_before, sched, rows_after)],
+            "rq_wait": [statistics.fmean(r[2] for r in rows) if rows else math.nan
+                        for rows in (rows_before, sched, rows_after)]}
 
 
 def main() -> None:
@@ -281,7 +325,7 @@ def main() -> None:
             # a parent run per arm: under one parent a trial already logged would be replayed, not re-run
             tracking = lambda label: (uri, exp_id, client.create_run(exp_id).info.run_id, label)  # noqa: E731
 
-        serial = plain_loop(cfgs, tracking("serial")) if args.serial else None
+        serial = [r[0] for r in plain_loop(cfgs, tracking("serial"))] if args.serial else None
         # plain, Tune, plain, Tune, ..., plain: each Tune arm is set against the plain arms on either side, so a
         # machine whose speed drifts biases no repeat either way; the headline is the median repeat
         plain = [plain_side_by_side(cfgs, slots, tracking("plain-0"), tmp)]
@@ -308,7 +352,8 @@ def main() -> None:
              ("CPUs on this machine / load avg (1 min)", f"{os.cpu_count()} / {os.getloadavg()[0]:.1f}")]
     per_repeat = [
         ("plain: work per trial, side by side (median)", lambda f: f"{f['median_trial']:.3f} s"),
-        ("plain: work total (1 thread each), before / after", lambda f: f"{f['work_before']:.1f} / {f['work_after']:.1f} s"),
+        ("plain: work total (1 thread each), before / after",
+         lambda f: f"{f['work_before']:.1f} / {f['work_after']:.1f} s"),
         ("plain: work total, mean of the two", lambda f: f"{f['work']:.2f} s"),
         ("plain: wall, incl. process start + imports (mean)", lambda f: f"{f['plain_wall']:.2f} s"),
         ("ideal wall = work / slots", lambda f: f"{f['ideal']:.2f} s"),
@@ -321,18 +366,22 @@ def main() -> None:
         ("work total as timed inside Tune (time_total_s)", lambda f: f"{f['work_inside']:.2f} s"),
         ("ratio Tune / (work inside Tune / slots)", lambda f: f"{f['ratio_inside']:.3f}"),
         ("per-trial overhead vs work inside Tune", lambda f: f"{f['overhead_inside']:.3f} s"),
+        ("trial's CPU run, mean: plain before / Tune / after",
+         lambda f: " / ".join(f"{1000 * x:.0f}" for x in f["cpu"]) + " ms"),
+        ("trial's run-queue wait, mean: before / Tune / after",
+         lambda f: " / ".join(f"{1000 * x:.1f}" for x in f["rq_wait"]) + " ms"),
         ("Tune driver CPU during the fit (total / per trial)",
          lambda f: f"{f['driver_cpu']:.2f} s / {1000 * f['driver_cpu'] / len(cfgs):.1f} ms")]
     width = max(len(k) for k, _ in setup + per_repeat)
     cols = [f"repeat {r + 1}" + (" *" if r == pick and len(figs) > 1 else "") for r in range(len(figs))]
     for k, v in setup:
-        print(f"  {k:<{width}}  {v:>18}")
-    print(f"  {'':<{width}}" + "".join(f"  {c:>18}" for c in cols))
+        print(f"  {k:<{width}}  {v:>24}")
+    print(f"  {'':<{width}}" + "".join(f"  {c:>24}" for c in cols))
     for k, fmt in per_repeat:
-        print(f"  {k:<{width}}" + "".join(f"  {fmt(x):>18}" for x in figs))
+        print(f"  {k:<{width}}" + "".join(f"  {fmt(x):>24}" for x in figs))
     if serial is not None:
-        print(f"  {'serial: work total, one trial at a time':<{width}}  {sum(serial):>16.2f} s")
-        print(f"  {'ratio Tune / (serial work / slots)':<{width}}  {f['wall'] / (sum(serial) / slots):>18.3f}")
+        print(f"  {'serial: work total, one trial at a time':<{width}}  {sum(serial):>22.2f} s")
+        print(f"  {'ratio Tune / (serial work / slots)':<{width}}  {f['wall'] / (sum(serial) / slots):>24.3f}")
     which = f"the median of {len(figs)} repeats (*)" if len(figs) > 1 else "one repeat"
     verdict = "meets" if f["ratio"] <= 1.10 and f["overhead"] <= 0.1 else "misses"
     print(f"  goal ratio <= 1.10 and overhead <= 0.1 s, {which}: {verdict}"
@@ -341,10 +390,14 @@ def main() -> None:
            "slots": slots, "repeats": len(figs), "work_per_trial_s": round(f["work"] / len(cfgs), 4),
            "tune_wall_s": round(f["wall"], 2), "ideal_wall_s": round(f["ideal"], 2),
            "plain_wall_s": round(f["plain_wall"], 2), "plain_work_before_s": round(f["work_before"], 2),
-           "plain_work_after_s": round(f["work_after"], 2), "ratio_vs_plain_wall": round(f["wall"] / f["plain_wall"], 4),
+           "plain_work_after_s": round(f["work_after"], 2),
+           "ratio_vs_plain_wall": round(f["wall"] / f["plain_wall"], 4),
            "startup_s": round(f["startup"], 2), "steady_overhead_per_trial_s": round(f["steady_overhead"], 4),
-           "ratio_vs_inside_work": round(f["ratio_inside"], 4), "overhead_vs_inside_work_s": round(f["overhead_inside"], 4),
-           "driver_cpu_s": round(f["driver_cpu"], 2), "grid": args.grid, "mlflow": args.mlflow,
+           "ratio_vs_inside_work": round(f["ratio_inside"], 4),
+           "overhead_vs_inside_work_s": round(f["overhead_inside"], 4),
+           "driver_cpu_s": round(f["driver_cpu"], 2),
+           "trial_cpu_s": [round(x, 4) for x in f["cpu"]], "trial_rq_wait_s": [round(x, 4) for x in f["rq_wait"]],
+           "grid": args.grid, "mlflow": args.mlflow,
            "report_each_epoch": args.report_each_epoch, "load_avg_1m": round(os.getloadavg()[0], 2)}
     if len(figs) > 1:
         out["ratios"] = [round(x["ratio"], 4) for x in figs]
