@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -113,17 +114,22 @@ def thread_sched() -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
+def timed(call: Callable[[], object]) -> list[float]:
+    """``call()``'s [wall, CPU run, run-queue wait] seconds, as the calling thread saw them."""
+    (run0, wait0), t0 = thread_sched(), time.perf_counter()
+    call()
+    (run1, wait1), t1 = thread_sched(), time.perf_counter()
+    return [t1 - t0, run1 - run0, wait1 - wait0]
+
+
 def plain_loop(cfgs: list[dict], tracking: tuple | None) -> list[list[float]]:
     """Every trial's [wall, CPU run, run-queue wait] seconds."""
     from pipelines.sweep import TrialTracker, run_trial
 
     rows = []
     for cfg in cfgs:
-        tracker = TrialTracker(*tracking) if tracking else None
-        (run0, wait0), t0 = thread_sched(), time.perf_counter()
-        run_trial(cfg, tracker=tracker, threads=1)
-        (run1, wait1), t1 = thread_sched(), time.perf_counter()
-        rows.append([t1 - t0, run1 - run0, wait1 - wait0])
+        tracker = TrialTracker(*tracking) if tracking else None  # made outside the timed work, as before
+        rows.append(timed(lambda: run_trial(cfg, tracker=tracker, threads=1)))  # noqa: B023 -- called at once
     return rows
 
 
@@ -164,11 +170,9 @@ def _sched_tune_trial(config: dict, ctx=None, sched_dir: str = "") -> None:
     a file per worker (two reads of /proc and one small write per trial)."""
     from pipelines.sweep import _tune_trial
 
-    (run0, wait0), t0 = thread_sched(), time.perf_counter()
-    _tune_trial(config, ctx)
-    (run1, wait1), t1 = thread_sched(), time.perf_counter()
+    row = timed(lambda: _tune_trial(config, ctx))
     with open(Path(sched_dir) / f"{os.getpid()}.txt", "a") as f:
-        f.write(f"{t1 - t0} {run1 - run0} {wait1 - wait0}\n")
+        f.write(" ".join(map(str, row)) + "\n")
 
 
 def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
@@ -270,10 +274,8 @@ def arm_figures(wall: float, done: list[float], work_inside: float, driver_cpu: 
             "work_inside": work_inside, "ratio_inside": wall / (work_inside / slots),
             "overhead_inside": (wall * slots - work_inside) / trials, "driver_cpu": driver_cpu,
             # a trial thread's own CPU run and run-queue wait, mean per trial: plain before / Tune / plain after
-            "cpu": [statistics.fmean(r[1] for r in rows) if rows else math.nan
-                    for rows in (rows_before, sched, rows_after)],
-            "rq_wait": [statistics.fmean(r[2] for r in rows) if rows else math.nan
-                        for rows in (rows_before, sched, rows_after)]}
+            **{key: [statistics.fmean(r[col] for r in rows) if rows else math.nan
+                     for rows in (rows_before, sched, rows_after)] for col, key in ((1, "cpu"), (2, "rq_wait"))}}
 
 
 def main() -> None:
@@ -340,7 +342,7 @@ def main() -> None:
             plain.append(plain_side_by_side(cfgs, slots, tracking(f"plain-{r + 1}"), tmp))
             figs.append(arm_figures(*tune_out, plain[r], plain[r + 1], slots))
 
-    pick = figs.index(sorted(figs, key=lambda f: f["ratio"])[(len(figs) - 1) // 2])  # the median (lower) repeat
+    pick = sorted(range(len(figs)), key=lambda r: figs[r]["ratio"])[(len(figs) - 1) // 2]  # the (lower) median
     f = figs[pick]
     reports = cfgs[0]["epochs"] if args.report_each_epoch else 1
     print("\nsweep overhead: Ray Tune vs plain loops over the same trials, at the same concurrency")
