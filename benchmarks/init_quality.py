@@ -45,6 +45,17 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in s.split("x")) for s in text.split(",")] if text else SIZES
 
 
+def parse_part(text: str) -> tuple[int, int]:
+    """``i/k``: run the jobs whose index is i-1 modulo k, so k processes side by side split the list."""
+    try:
+        i, k = (int(v) for v in text.split("/"))
+    except ValueError:
+        i = k = 0
+    if not 1 <= i <= k:
+        raise SystemExit(f"--part must be i/k with 1 <= i <= k (e.g. --part 2/3), got {text!r}")
+    return i, k
+
+
 def batch_stream(x, y, batch_size: int, seed: int):
     """Endless shuffled batches, a new order each epoch; stage 3 is measured in steps, not epochs."""
     epoch = 0
@@ -163,6 +174,7 @@ def main() -> None:
     ap.add_argument("--summarize", action="store_true")
     args = ap.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
+    i, k = parse_part(args.part)
     if not args.summarize:
         torch.set_num_threads(args.threads)
         strategies = args.strategies.split(",")
@@ -186,7 +198,6 @@ def main() -> None:
                 if line.strip():
                     r = json.loads(line)
                     done.add((r["size"], r["strategy"], r["seed"]))
-        i, k = (int(v) for v in args.part.split("/"))
         jobs = [(size, s, int(seed)) for size in parse_sizes(args.sizes) for seed in args.seeds.split(",")
                 for s in strategies]
         jobs = [j for n, j in enumerate(jobs) if n % k == i - 1]

@@ -58,7 +58,11 @@ def storage_path(storage: str | None = None) -> str:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Connect to ``--address``/``$RAY_ADDRESS`` or start a local Ray bound to loopback."""
+    """Connect to ``--address``/``$RAY_ADDRESS`` or start a local Ray bound to loopback.
+
+    Without an address this always starts a new Ray (``address="local"``), never attaches to a head that
+    ``ray start`` left on this machine, which plain ``ray.init()`` would do: the callers treat "no address" as a
+    Ray of their own (local storage, the local-GPU check). ``--address auto`` attaches to that head."""
     import ray
 
     if ray.is_initialized():
@@ -68,7 +72,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                  include_dashboard=True, **kwargs)
 
 

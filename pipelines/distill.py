@@ -800,7 +800,8 @@ def distill_command(
                                           "resume.")] = "bank.safetensors",
     storage: Annotated[str | None, typer.Option(help="Ray Train storage (checkpoints); default ./weit_runs.")] = None,
     name: Annotated[str | None, typer.Option(help="Job name (default: derived from --out).")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray).")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address (default: start a local Ray; 'auto': the head `ray start` runs here).")] = None,
     mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:

@@ -308,7 +308,8 @@ def quickstart_command(
     workers: Annotated[int, typer.Option(help="Ray Train workers for distillation.")] = QuickstartBudget.workers,
     space: Annotated[str, typer.Option(help="Search space of the sweep.")] = str(DEFAULT_SPACE.relative_to(REPO)),
     storage: Annotated[str | None, typer.Option(help="Ray Train/Tune run state; default ./weit_runs.")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address (default: start a local Ray; 'auto': the head `ray start` runs here).")] = None,
     mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite ./mlruns.db).")] = None,
 ) -> None:
     """ancestry -> distill -> sweep -> report on Fashion-MNIST, sized for a laptop (<= 15 min on 2 CPU cores)."""

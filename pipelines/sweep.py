@@ -787,7 +787,8 @@ def sweep_command(
     limit_trials: Annotated[int | None, typer.Option(help="Run only the first N trials (smoke runs).")] = None,
     save_models: Annotated[bool, typer.Option(help="Log each trial's initialized model as an artifact.")] = True,
     storage: Annotated[str | None, typer.Option(help="Tune storage (run state); default ./weit_runs.")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray).")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address (default: start a local Ray; 'auto': the head `ray start` runs here).")] = None,
     mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
 ) -> None:
     """Stages 2+3: initialize and train every size x strategy x seed of a space on Ray Tune, logged to MLflow."""
