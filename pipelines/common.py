@@ -58,7 +58,9 @@ def storage_path(storage: str | None = None) -> str:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Connect to ``--address``/``$RAY_ADDRESS`` or start a local Ray bound to loopback.
+    """Connect to ``--address``/``$RAY_ADDRESS`` or start a local Ray with its dashboard (and Jobs API) on
+    loopback. (Ray rewrites a loopback node address to the machine's own and its GCS listens on every
+    interface whatever is passed: docs/cluster.md "Network exposure".)
 
     Without an address this always starts a new Ray (``address="local"``), never attaches to a head that
     ``ray start`` left on this machine, which plain ``ray.init()`` would do: the callers treat "no address" as a
