@@ -333,7 +333,7 @@ def main() -> None:
         plain = [plain_side_by_side(cfgs, slots, tracking("plain-0"), tmp)]
         figs = []
         for r in range(args.repeats):
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
                      log_to_driver=False, logging_level=logging.WARNING)
             logging.getLogger("ray.tune").setLevel(logging.WARNING)
             logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # no result files

@@ -59,8 +59,8 @@ def storage_path(storage: str | None = None) -> str:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Connect to ``--address``/``$RAY_ADDRESS`` or start a local Ray with its dashboard (and Jobs API) on
-    loopback. (Ray rewrites a loopback node address to the machine's own and its GCS listens on every
-    interface whatever is passed: docs/cluster.md "Network exposure".)
+    loopback. The rest cannot be: ``ray.init`` rewrites a loopback ``_node_ip_address`` to the machine's own
+    and its GCS listens on every interface (docs/cluster.md "Network exposure"), so none is passed.
 
     Without an address this always starts a new Ray (``address="local"``), never attaches to a head that
     ``ray start`` left on this machine, which plain ``ray.init()`` would do: the callers treat "no address" as a
@@ -74,7 +74,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
                  include_dashboard=True, **kwargs)
 
 

@@ -60,10 +60,10 @@ def digits_bank(digits, digits_ancestry):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray (2 CPUs, loopback) for the whole test session."""
+    """One local Ray (2 CPUs, dashboard on loopback) for the whole test session."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=False)
     yield ray
     ray.shutdown()
