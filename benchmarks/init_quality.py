@@ -33,8 +33,9 @@ from weit_core.models import ViTSpec  # noqa: E402
 from weit_core.strategies import available, init_model  # noqa: E402
 from weit_core.train import evaluate, iterate_batches, make_optimizer, seed_everything, train_epoch  # noqa: E402
 
-SIZES = [(2, 64, 2), (2, 128, 4), (4, 64, 2), (4, 96, 3), (4, 128, 4), (6, 64, 2), (6, 96, 3), (6, 128, 4),
-         (8, 96, 3), (8, 128, 4), (12, 64, 2), (12, 96, 3)]
+# The 12 sizes of docs/results.md's run: depth 2-12 (every even depth) at widths 64, 96 and 128.
+SIZES = [(2, 64, 2), (2, 128, 4), (4, 64, 2), (4, 96, 3), (4, 128, 4), (6, 64, 2), (6, 96, 3), (8, 64, 2),
+         (8, 96, 3), (10, 64, 2), (12, 64, 2), (12, 96, 3)]
 CONTROLS = ("scratch", "scratch_fit", "wave_random_bank")
 NEEDS_BANK = ("wave", "wave_random_bank")
 BASELINES = ("weight_selection", "weight_selection_even", "weight_selection_consecutive",
