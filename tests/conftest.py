@@ -23,6 +23,20 @@ DIGITS_ANCESTRY = ViTSpec(depth=2, width=32, heads=2, patch=2, img_size=8, in_ch
 
 
 @pytest.fixture(scope="session")
+def fmnist_dir():
+    """The real Fashion-MNIST files: a test skips where they are not installed, but fails in CI, whose setup
+    installs them (a silent skip there would hide a broken setup)."""
+    from weit_core.data import DataNotFoundError, find_fashion_mnist
+
+    try:
+        return find_fashion_mnist()
+    except DataNotFoundError as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"Fashion-MNIST must be present in CI: {e}")
+        pytest.skip(f"Fashion-MNIST not installed (run `sudo apt-get install dataset-fashion-mnist`): {e}")
+
+
+@pytest.fixture(scope="session")
 def digits():
     from weit_core.data import load_digits
 

@@ -66,14 +66,8 @@ def test_init_quality_rejects_a_bad_part(part):
         iq.parse_part(part)
 
 
-def test_init_quality_runs_in_parts_and_resumes(tmp_path, monkeypatch, capsys):
+def test_init_quality_runs_in_parts_and_resumes(tmp_path, monkeypatch, capsys, fmnist_dir):
     """Two parts split the jobs between them; a third run over all of them finds nothing left to do."""
-    from weit_core.data import find_fashion_mnist
-
-    try:
-        find_fashion_mnist()
-    except FileNotFoundError as e:
-        pytest.skip(f"Fashion-MNIST not installed (run `sudo apt-get install dataset-fashion-mnist`): {e}")
     iq = load_benchmark("init_quality")
     out = tmp_path / "iq.jsonl"
     argv = ["init_quality.py", "--out", str(out), "--sizes", "2x32x2", "--strategies", "scratch,scratch_fit",
@@ -109,17 +103,11 @@ def test_materialize_prints_its_table_then_one_json_line():
     assert figs["repeats"] == 1 and figs["ratio"] > 0 and figs["weights"] > 80_000_000  # ViT-B's templated weights
 
 
-def test_init_quality_reproduces_the_recorded_second_ancestry_run(tmp_path, monkeypatch):
+def test_init_quality_reproduces_the_recorded_second_ancestry_run(tmp_path, monkeypatch, fmnist_dir):
     """The bank and ancestry kept in docs/data, run through today's code, give the accuracies recorded in
     docs/results.md (2x64x2, seed 0, 100 steps): a change to a strategy, the recipe or the benchmark that
     moves the published numbers fails here. Not bit-exact across machines (another CPU or torch build moved
     `scratch` by 0.2 points), hence the 1.5-point tolerance (one seed's spread here is ~2 points)."""
-    from weit_core.data import find_fashion_mnist
-
-    try:
-        find_fashion_mnist()
-    except FileNotFoundError as e:
-        pytest.skip(f"Fashion-MNIST not installed (run `sudo apt-get install dataset-fashion-mnist`): {e}")
     data = ROOT / "docs" / "data"
     recorded = {(r["size"], r["strategy"], r["seed"]): r["curve"]["100"] for r in map(
         json.loads, (data / "init_quality_fmnist_ancestry_2.jsonl").read_text().splitlines())}

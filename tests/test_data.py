@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +28,6 @@ from weit_core.data import (
     read_parquet_arrays,
     to_parquet,
 )
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _rows(ds: ArrayDataset) -> set[bytes]:
@@ -77,16 +74,6 @@ def test_array_dataset_rejects_bad_shapes():
 
 
 # Fashion-MNIST ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fmnist_dir():
-    try:
-        return find_fashion_mnist()
-    except DataNotFoundError as e:
-        if IN_CI:
-            pytest.fail(f"Fashion-MNIST must be present in CI: {e}")
-        pytest.skip(f"Fashion-MNIST not installed (run `sudo apt-get install dataset-fashion-mnist`): {e}")
 
 
 def test_fashion_mnist_default_splits(fmnist_dir):
