@@ -74,11 +74,12 @@ def digits_bank(digits, digits_ancestry):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray (2 CPUs, dashboard on loopback) for the whole test session."""
+    """One local Ray (2 CPUs, dashboard on loopback) for the whole test session, started as the pipelines
+    start theirs (``init_ray``: always a new Ray, never a ``ray start`` head left on the machine)."""
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=False)
+    from pipelines.common import init_ray
+
+    init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 
