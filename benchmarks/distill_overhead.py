@@ -38,11 +38,17 @@ from pipelines.distill import (  # noqa: E402
     prepare_data,
     run_distill,
     save_train_state,
-    warmup_cosine,
     worker_config,
 )
 from weit_core.data import read_parquet_arrays  # noqa: E402
-from weit_core.train import distill_epoch, evaluate, iterate_batches, make_optimizer, seed_everything  # noqa: E402
+from weit_core.train import (  # noqa: E402
+    distill_epoch,
+    evaluate,
+    iterate_batches,
+    make_optimizer,
+    seed_everything,
+    warmup_cosine,
+)
 
 
 def plain_loop(config: DistillConfig, data, spec, teacher, work: Path) -> dict:

@@ -29,12 +29,18 @@ from pipelines.distill import (
     prepare_data,
     ray_datasets,
     run_on_ray,
-    warmup_cosine,
     worker_config,
 )
 from weit_core.io import load_model, save_model
 from weit_core.models import ViTSpec, create_vit
-from weit_core.train import evaluate, iterate_batches, make_optimizer, seed_everything, train_epoch
+from weit_core.train import (
+    evaluate,
+    iterate_batches,
+    make_optimizer,
+    seed_everything,
+    train_epoch,
+    warmup_cosine,
+)
 
 EXPERIMENT = "weit-ancestry"
 EVAL_BATCH = 512

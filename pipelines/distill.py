@@ -49,7 +49,14 @@ from weit_core.io import (
 )
 from weit_core.models import TIMM_MODEL, TemplatedModel, ViTSpec, create_vit, vit_kinds, vit_layout
 from weit_core.templates import Scalers, TemplateBank
-from weit_core.train import distill_epoch, evaluate, iterate_batches, make_optimizer, seed_everything
+from weit_core.train import (
+    distill_epoch,
+    evaluate,
+    iterate_batches,
+    make_optimizer,
+    seed_everything,
+    warmup_cosine,
+)
 
 DEFAULT_AUX = {"depth": 6, "width": 96, "heads": 3, "mlp_ratio": 4.0, "patch": 4}
 """The auxiliary size when neither flags nor a weit teacher say otherwise (the Fashion-MNIST recipe)."""
@@ -119,22 +126,6 @@ def job_name(out: str | Path, prefix: str = "distill") -> str:
     """A stable Ray Train run name for an output file, so re-running the same command resumes it."""
     path = Path(out).resolve()
     return f"{prefix}-{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                  floor: float = 0.01) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up then cosine decay to ``floor * lr`` (torch's own schedulers, resumable by
-    ``state_dict``)."""
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-
-    total_steps = max(total_steps, 1)
-    warmup_steps = min(max(warmup_steps, 0), total_steps - 1)
-    base = optimizer.param_groups[0]["lr"]
-    cosine = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1), eta_min=base * floor)
-    if warmup_steps == 0:
-        return cosine
-    warm = LinearLR(optimizer, start_factor=1.0 / (warmup_steps + 1), total_iters=warmup_steps)
-    return SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from weit_core.tasks import CLASSIFICATION, Task
 
@@ -64,6 +65,20 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> t
             (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                  floor: float = 0.01) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up then cosine decay to ``floor * lr`` (torch's own schedulers, resumable by
+    ``state_dict``)."""
+    total_steps = max(total_steps, 1)
+    warmup_steps = min(max(warmup_steps, 0), total_steps - 1)
+    base = optimizer.param_groups[0]["lr"]
+    cosine = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1), eta_min=base * floor)
+    if warmup_steps == 0:
+        return cosine
+    warm = LinearLR(optimizer, start_factor=1.0 / (warmup_steps + 1), total_iters=warmup_steps)
+    return SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
 
 
 def _check_finite(loss: torch.Tensor, step: int) -> None:

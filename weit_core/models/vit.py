@@ -83,11 +83,38 @@ class ViTSpec:
         return 2 * (patch + self.depth * block + d * self.num_classes)
 
 
-def create_vit(spec: ViTSpec, init_mode: str = "") -> VisionTransformer:
-    """An ordinary timm ViT with timm's init mode named explicitly (seed the RNG before calling)."""
+HEAD_STREAM = 0x68656164_0000
+"""Offset of the generator every *new* task head is drawn from (``HEAD_STREAM + seed``). Models trained
+from ``seed_everything(seed)`` + timm's init draw their first head from the global stream; a target of the
+same spec and seed would redraw exactly that head, which the trained features still fit."""
+
+
+def create_vit(spec: ViTSpec, init_mode: str = "", head_seed: int | None = None) -> VisionTransformer:
+    """An ordinary timm ViT with timm's init mode named explicitly (seed the RNG before calling).
+
+    ``head_seed``: draw the classifier head from its own stream (:func:`new_head`), as every init strategy
+    does for the head it leaves new; None keeps timm's head (an ancestry trained from scratch)."""
     if init_mode not in INIT_MODES:
         raise ValueError(f"unknown timm init mode {init_mode!r}; choose one of {INIT_MODES}")
-    return VisionTransformer(weight_init=init_mode, **spec.timm_kwargs())
+    model = VisionTransformer(weight_init=init_mode, **spec.timm_kwargs())
+    if head_seed is not None:
+        new_head(model, head_seed, init_mode)
+    return model
+
+
+@torch.no_grad()
+def new_head(model: VisionTransformer, seed: int, init_mode: str = "") -> None:
+    """Re-draw the classifier head as timm initialises it (trunc-normal std 0.02, zero bias; zeros for
+    'jax') from the generator ``HEAD_STREAM + seed``, which no model's own init stream can coincide with."""
+    head = model.head
+    if not isinstance(head, torch.nn.Linear):
+        return
+    head.bias.zero_()
+    if init_mode == "jax":
+        head.weight.zero_()
+        return
+    gen = torch.Generator().manual_seed(HEAD_STREAM + int(seed))
+    torch.nn.init.trunc_normal_(head.weight, std=0.02, generator=gen)
 
 
 def vit_layout(spec: ViTSpec) -> Layout:

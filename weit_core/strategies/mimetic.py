@@ -65,7 +65,7 @@ def mimetic(
     alpha2: float = 0.4, beta2: float = 0.4, **_: object,
 ) -> InitResult:
     seed_everything(seed)
-    model = create_vit(spec, init_mode)
+    model = create_vit(spec, init_mode, head_seed=seed)
     apply_mimetic(model, spec, mimetic_targets(spec, seed, alpha1, beta1, alpha2, beta2))
     return InitResult(model, {
         "source": "data_free", "alpha1": alpha1, "beta1": beta1, "alpha2": alpha2, "beta2": beta2,

@@ -132,7 +132,7 @@ def grow_vit(
     if depth_placement not in PLACEMENTS:
         raise ValueError(f"unknown depth_placement {depth_placement!r}; choose one of {PLACEMENTS}")
     seed_everything(seed)
-    model = create_vit(dst, init_mode)
+    model = create_vit(dst, init_mode, head_seed=seed)
     gen = torch.Generator().manual_seed(seed)
     sd = {k: v.detach().double().cpu() for k, v in ancestry.state_dict().items()}
     own = model.state_dict()

@@ -13,7 +13,7 @@ from weit_core.train import fit_scalers, seed_everything
 @register("scratch")
 def scratch(spec: ViTSpec, *, seed: int = 0, init_mode: str = "", **_: object) -> InitResult:
     seed_everything(seed)
-    return InitResult(create_vit(spec, init_mode), {"init_mode": init_mode or "timm_default", "fit_steps": 0})
+    return InitResult(create_vit(spec, init_mode, head_seed=seed), {"init_mode": init_mode or "timm_default", "fit_steps": 0})
 
 
 @register("scratch_fit")
@@ -22,7 +22,7 @@ def scratch_fit(
     fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", device: str = "cpu", **_: object,
 ) -> InitResult:
     seed_everything(seed)
-    model = create_vit(spec, init_mode).to(device)
+    model = create_vit(spec, init_mode, head_seed=seed).to(device)
     stats = fit_scalers(model, *fit_data, steps=fit_steps, lr=fit_lr, batch_size=fit_batch_size, seed=seed,
                         device=device)
     return InitResult(model.cpu(), {

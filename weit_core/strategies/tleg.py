@@ -97,7 +97,7 @@ def tleg(
         raise ValueError("strategy 'tleg' needs a TLEG-trained learngene (learngene=); to fit one to a plain "
                          "ancestry use strategy 'tleg_fit' with --ancestry")
     seed_everything(seed)
-    model = expand(learngene, create_vit(spec, init_mode), spec.depth, position)
+    model = expand(learngene, create_vit(spec, init_mode, head_seed=seed), spec.depth, position)
     return InitResult(model, {"source": "learngene", **_info(position, spec),
                               "init_mode": init_mode or "timm_default"})
 
@@ -117,7 +117,7 @@ def tleg_fit(
                          f"target: {', '.join(diff)}; use weight_selection (smaller) or net2net (larger) to change width")
     gene, residual = fit_learngene(ancestry, src.depth, position)
     seed_everything(seed)
-    model = expand(gene, create_vit(spec, init_mode), spec.depth, position)
+    model = expand(gene, create_vit(spec, init_mode, head_seed=seed), spec.depth, position)
     return InitResult(model, {"source": "ancestry", "learngene": "least_squares_fit (ours)",
                               "fit_relative_residual": round(residual, 6), "ancestry_depth": src.depth,
                               **_info(position, spec), "init_mode": init_mode or "timm_default"})

@@ -29,7 +29,7 @@ def _wave(
         scalers = Scalers(layout, bank.kinds)
     else:
         raise ValueError(f"unknown scaler_init {scaler_init!r}; use 'resample' or 'random'")
-    model = TemplatedModel(create_vit(spec, init_mode), copy.deepcopy(bank), scalers).to(device)
+    model = TemplatedModel(create_vit(spec, init_mode, head_seed=seed), copy.deepcopy(bank), scalers).to(device)
     model.set_stage("fit")
     stats = {"steps": 0, "loss": float("nan")}
     if fit_steps > 0:

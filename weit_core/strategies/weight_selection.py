@@ -101,7 +101,7 @@ def _weight_selection(
     check_same_tokens(name, src, spec)
     plan = selection_plan(src, spec, layer_selection, element_selection, head_aware)
     seed_everything(seed)
-    model = select_weights(ancestry, src, create_vit(spec, init_mode), plan)
+    model = select_weights(ancestry, src, create_vit(spec, init_mode, head_seed=seed), plan)
     rule = ("i*(n//m) if m divides n else round(linspace(0,n-1,m))" if element_selection == "uniform"
             else "0..m-1")
     return InitResult(model, {
