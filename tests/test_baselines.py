@@ -316,3 +316,82 @@ def test_every_baseline_yields_an_ordinary_timm_model(digits, digits_ancestry, n
     again = init_model(name, spec, ancestry=anc, seed=1)  # deterministic under a seed; spec inferred
     for k, v in res.model.state_dict().items():
         assert torch.equal(v, again.model.state_dict()[k]), k
+
+
+# ---------------------------------------------------------------- declarations: needs and can_make
+
+def _grid_around(anc: ViTSpec) -> list[ViTSpec]:
+    """Sizes on every side of the ancestry (shallower/deeper, narrower/wider, fewer/more heads, narrower/wider
+    MLP) plus targets whose tokens differ (another patch, image size, channel count)."""
+    out = []
+    for depth in (1, anc.depth, anc.depth + 1):
+        for width in (16, anc.width, 64):
+            for heads in (1, 2, 4):
+                for ratio in (2.0, 4.0, 5.0):
+                    if width % heads == 0:
+                        out.append(ViTSpec(depth=depth, width=width, heads=heads, mlp_ratio=ratio, patch=anc.patch,
+                                           img_size=anc.img_size, in_chans=anc.in_chans))
+    out += [ViTSpec(depth=1, width=16, heads=1, patch=4, img_size=anc.img_size),
+            ViTSpec(depth=1, width=16, heads=1, patch=anc.patch, img_size=16),
+            ViTSpec(depth=1, width=16, heads=1, patch=anc.patch, img_size=anc.img_size, in_chans=3),
+            ViTSpec(depth=anc.depth, width=anc.width, heads=anc.heads, patch=4, img_size=anc.img_size)]
+    return out
+
+
+def test_can_make_says_none_exactly_when_the_strategy_succeeds():
+    """The registered check and the strategy cannot disagree: on a grid of sizes around an ancestry,
+    ``can_make`` is None exactly for the sizes ``init_model`` builds, and a reason otherwise."""
+    from weit_core.strategies import CANNOT_MAKE, available, can_make
+
+    torch.manual_seed(0)
+    anc = create_vit(DIGITS_ANCESTRY).eval()
+    grid = _grid_around(DIGITS_ANCESTRY)
+    names = [n for n in available() if n.startswith("weight_selection")] + ["net2net", "tleg_fit"]
+    made, reasons = {}, {}
+    for name in names:
+        for spec in grid:
+            reason = can_make(name, spec, ancestry_spec=DIGITS_ANCESTRY)
+            try:
+                init_model(name, spec, ancestry=anc, ancestry_spec=DIGITS_ANCESTRY, fit_steps=0)
+                ok = True
+            except ValueError:
+                ok = False
+            assert ok == (reason is None), (name, spec, reason)
+            assert reason is None or reason in CANNOT_MAKE
+            made[name] = made.get(name, 0) + ok
+            reasons.setdefault(name, set()).add(reason)
+    # the grid reaches every side: each ancestry strategy both makes some sizes and refuses others
+    assert reasons["weight_selection"] >= {None, "larger_than_ancestry", "tokens_differ_from_ancestry"}
+    assert "heads_exceed_ancestry" in reasons["weight_selection_head_aware"]
+    assert reasons["net2net"] >= {None, "smaller_than_ancestry", "tokens_differ_from_ancestry"}
+    assert reasons["tleg_fit"] >= {None, "width_differs_from_ancestry"}
+    for name in ("mimetic", "scratch"):  # data-free: every size
+        assert all(can_make(name, spec, ancestry_spec=DIGITS_ANCESTRY) is None for spec in grid)
+    # without the ancestry an ancestry strategy cannot make anything, and says why
+    assert can_make("net2net", DIGITS_ANCESTRY) == "needs_ancestry"
+    assert can_make("scratch", DIGITS_ANCESTRY) is None
+
+
+def test_strategies_declare_what_they_need(monkeypatch):
+    import weit_core.strategies as registry
+    from weit_core.strategies import InitResult, register, strategy_info
+
+    registry.available()  # every module registered first, then a copy: the test strategy below stays in it
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    assert strategy_info("scratch").needs == frozenset() and strategy_info("mimetic").needs == frozenset()
+    assert strategy_info("scratch_fit").needs == {"fit_data"}
+    for name in ("weight_selection", "weight_selection_even", "net2net", "tleg_fit"):
+        assert strategy_info(name).needs == {"ancestry"} and strategy_info(name).check is not None, name
+    assert strategy_info("tleg").needs == {"learngene"}  # no sweep can pass one
+    with pytest.raises(ValueError, match="unknown needs \\['gpu'\\]"):
+        register("needs_a_gpu", needs=("gpu",))
+    with pytest.raises(ValueError, match="unknown init strategy 'nope'"):
+        strategy_info("nope")
+
+    @register("test_plain_register")  # plain @register still works: needs nothing, makes every size
+    def plain(spec, **_):
+        return InitResult(create_vit(spec))
+
+    info = strategy_info("test_plain_register")
+    assert info.fn is plain and info.needs == frozenset() and info.check is None

@@ -1,7 +1,10 @@
 """One registry of initialization strategies: ``init_model(name, spec, **sources)``.
 
-Each strategy lives in its own module of this package and registers itself with ``@register``; every
-module here is imported on first use, so adding a strategy is adding one file.
+Each strategy lives in its own module of this package and registers itself with ``@register``, declaring
+what it cannot run without (``needs``) and which sizes it can make (``check``); every module here is
+imported on first use, so adding a strategy is adding one file. A sweep reads the declarations
+(:func:`strategy_info`, :func:`can_make`) to refuse a missing source and to drop the sizes a strategy cannot
+make before any trial starts.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -26,15 +29,55 @@ class InitResult:
 
 
 Strategy = Callable[..., InitResult]
-_REGISTRY: dict[str, Strategy] = {}
+
+SOURCES = ("bank", "ancestry", "fit_data", "learngene")
+"""What a strategy may need besides the target size: a template bank, an ancestry model (with its spec), a
+small labeled subset for stage 2, a TLEG-trained learngene (which no sweep can pass)."""
+
+CANNOT_MAKE: dict[str, str] = {
+    "needs_ancestry": "the strategy inherits from an ancestry and none was given",
+    "tokens_differ_from_ancestry": "patch, image size or channels differ from the ancestry's (its patch kernel and "
+                                   "position table are copied as they are)",
+    "larger_than_ancestry": "weight selection only shrinks an ancestry (target deeper, wider or with a wider MLP)",
+    "heads_exceed_ancestry": "head-aware weight selection needs at most the ancestry's heads and head width",
+    "smaller_than_ancestry": "net2net only grows an ancestry (target shallower, narrower, with fewer heads, a "
+                             "narrower head or MLP)",
+    "width_differs_from_ancestry": "TLEG expands depth only (width, heads and MLP must equal the ancestry's)",
+}
+"""Why a strategy cannot make a size: the keys :func:`can_make` returns (and a sweep counts as
+``dropped.<key>``), each with the sentence a person reads."""
+
+
+@dataclass(frozen=True)
+class StrategyInfo:
+    """A registered strategy and what it declares: the sources it cannot run without (a subset of
+    :data:`SOURCES`) and ``check(spec, ancestry_spec=None)``, the reason (a key of :data:`CANNOT_MAKE`) it
+    cannot make ``spec``, or None when it can (None: it can make every size)."""
+
+    name: str
+    fn: Strategy
+    needs: frozenset[str]
+    check: Callable[..., str | None] | None
+
+
+_REGISTRY: dict[str, StrategyInfo] = {}
 _loaded = False
 
 
-def register(name: str) -> Callable[[Strategy], Strategy]:
+def register(name: str, *, needs: Iterable[str] = (), check: Callable[..., str | None] | None = None
+             ) -> Callable[[Strategy], Strategy]:
+    """``@register("name", needs=("ancestry",), check=fn)``: add a strategy to the registry with what it needs
+    and the sizes it can make (plain ``@register("name")``: nothing needed, every size)."""
+    needs = frozenset(needs)
+    unknown = sorted(needs - set(SOURCES))
+    if unknown:
+        raise ValueError(f"strategy {name!r}: unknown needs {unknown}; a strategy may need {', '.join(SOURCES)}")
+
     def deco(fn: Strategy) -> Strategy:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
+        old = _REGISTRY.get(name)
+        if old is not None and old.fn is not fn:
             raise ValueError(f"strategy {name!r} registered twice")
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = StrategyInfo(name, fn, needs, check)
         return fn
 
     return deco
@@ -53,11 +96,32 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_strategy(name: str) -> Strategy:
+def strategy_info(name: str) -> StrategyInfo:
+    """What ``name`` is registered with (its function, needs and check)."""
     _load_all()
     if name not in _REGISTRY:
         raise ValueError(f"unknown init strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def get_strategy(name: str) -> Strategy:
+    return strategy_info(name).fn
+
+
+def can_make(name: str, spec: ViTSpec, *, ancestry_spec: ViTSpec | None = None) -> str | None:
+    """None when strategy ``name`` can make a model of size ``spec`` (from an ancestry of size
+    ``ancestry_spec`` when it needs one); otherwise the reason, a key of :data:`CANNOT_MAKE`. Sources other
+    than the ancestry (bank, fit data) are not looked at: they do not depend on the size."""
+    info = strategy_info(name)
+    if "ancestry" in info.needs and ancestry_spec is None:
+        return "needs_ancestry"
+    if info.check is None:
+        return None
+    reason = info.check(spec, ancestry_spec=ancestry_spec)
+    if reason is not None and reason not in CANNOT_MAKE:
+        raise ValueError(f"strategy {name!r}: check returned {reason!r}, not a key of CANNOT_MAKE "
+                         f"({', '.join(CANNOT_MAKE)})")
+    return reason
 
 
 def init_model(name: str, spec: ViTSpec, **sources) -> InitResult:
@@ -70,4 +134,5 @@ def init_model(name: str, spec: ViTSpec, **sources) -> InitResult:
     return result
 
 
-__all__ = ["InitResult", "available", "get_strategy", "init_model", "register"]
+__all__ = ["CANNOT_MAKE", "SOURCES", "InitResult", "StrategyInfo", "available", "can_make", "get_strategy",
+           "init_model", "register", "strategy_info"]

@@ -3,6 +3,8 @@ check, reading a timm ViT's size back into a ViTSpec, and the documented index r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -43,13 +45,34 @@ def require_ancestry(
     return ancestry, spec
 
 
+def token_mismatch(src: ViTSpec, dst: ViTSpec) -> str | None:
+    """The first of patch size, image size, channels on which ancestry and target differ (None: they agree)."""
+    return next((key for key in ("patch", "img_size", "in_chans") if getattr(src, key) != getattr(dst, key)), None)
+
+
+def ancestry_check(size_reason: Callable[[ViTSpec, ViTSpec], str | None]) -> Callable[..., str | None]:
+    """A registered ``check(spec, ancestry_spec=None)`` for a strategy that inherits from an ancestry: the
+    strategies' own order of tests on specs alone, tokens first (:func:`check_same_tokens`), then
+    ``size_reason(ancestry_spec, spec)``, the strategy's size test. No ancestry: None (``can_make`` answers
+    that from the strategy's ``needs``)."""
+
+    def check(spec: ViTSpec, ancestry_spec: ViTSpec | None = None) -> str | None:
+        if ancestry_spec is None:
+            return None
+        if token_mismatch(ancestry_spec, spec):
+            return "tokens_differ_from_ancestry"
+        return size_reason(ancestry_spec, spec)
+
+    return check
+
+
 def check_same_tokens(strategy: str, src: ViTSpec, dst: ViTSpec) -> None:
     """Patch size, image size and channels must agree: the patch kernel and position table are copied as
     they are (their positions have a meaning; subsampling them would not be selection but resizing)."""
-    for key in ("patch", "img_size", "in_chans"):
-        if getattr(src, key) != getattr(dst, key):
-            raise ValueError(f"strategy {strategy!r}: ancestry {key}={getattr(src, key)} but target "
-                             f"{key}={getattr(dst, key)}; use a target with the ancestry's {key}")
+    key = token_mismatch(src, dst)
+    if key is not None:
+        raise ValueError(f"strategy {strategy!r}: ancestry {key}={getattr(src, key)} but target "
+                         f"{key}={getattr(dst, key)}; use a target with the ancestry's {key}")
 
 
 def select_indices(n: int, m: int, mode: str) -> torch.Tensor:

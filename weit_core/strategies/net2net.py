@@ -39,7 +39,12 @@ from torch import nn
 
 from weit_core.models import ViTSpec, create_vit
 from weit_core.strategies import InitResult, register
-from weit_core.strategies._common import as_text, check_same_tokens, require_ancestry
+from weit_core.strategies._common import (
+    ancestry_check,
+    as_text,
+    check_same_tokens,
+    require_ancestry,
+)
 from weit_core.train import seed_everything
 
 EMBED_MODES = ("auto", "tile", "mean_pad", "random")
@@ -110,11 +115,17 @@ def _attention_maps(src: ViTSpec, dst: ViTSpec, head_mode: str, gen: torch.Gener
     return fq, fkv, g, new_rows
 
 
-def _check_growth(src: ViTSpec, dst: ViTSpec) -> None:
+def _shrinks(src: ViTSpec, dst: ViTSpec) -> list[str]:
+    """The axes on which ``dst`` is smaller than ``src`` (net2net grows every axis or keeps it)."""
     hda, hdt = src.width // src.heads, dst.width // dst.heads
-    shrink = [f"{k} {a} -> {b}" for k, a, b in (("depth", src.depth, dst.depth), ("width", src.width, dst.width),
-                                                 ("heads", src.heads, dst.heads), ("head_dim", hda, hdt),
-                                                 ("mlp hidden", src.hidden, dst.hidden)) if b < a]
+    return [f"{k} {a} -> {b}" for k, a, b in (("depth", src.depth, dst.depth), ("width", src.width, dst.width),
+                                               ("heads", src.heads, dst.heads), ("head_dim", hda, hdt),
+                                               ("mlp hidden", src.hidden, dst.hidden)) if b < a]
+
+
+def _check_growth(src: ViTSpec, dst: ViTSpec) -> None:
+    hda = src.width // src.heads
+    shrink = _shrinks(src, dst)
     if shrink:
         ok = [h for h in range(src.heads, dst.width + 1) if dst.width % h == 0 and dst.width // h >= hda]
         raise ValueError(f"net2net only grows, but {', '.join(shrink)}; use weight_selection to shrink"
@@ -201,7 +212,8 @@ def grow_vit(
     return model, info
 
 
-@register("net2net")
+@register("net2net", needs=("ancestry",),
+          check=ancestry_check(lambda src, dst: "smaller_than_ancestry" if _shrinks(src, dst) else None))
 def net2net(
     spec: ViTSpec, *, ancestry: nn.Module | None = None, ancestry_spec: ViTSpec | None = None, seed: int = 0,
     init_mode: str = "", noise: float = 0.0, embed_mode: str = "auto", head_mode: str = "copy",

@@ -16,7 +16,7 @@ def scratch(spec: ViTSpec, *, seed: int = 0, init_mode: str = "", **_: object) -
     return InitResult(create_vit(spec, init_mode, head_seed=seed), {"init_mode": init_mode or "timm_default", "fit_steps": 0})
 
 
-@register("scratch_fit")
+@register("scratch_fit", needs=("fit_data",))
 def scratch_fit(
     spec: ViTSpec, *, fit_data: tuple[torch.Tensor, torch.Tensor], fit_steps: int = 100, fit_lr: float = 3e-3,
     fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", device: str = "cpu", **_: object,

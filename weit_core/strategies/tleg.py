@@ -22,7 +22,7 @@ from torch import nn
 
 from weit_core.models import ViTSpec, create_vit
 from weit_core.strategies import InitResult, register
-from weit_core.strategies._common import check_same_tokens, require_ancestry
+from weit_core.strategies._common import ancestry_check, check_same_tokens, require_ancestry
 from weit_core.train import seed_everything
 
 BLOCK_PARAMS = tuple(f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
@@ -87,7 +87,13 @@ def _info(position: str, spec: ViTSpec) -> dict:
             "shared": "patch_embed,cls_token,pos_embed,norm", "classifier_head": "new (timm init)"}
 
 
-@register("tleg")
+def _width_diff(src: ViTSpec, dst: ViTSpec) -> list[str]:
+    """What besides depth differs between ancestry and target (TLEG changes depth only)."""
+    return [f"{k} {getattr(src, k)} vs {getattr(dst, k)}" for k in ("width", "heads", "hidden")
+            if getattr(src, k) != getattr(dst, k)]
+
+
+@register("tleg", needs=("learngene",))
 def tleg(
     spec: ViTSpec, *, learngene: dict[str, torch.Tensor] | None = None, seed: int = 0, init_mode: str = "",
     position: str = "official", **_: object,
@@ -102,7 +108,8 @@ def tleg(
                               "init_mode": init_mode or "timm_default"})
 
 
-@register("tleg_fit")
+@register("tleg_fit", needs=("ancestry",),
+          check=ancestry_check(lambda src, dst: "width_differs_from_ancestry" if _width_diff(src, dst) else None))
 def tleg_fit(
     spec: ViTSpec, *, ancestry: nn.Module | None = None, ancestry_spec: ViTSpec | None = None, seed: int = 0,
     init_mode: str = "", position: str = "official", **_: object,
@@ -110,8 +117,7 @@ def tleg_fit(
     """TLEG expansion of a learngene fitted (least squares, ours) to a plain ancestry of the target's width."""
     ancestry, src = require_ancestry("tleg_fit", ancestry, ancestry_spec)
     check_same_tokens("tleg_fit", src, spec)
-    diff = [f"{k} {getattr(src, k)} vs {getattr(spec, k)}" for k in ("width", "heads", "hidden")
-            if getattr(src, k) != getattr(spec, k)]
+    diff = _width_diff(src, spec)
     if diff:
         raise ValueError(f"tleg_fit expands depth only and needs ancestry width/heads/MLP == target's; ancestry vs "
                          f"target: {', '.join(diff)}; use weight_selection (smaller) or net2net (larger) to change width")

@@ -23,6 +23,7 @@ from torch import nn
 from weit_core.models import ViTSpec, create_vit
 from weit_core.strategies import InitResult, register
 from weit_core.strategies._common import (
+    ancestry_check,
     as_text,
     check_same_tokens,
     layer_indices,
@@ -32,15 +33,31 @@ from weit_core.strategies._common import (
 from weit_core.train import seed_everything
 
 
+def selection_problem(src: ViTSpec, dst: ViTSpec, head_aware: bool = False) -> tuple[str, str] | None:
+    """Why weight selection cannot make ``dst`` from ``src``: ``(reason, message)`` (the reason a key of
+    ``CANNOT_MAKE``), or None when it can. The one size test behind both :func:`selection_plan` and the
+    strategy's registered check."""
+    too_big = [f"{k} {getattr(dst, k)} > {getattr(src, k)}" for k in ("depth", "width", "hidden")
+               if getattr(dst, k) > getattr(src, k)]
+    if too_big:
+        return "larger_than_ancestry", (f"weight_selection selects from a larger ancestry, but target "
+                                        f"{', '.join(too_big)}; pick a smaller target or grow with net2net")
+    if head_aware:
+        hd_src, hd_dst = src.width // src.heads, dst.width // dst.heads
+        if dst.heads > src.heads or hd_dst > hd_src:
+            return "heads_exceed_ancestry", (
+                f"head_aware weight selection needs target heads <= {src.heads} and head_dim <= {hd_src}, got "
+                f"heads={dst.heads}, head_dim={hd_dst}; pick fewer heads or head_aware=False")
+    return None
+
+
 def selection_plan(src: ViTSpec, dst: ViTSpec, layer_selection: str = "first_n", element_selection: str = "uniform",
                    head_aware: bool = False) -> dict[str, torch.Tensor]:
     """The indices weight selection uses: ``layers`` (ancestry block per target block), ``embed`` (residual
     channels), ``attn`` (channels of each q/k/v section and of proj's input), ``hidden`` (MLP units)."""
-    too_big = [f"{k} {getattr(dst, k)} > {getattr(src, k)}" for k in ("depth", "width", "hidden")
-               if getattr(dst, k) > getattr(src, k)]
-    if too_big:
-        raise ValueError(f"weight_selection selects from a larger ancestry, but target {', '.join(too_big)}; "
-                         "pick a smaller target or grow with net2net")
+    problem = selection_problem(src, dst, head_aware)
+    if problem:
+        raise ValueError(problem[1])
     plan = {
         "layers": layer_indices(src.depth, dst.depth, layer_selection),
         "embed": select_indices(src.width, dst.width, element_selection),
@@ -48,9 +65,6 @@ def selection_plan(src: ViTSpec, dst: ViTSpec, layer_selection: str = "first_n",
     }
     if head_aware:
         hd_src, hd_dst = src.width // src.heads, dst.width // dst.heads
-        if dst.heads > src.heads or hd_dst > hd_src:
-            raise ValueError(f"head_aware weight selection needs target heads <= {src.heads} and head_dim <= "
-                             f"{hd_src}, got heads={dst.heads}, head_dim={hd_dst}; pick fewer heads or head_aware=False")
         heads = select_indices(src.heads, dst.heads, element_selection)
         dims = select_indices(hd_src, hd_dst, element_selection)
         plan["heads"] = heads
@@ -113,7 +127,12 @@ def _weight_selection(
     })
 
 
-@register("weight_selection")
+def _check(head_aware: bool):
+    """The registered check: tokens, then :func:`selection_problem`, on specs alone."""
+    return ancestry_check(lambda src, dst: (selection_problem(src, dst, head_aware) or (None,))[0])
+
+
+@register("weight_selection", needs=("ancestry",), check=_check(head_aware=False))
 def weight_selection(
     spec: ViTSpec, *, ancestry: nn.Module | None = None, ancestry_spec: ViTSpec | None = None, seed: int = 0,
     init_mode: str = "", layer_selection: str = "first_n", element_selection: str = "uniform", head_aware: bool = False,
@@ -138,7 +157,7 @@ def _variant(name: str, **fixed: object) -> None:
                                  init_mode=str(kw.get("init_mode", "")), name=name, **opts)
 
     fn.__doc__ = f"weight_selection with {fixed}."
-    register(name)(fn)
+    register(name, needs=("ancestry",), check=_check(bool(fixed.get("head_aware", False))))(fn)
 
 
 _variant("weight_selection_even", layer_selection="even")
