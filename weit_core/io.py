@@ -78,15 +78,27 @@ class LoadedBank:
     bank: TemplateBank
     aux_scalers: Scalers | None
     header: dict
+    free: dict[str, torch.Tensor] | None = None
+    """The aux model's trained free tensors (norms, biases, position table, class token; never its head),
+    or None for a bank written before banks carried them (targets then take timm's init for those)."""
+
+    @property
+    def resize(self) -> dict:
+        return dict(self.header.get("resize") or {"width_rule": "nested", "depth_rule": "nested"})
 
 
 def save_bank(path: str | Path, bank: TemplateBank, aux_scalers: Scalers | None = None,
-              header: dict | None = None) -> Path:
-    """Templates (+ the auxiliary model's scalers, which stage 2 resamples) and a JSON header."""
+              header: dict | None = None, free: dict[str, torch.Tensor] | None = None) -> Path:
+    """Templates (+ the auxiliary model's scalers and free tensors, which stage 2 starts from) and a JSON
+    header. A classifier head in ``free`` is left out: the head is new for every task."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"templates.{k}": t.detach().cpu().contiguous() for k, t in bank.templates.items()}
     meta = {"format": BANK_FORMAT, "version": VERSION, **bank.config(), **(header or {})}
+    if free:
+        kept = {k: v for k, v in free.items() if not k.startswith("head.")}
+        tensors.update({f"free.{k}": v.detach().cpu().contiguous() for k, v in kept.items()})
+        meta["free"] = sorted(kept)
     if aux_scalers is not None:
         tensors.update({f"aux_scalers.{k}": g.detach().cpu().contiguous() for k, g in aux_scalers.grids.items()})
         meta["aux_layout"] = {k: {"names": list(g.names), "shape": list(g.shape)} for k, g in aux_scalers.layout.items()}
@@ -126,9 +138,17 @@ def load_bank(path: str | Path, expect_kinds: dict[str, KindSpec] | None = None)
                 raise WeitFileError(f"{path}: aux scalers for kind {k!r} should be {tuple(g.shape)}, found "
                                     f"{None if t is None else tuple(t.shape)}")
             g.data.copy_(t)
+    free = None
+    if header.get("free"):
+        missing = [k for k in header["free"] if f"free.{k}" not in tensors]
+        if missing:
+            raise WeitFileError(f"{path}: header lists free tensors {missing[:3]} that the file lacks")
+        free = {k: tensors[f"free.{k}"] for k in header["free"]}
+        if "aux_spec" not in header:
+            raise WeitFileError(f"{path}: carries free tensors but no aux_spec saying which size they are for")
     if expect_kinds is not None:
         check_bank_kinds(kinds, expect_kinds, str(path))
-    return LoadedBank(bank, aux, header)
+    return LoadedBank(bank, aux, header, free)
 
 
 def check_bank_kinds(have: dict[str, KindSpec], need: dict[str, KindSpec], where: str = "bank") -> None:

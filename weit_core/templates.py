@@ -167,15 +167,26 @@ def materialize_kind(template: torch.Tensor, grid: torch.Tensor, order: str = "s
 
 def materialize(bank: TemplateBank, scalers: Scalers) -> dict[str, torch.Tensor]:
     """Every templated weight of a target, ``{parameter name: tensor}``; differentiable in both inputs."""
-    _check_kinds(bank.kinds, scalers.layout, "the bank")
-    out: dict[str, torch.Tensor] = {}
-    for kind, group in scalers.layout.items():
-        if bank.kinds[kind] != scalers.kinds[kind]:
+    for kind in scalers.layout:
+        if kind in bank.kinds and bank.kinds[kind] != scalers.kinds[kind]:
             raise ValueError(
                 f"kind {kind!r}: the scalers were built for templates {scalers.kinds[kind]} but the bank has "
                 f"{bank.kinds[kind]}; rebuild the scalers from this bank"
             )
-        w = materialize_kind(bank.templates[kind], scalers.grids[kind], bank.order)
+    return materialize_grids(bank, dict(scalers.grids.items()), scalers.layout)
+
+
+def materialize_grids(bank: TemplateBank, grids: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """:func:`materialize` from plain ``(L, n, P, Q)`` grids (e.g. resized for another size, still in the
+    autograd graph of the reference scalers they came from)."""
+    _check_kinds(bank.kinds, layout, "the bank")
+    out: dict[str, torch.Tensor] = {}
+    for kind, group in layout.items():
+        g = grids[kind]
+        want = (group.depth, bank.kinds[kind].n, *grid_shape(kind, group, bank.kinds[kind]))
+        if tuple(g.shape) != want:
+            raise ValueError(f"kind {kind!r}: scaler grids are {tuple(g.shape)}, the layout needs {want}")
+        w = materialize_kind(bank.templates[kind], g, bank.order)
         out.update(zip(group.names, w.unbind(0), strict=True))
     return out
 

@@ -81,6 +81,17 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
 
 
+def _copies(out: torch.Tensor, y: torch.Tensor) -> int:
+    """How many stacked outputs per target (1 for an ordinary model)."""
+    if len(out) % max(len(y), 1):
+        raise ValueError(f"model gave {len(out)} outputs for a batch of {len(y)}")
+    return len(out) // max(len(y), 1)
+
+
+def _tile(t: torch.Tensor, k: int) -> torch.Tensor:
+    return t if k == 1 else t.repeat(k, *([1] * (t.dim() - 1)))
+
+
 def _check_finite(loss: torch.Tensor, step: int) -> None:
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"loss became {loss.item()} at step {step}; lower the learning rate")
@@ -124,10 +135,13 @@ def distill_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device):
             out = model(x)
+            k = _copies(out, y)
+            if k > 1:  # a model that runs several sizes per batch (stage 1's sandwich) stacks their outputs
+                y = _tile(y, k)
             loss = task.loss(out.float(), y)
             if teacher is not None:
                 with torch.no_grad():
-                    t_out = teacher(x).float()
+                    t_out = _tile(teacher(x).float(), k)
                 kl = F.kl_div(F.log_softmax(out.float() / tau, -1), F.log_softmax(t_out / tau, -1),
                               log_target=True, reduction="batchmean")
                 loss = loss + kl * tau**2
@@ -147,24 +161,53 @@ def distill_epoch(
     return stats
 
 
+def cycle_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled batches over a (small) set, a new order each pass; no partial batches unless the set
+    is smaller than one batch."""
+    epoch = 0
+    while True:
+        n = 0
+        for b in iterate_batches(x, y, batch_size, seed=seed + epoch, drop_last=len(x) > batch_size):
+            n += 1
+            yield b
+        if n == 0:
+            raise ValueError(f"a set of {len(x)} examples gives no batch of {batch_size}")
+        epoch += 1
+
+
 def fit_scalers(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float = 1e-3,
     batch_size: int = 64, seed: int = 0, task: Task = CLASSIFICATION, device: torch.device | str = "cpu",
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.0, teacher: nn.Module | None = None, tau: float = 2.0, warm_steps: int = 0,
+    warm_params: Iterable[nn.Parameter] | None = None,
 ) -> dict[str, float]:
     """Stage 2: exactly ``steps`` optimizer steps on the small subset ``(x, y)``, cycling over it, for
-    whatever in ``model`` requires grad (scalers + free params; the bank is frozen by the caller)."""
+    whatever in ``model`` requires grad (scalers + free params; the bank is frozen by the caller), with the
+    teacher's soft targets added when one is given.
+
+    The first ``warm_steps`` train only ``warm_params`` (a new head on inherited features): a random head's
+    first gradients would otherwise reshape what was inherited before the head means anything (LP-FT)."""
     if steps <= 0:
         return {"loss": math.nan, task.metric: math.nan, "steps": 0}
-    optimizer = make_optimizer(model, lr, weight_decay)
-    done, epoch, last = 0, 0, {}
-    while done < steps:
-        batches = iterate_batches(x, y, batch_size, shuffle=True, seed=seed + epoch, drop_last=len(x) > batch_size)
-        last = train_epoch(model, batches, optimizer, task=task, device=device, max_steps=steps - done)
-        if last["steps"] == 0:
-            raise ValueError(f"fit subset of {len(x)} examples gives no batch of {batch_size}")
+    stream = cycle_batches(x, y, batch_size, seed)
+    warm = list(warm_params or []) if warm_steps > 0 else []
+    done, last = 0, {}
+    for n, only in ((min(warm_steps, steps) if warm else 0, warm), (steps - (min(warm_steps, steps) if warm else 0), None)):
+        if n <= 0:
+            continue
+        grads = {p: p.requires_grad for p in model.parameters()}
+        if only:
+            keep = {id(p) for p in only}
+            for p in model.parameters():
+                p.requires_grad_(grads[p] and id(p) in keep)
+        try:
+            optimizer = make_optimizer(model, lr, weight_decay)
+            last = distill_epoch(model, stream, optimizer, teacher=teacher, tau=tau, task=task, device=device,
+                                 max_steps=n)
+        finally:
+            for p, g in grads.items():
+                p.requires_grad_(g)
         done += last["steps"]
-        epoch += 1
     return {"loss": last["loss"], task.metric: last[task.metric], "steps": done}
 
 

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from weit_core.models.family import Family
+from weit_core.resize import Axis, SizeMaps, axis_map, resize_grid, resize_stack, resize_tensor
 from weit_core.templates import KindSpec, LayerGroup, Layout
 
 TIMM_MODEL = "vit_tiny_patch16_224"
@@ -148,3 +150,67 @@ def copy_free_parameters(src: torch.nn.Module, dst: torch.nn.Module, skip: set[s
     for name, p in src.named_parameters():
         if name not in skip and name in dst_params and dst_params[name].shape == p.shape:
             dst_params[name].copy_(p)
+
+
+# ------------------------------------------------------------------------------------- sizes from sizes
+
+E = ((0, "embed", 1),)
+GRID_AXES: dict[str, tuple[Axis, ...]] = {
+    "patch": E, "qkv": ((0, "attn", 3), (1, "embed", 1)), "proj": ((0, "embed", 1), (1, "attn", 1)),
+    "fc1": ((0, "hidden", 1), (1, "embed", 1)), "fc2": ((0, "embed", 1), (1, "hidden", 1)),
+}
+"""Which channel axis each templated kind's rows (0) and columns (1) run over; qkv rows are q, k, v runs."""
+PER_BLOCK_KINDS = frozenset({"qkv", "proj", "fc1", "fc2"})
+FREE_AXES: dict[str, tuple[Axis, ...]] = {
+    "cls_token": ((2, "embed", 1),), "pos_embed": ((2, "embed", 1),), "patch_embed.proj.bias": E,
+    "norm.weight": E, "norm.bias": E, "head.weight": ((1, "embed", 1),), "head.bias": (),
+}
+BLOCK_FREE_AXES: dict[str, tuple[Axis, ...]] = {
+    "norm1.weight": E, "norm1.bias": E, "attn.qkv.bias": ((0, "attn", 3),), "attn.proj.bias": E,
+    "norm2.weight": E, "norm2.bias": E, "mlp.fc1.bias": ((0, "hidden", 1),), "mlp.fc2.bias": E,
+}
+"""The free (non-templated) tensors of a timm ViT and the channel axes they sit on; per-block ones also
+follow the depth map. The head is made for other sizes only inside stage 1 (each size's aux head)."""
+HEAD = ("head.weight", "head.bias")
+
+
+def free_names(spec: ViTSpec, head: bool = False) -> list[str]:
+    names = [n for n in FREE_AXES if head or n not in HEAD]
+    return names + [f"blocks.{i}.{s}" for i in range(spec.depth) for s in BLOCK_FREE_AXES]
+
+
+def size_maps(src: ViTSpec, dst: ViTSpec, block: int, width_rule: str = "nested",
+              depth_rule: str = "nested") -> SizeMaps:
+    """The maps from reference size ``src`` to ``dst`` over layers and ``block``-channel blocks."""
+    for key in ("patch", "img_size", "in_chans"):
+        if getattr(src, key) != getattr(dst, key):
+            raise ValueError(f"the bank's reference ViT has {key}={getattr(src, key)}, the target "
+                             f"{key}={getattr(dst, key)}; make a bank for this {key}")
+    for what, n in (("width", dst.width), ("MLP hidden", dst.hidden), ("reference width", src.width),
+                    ("reference MLP hidden", src.hidden)):
+        if n % block:
+            raise ValueError(f"{what} {n} is not a multiple of the template block {block}; choose sizes that "
+                             f"are multiples of {block} or a bank with a smaller block")
+    embed = axis_map(src.width // block, dst.width // block, width_rule)
+    return SizeMaps(depth=axis_map(src.depth, dst.depth, depth_rule),
+                    roles={"embed": embed, "attn": embed,
+                           "hidden": axis_map(src.hidden // block, dst.hidden // block, width_rule)},
+                    block=block)
+
+
+def resize_grids(grids: dict[str, torch.Tensor], maps: SizeMaps) -> dict[str, torch.Tensor]:
+    return {k: resize_grid(g, GRID_AXES[k], maps, k in PER_BLOCK_KINDS) for k, g in grids.items()}
+
+
+def resize_free(free: dict[str, torch.Tensor], src: ViTSpec, maps: SizeMaps,
+                head: bool = False) -> dict[str, torch.Tensor]:
+    """The free tensors of the target from the reference's (``free`` holds :func:`free_names` of ``src``)."""
+    out = {n: resize_tensor(free[n], FREE_AXES[n], maps) for n in FREE_AXES if (head or n not in HEAD)}
+    for suffix, axes in BLOCK_FREE_AXES.items():
+        made = resize_stack([free[f"blocks.{i}.{suffix}"] for i in range(src.depth)], axes, maps)
+        out.update({f"blocks.{i}.{suffix}": t for i, t in enumerate(made)})
+    return out
+
+
+VIT = Family(name="vit", spec_type=ViTSpec, build=create_vit, layout=vit_layout, kinds=vit_kinds,
+             free_names=free_names, size_maps=size_maps, resize_grids=resize_grids, resize_free=resize_free)

@@ -1,80 +1,174 @@
-"""``wave``: bank -> scalers resampled from the auxiliary model -> stage-2 fit (bank frozen) ->
-plain weights. ``wave_random_bank``: the same pipeline on an untrained bank of the same shape, the
-control that isolates what the trained templates carry."""
+"""``wave``: a bank -> the target's scalers and free tensors by the bank's resize rule -> stage-2 fit (bank
+frozen) -> plain weights. ``wave_random_bank``: the same pipeline on an untrained bank of the same shape
+(random templates, scalers and free tensors), the control that isolates what stage 1 buys.
+
+A bank that carries its aux model's free tensors (every bank ``weit distill`` writes now) gives the target
+*everything* stage 1 learned but the task head: at a size stage 1 trained, the init before stage 2 is that
+size of the aux model exactly. An older bank (templates + aux scalers only) still works: its scalers are
+resampled the first design's way and the free tensors take timm's init (recorded as such).
+
+``wave`` draws only on the bank (and, in stage 2, optionally on the ancestry as a *teacher*); it never copies
+an ancestry's weights, so a bank serves users who have no ancestry at hand.
+"""
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
+from torch import nn
 
+from weit_core.io import LoadedBank
 from weit_core.models import TemplatedModel, ViTSpec, create_vit, vit_layout
+from weit_core.models.vit import VIT
 from weit_core.strategies import InitResult, register
 from weit_core.templates import Scalers, TemplateBank, resample_scalers
 from weit_core.train import fit_scalers, seed_everything
 
+FIT_TEACHERS = ("none", "ancestry")
+INHERIT = ("all", "scalers")
 
-def _wave(
-    spec: ViTSpec, bank: TemplateBank, aux_scalers: Scalers | None, fit_data: tuple[torch.Tensor, torch.Tensor] | None,
-    *, fit_steps: int, fit_lr: float, fit_batch_size: int, seed: int, init_mode: str, scaler_init: str,
-    device: str,
-) -> InitResult:
+
+def _unpack(bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None) -> tuple[TemplateBank, Scalers | None,
+                                                                                   dict | None, dict]:
+    if isinstance(bank, LoadedBank):
+        return bank.bank, bank.aux_scalers, bank.free, bank.header
+    return bank, aux_scalers, None, {}
+
+
+def _start(spec: ViTSpec, bank: TemplateBank, aux: Scalers | None, free: dict | None, header: dict, *,
+           seed: int, init_mode: str, scaler_init: str, inherit: str) -> tuple[TemplatedModel, dict]:
+    """The target before stage 2: templated model with resized scalers (+ inherited free tensors)."""
+    if scaler_init not in ("resample", "random"):
+        raise ValueError(f"unknown scaler_init {scaler_init!r}; use 'resample' or 'random'")
+    if inherit not in INHERIT:
+        raise ValueError(f"unknown inherit {inherit!r}; choose one of {INHERIT}")
     seed_everything(seed)
     layout = vit_layout(spec)
-    if scaler_init == "resample":
-        if aux_scalers is None:
-            raise ValueError("scaler_init='resample' needs the bank's aux scalers; use scaler_init='random'")
-        scalers = resample_scalers(aux_scalers, layout)
-    elif scaler_init == "random":
+    base = create_vit(spec, init_mode, head_seed=seed)
+    info: dict[str, Any] = {"free_params": "timm_init", "head": "new (HEAD_STREAM + seed)"}
+    if scaler_init == "random":
         scalers = Scalers(layout, bank.kinds)
+        info["scalers"] = "random"
+    elif aux is None:
+        raise ValueError("scaler_init='resample' needs the bank's aux scalers; use scaler_init='random'")
+    elif free is not None and inherit == "all":
+        ref = ViTSpec.from_dict(header["aux_spec"])
+        rules = dict(header.get("resize") or {})
+        maps = VIT.size_maps(ref, spec, bank.kinds["qkv"].a, **rules)
+        with torch.no_grad():
+            grids = VIT.resize_grids(dict(aux.grids.items()), maps)
+            made = VIT.resize_free(free, ref, maps, head=False)
+            scalers = Scalers(layout, bank.kinds)
+            for k, g in grids.items():
+                scalers.grids[k].copy_(g)
+            own = dict(base.named_parameters())
+            for k, v in made.items():
+                own[k].copy_(v)
+        shape = ("depth", "width", "heads", "mlp_ratio")
+        trained = {tuple(s[k] for k in shape) for s in header.get("size_range") or [header["aux_spec"]]}
+        info.update(free_params="bank", scalers="bank_rule", resize=rules or "nested/nested",
+                    reference=f"{ref.depth}x{ref.width}x{ref.heads}", in_stage1_range=tuple(getattr(spec, k) for k in shape) in trained)
     else:
-        raise ValueError(f"unknown scaler_init {scaler_init!r}; use 'resample' or 'random'")
-    model = TemplatedModel(create_vit(spec, init_mode, head_seed=seed), copy.deepcopy(bank), scalers).to(device)
+        scalers = resample_scalers(aux, layout)
+        info.update(scalers="resampled (first design)",
+                    free_params="timm_init" + (" (bank has none)" if free is None else " (inherit=scalers)"))
+    return TemplatedModel(base, copy.deepcopy(bank), scalers), info
+
+
+def _teacher(fit_teacher: str, ancestry: nn.Module | None, spec: ViTSpec) -> nn.Module | None:
+    if fit_teacher not in FIT_TEACHERS:
+        raise ValueError(f"unknown fit_teacher {fit_teacher!r}; choose one of {FIT_TEACHERS}")
+    if fit_teacher == "none":
+        return None
+    if ancestry is None:
+        raise ValueError("fit_teacher='ancestry' needs an ancestry; pass --ancestry <model.safetensors>")
+    classes = getattr(getattr(ancestry, "head", None), "out_features", None)
+    if classes != spec.num_classes:
+        raise ValueError(f"fit_teacher='ancestry': the ancestry predicts {classes} classes, the task has "
+                         f"{spec.num_classes}; distillation needs the same labels (use fit_teacher='none')")
+    return ancestry
+
+
+def _wave(
+    spec: ViTSpec, bank: TemplateBank, aux: Scalers | None, free: dict | None, header: dict,
+    fit_data: tuple[torch.Tensor, torch.Tensor] | None, *, fit_steps: int, fit_lr: float, fit_batch_size: int,
+    seed: int, init_mode: str, scaler_init: str, inherit: str, head_steps: int, teacher: nn.Module | None,
+    tau: float, device: str,
+) -> InitResult:
+    model, info = _start(spec, bank, aux, free, header, seed=seed, init_mode=init_mode, scaler_init=scaler_init,
+                         inherit=inherit)
+    model = model.to(device)
     model.set_stage("fit")
     stats = {"steps": 0, "loss": float("nan")}
     if fit_steps > 0:
         if fit_data is None:
             raise ValueError("wave needs fit_data (a small labeled subset) when fit_steps > 0")
         stats = fit_scalers(model, *fit_data, steps=fit_steps, lr=fit_lr, batch_size=fit_batch_size, seed=seed,
-                            device=device)
+                            device=device, teacher=teacher, tau=tau, warm_steps=head_steps,
+                            warm_params=list(model.base.head.parameters()))
     plain = model.cpu().materialize_into(create_vit(spec, init_mode))
     return InitResult(plain, {
-        "init_mode": init_mode or "timm_default", "fit_steps": stats["steps"], "fit_lr": fit_lr,
+        **info, "init_mode": init_mode or "timm_default", "fit_steps": stats["steps"], "fit_lr": fit_lr,
         "fit_examples": 0 if fit_data is None else len(fit_data[0]), "fit_loss": stats["loss"],
-        "scaler_init": scaler_init, "scaler_count": scalers.num_numbers(), "template_count": bank.num_numbers(),
-        "kron_order": bank.order, "trainable": "scalers+free", "free_params": "timm_init+fit",
+        "fit_head_steps": min(head_steps, fit_steps) if fit_steps > 0 else 0,
+        "fit_teacher": "ancestry" if teacher is not None else "none", "scaler_init": scaler_init,
+        "scaler_count": model.scalers.num_numbers(), "template_count": bank.num_numbers(),
+        "kron_order": bank.order, "trainable": "scalers+free",
     })
 
 
 @register("wave")
 def wave(
-    spec: ViTSpec, *, bank: TemplateBank, aux_scalers: Scalers | None = None,
+    spec: ViTSpec, *, bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None = None,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
     fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", scaler_init: str = "resample",
-    device: str = "cpu", **_: object,
+    inherit: str = "all", head_steps: int = 0, fit_teacher: str = "none", ancestry: nn.Module | None = None,
+    tau: float = 2.0, device: str = "cpu", **_: object,
 ) -> InitResult:
-    return _wave(spec, bank, aux_scalers, fit_data, fit_steps=fit_steps, fit_lr=fit_lr,
+    templates, aux, free, header = _unpack(bank, aux_scalers)
+    return _wave(spec, templates, aux, free, header, fit_data, fit_steps=fit_steps, fit_lr=fit_lr,
                  fit_batch_size=fit_batch_size, seed=seed, init_mode=init_mode, scaler_init=scaler_init,
+                 inherit=inherit, head_steps=head_steps, teacher=_teacher(fit_teacher, ancestry, spec), tau=tau,
                  device=device)
+
+
+def random_like(bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None, seed: int
+                ) -> tuple[TemplateBank, Scalers | None, dict | None, dict]:
+    """An untrained bank of the same shape: fresh templates, fresh aux scalers, fresh (timm-init) free
+    tensors of the reference size, the same header (reference size, rule, range)."""
+    templates, aux, free, header = _unpack(bank, aux_scalers)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    fresh = TemplateBank(templates.kinds, templates.order)
+    fresh.reset_parameters(gen)
+    fresh_aux = None
+    if aux is not None:
+        fresh_aux = Scalers(aux.layout, templates.kinds)
+        fresh_aux.reset_parameters(gen)
+    fresh_free = None
+    if free is not None:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(10_000 + seed)
+        ref = create_vit(ViTSpec.from_dict(header["aux_spec"]))
+        torch.random.set_rng_state(state)
+        fresh_free = {k: v.detach() for k, v in ref.named_parameters() if k in free}
+    return fresh, fresh_aux, fresh_free, header
 
 
 @register("wave_random_bank")
 def wave_random_bank(
-    spec: ViTSpec, *, bank: TemplateBank, aux_scalers: Scalers | None = None,
+    spec: ViTSpec, *, bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None = None,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
-    fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", device: str = "cpu", **_: object,
+    fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", inherit: str = "all", head_steps: int = 0,
+    fit_teacher: str = "none", ancestry: nn.Module | None = None, tau: float = 2.0, device: str = "cpu",
+    **_: object,
 ) -> InitResult:
-    """An untrained bank (fresh templates + fresh aux scalers of the trained bank's shapes), then
-    exactly the ``wave`` pipeline."""
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    random_bank = TemplateBank(bank.kinds, bank.order)
-    random_bank.reset_parameters(gen)
-    random_aux = None
-    if aux_scalers is not None:
-        random_aux = Scalers(aux_scalers.layout, bank.kinds)
-        random_aux.reset_parameters(gen)
-    result = _wave(spec, random_bank, random_aux, fit_data, fit_steps=fit_steps, fit_lr=fit_lr,
+    """Exactly the ``wave`` pipeline on :func:`random_like` of the bank."""
+    templates, aux, free, header = random_like(bank, aux_scalers, seed)
+    result = _wave(spec, templates, aux, free, header, fit_data, fit_steps=fit_steps, fit_lr=fit_lr,
                    fit_batch_size=fit_batch_size, seed=seed, init_mode=init_mode,
-                   scaler_init="resample" if random_aux is not None else "random", device=device)
+                   scaler_init="resample" if aux is not None else "random", inherit=inherit, head_steps=head_steps,
+                   teacher=_teacher(fit_teacher, ancestry, spec), tau=tau, device=device)
     result.info["bank"] = "random"
     return result
