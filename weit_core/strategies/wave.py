@@ -119,7 +119,7 @@ def _wave(
     })
 
 
-@register("wave")
+@register("wave", needs=("bank",))
 def wave(
     spec: ViTSpec, *, bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None = None,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
@@ -156,7 +156,7 @@ def random_like(bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None, se
     return fresh, fresh_aux, fresh_free, header
 
 
-@register("wave_random_bank")
+@register("wave_random_bank", needs=("bank",))
 def wave_random_bank(
     spec: ViTSpec, *, bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None = None,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
