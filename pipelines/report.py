@@ -2,8 +2,12 @@
 plot it, and register each task's winning *initialized* model as ``weit-<task>@champion``.
 
 Definitions (they are what the tests recompute with pandas):
-- a group is (task, strategy, depth, width, heads, mlp_ratio); its score at budget ``e`` is the mean over
-  seeds of ``val_acc`` after ``e`` stage-3 epochs (``e = 0``: right after initialization);
+- a group is (task, strategy, depth, width, heads, mlp_ratio); at each of its stage-3 learning rates its
+  score at budget ``e`` is the mean over seeds of ``val_acc`` after ``e`` stage-3 epochs (``e = 0``: right
+  after initialization);
+- each group is reported at its own best learning rate: the lr with the highest score at the task's final
+  budget (an lr none of whose trials FAILED before one that lost a trial; ties: the smaller lr), so no init is
+  judged by a recipe tuned for another; its row (val per budget, test where logged) is that lr's;
 - the winner of a task is the group with the highest score at the task's final budget (ties: fewer
   parameters, then strategy name); it names the best strategy and the best size together;
 - the strategy ranking averages each strategy's final-budget score over the sizes it ran on;
@@ -47,6 +51,8 @@ class Winner:
     num_params: int
     run_id: str  # the best seed's child run (its initialized model is the champion)
     best_strategy: str  # argmax of the strategy ranking (mean over sizes)
+    lr: float  # the stage-3 learning rate the score is taken at (the group's best)
+    n_lrs: int  # how many learning rates the group tried
     registered: str | None = None  # "weit-<task>/<version>" when registered
 
     @property
@@ -59,7 +65,7 @@ class Report:
     sweep: str
     parent_run_id: str
     runs: Any  # pandas DataFrame: one row per child run (tidy columns)
-    leaderboard: Any  # pandas DataFrame: one row per group
+    leaderboard: Any  # pandas DataFrame: one row per group, at its best learning rate
     strategy_ranking: Any  # pandas DataFrame: per task x strategy
     winners: dict[str, Winner]
     files: list[Path] = field(default_factory=list)
@@ -100,12 +106,24 @@ def load_runs(parent: Any) -> Any:
                             filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                             max_results=100_000)
     if df.empty:
-        return pd.DataFrame(columns=[*GROUP, "seed", "status", "run_id"])
+        return pd.DataFrame(columns=[*GROUP, "lr", "seed", "status", "run_id"])
+    # a trial that failed before logging its params (in init) has only its tags: read the size and lr there
+    size = df["tags.weit.size"].str.split("x", expand=True) if "tags.weit.size" in df else None
+
+    def param(name: str, i: int | None = None, tag: str | None = None) -> Any:
+        col = pd.to_numeric(df.get(f"params.{name}"), errors="coerce")
+        if i is not None and size is not None:
+            col = col.fillna(pd.to_numeric(size[i], errors="coerce"))
+        if tag is not None and f"tags.{tag}" in df:
+            col = col.fillna(pd.to_numeric(df[f"tags.{tag}"], errors="coerce"))
+        return col
+
     out = pd.DataFrame({
         "task": df["tags.weit.task"], "strategy": df["tags.weit.strategy"],
-        "depth": df["params.depth"].astype(int), "width": df["params.width"].astype(int),
-        "heads": df["params.heads"].astype(int), "mlp_ratio": df["params.mlp_ratio"].astype(float),
-        "seed": df["params.seed"].fillna(df["tags.weit.seed"]).astype(int), "status": df["status"],
+        "depth": param("depth", 0).astype(int), "width": param("width", 1).astype(int),
+        "heads": param("heads", 2).astype(int), "mlp_ratio": param("mlp_ratio", 3).astype(float),
+        "lr": param("lr", tag="weit.lr"),
+        "seed": param("seed", tag="weit.seed").astype(int), "status": df["status"],
         "run_id": df["run_id"], "artifact_uri": df["artifact_uri"],
         "num_params": pd.to_numeric(df.get("params.num_params"), errors="coerce"),
         "epochs": pd.to_numeric(df.get("params.epochs"), errors="coerce"),
@@ -129,14 +147,17 @@ def budgets(runs: Any) -> list[int]:
 # ------------------------------------------------------------------------------------------------ ranking
 
 
-def leaderboard(runs: Any) -> Any:
-    """Mean / std / count over seeds of val accuracy at every budget, per group (FINISHED runs only)."""
+def leaderboard_by_lr(runs: Any) -> Any:
+    """Mean / std / count over seeds of val accuracy at every budget, per group and stage-3 learning rate
+    (FINISHED runs only), with ``score`` (the mean at the task's final budget) and ``n_failed`` (FAILED
+    trials at that lr)."""
     import pandas as pd
 
+    keys = [*GROUP, "lr"]
     ok = runs[runs["status"] == "FINISHED"]
     if ok.empty:
-        return pd.DataFrame(columns=GROUP)
-    g = ok.groupby(GROUP, sort=False)
+        return pd.DataFrame(columns=keys)
+    g = ok.groupby(keys, sort=False)
     board = g.agg(num_params=("num_params", "first"), n_seeds=("seed", "nunique"),
                   init_s=("init_s", "mean"), test_acc_mean=("test_acc", "mean"), test_acc_std=("test_acc", "std"))
     for e in budgets(ok):
@@ -144,13 +165,31 @@ def leaderboard(runs: Any) -> Any:
         board[f"acc_e{e}_mean"] = g[col].mean()
         board[f"acc_e{e}_std"] = g[col].std()
         board[f"acc_e{e}_n"] = g[col].count()
-    failed = runs[runs["status"] == "FAILED"].groupby(GROUP).size()
+    failed = runs[runs["status"] == "FAILED"].groupby(keys).size()
     board["n_failed"] = failed.reindex(board.index).fillna(0).astype(int)
     board = board.reset_index()
     board["final_budget"] = board["task"].map(_final_budgets(ok))
     board["score"] = [r[f"acc_e{int(r['final_budget'])}_mean"] for _, r in board.iterrows()]
-    return board.sort_values(["task", "score", "num_params", "strategy"], ascending=[True, False, True, True],
-                             na_position="last").reset_index(drop=True)
+    return board
+
+
+def leaderboard(runs: Any) -> Any:
+    """One row per group at its best stage-3 learning rate (see the module's definitions): that lr's
+    statistics (:func:`leaderboard_by_lr`), the chosen ``lr``, ``n_lrs`` (how many the group tried) and
+    ``n_failed`` (its FAILED trials over all its lrs); sorted by score within each task."""
+    by_lr = leaderboard_by_lr(runs)
+    if by_lr.empty:
+        return by_lr.assign(n_lrs=[])
+    by_lr["clean"] = by_lr["n_failed"] == 0
+    best = (by_lr.sort_values(["clean", "score", "lr"], ascending=[False, False, True], na_position="last")
+            .groupby(GROUP, sort=False).head(1).drop(columns="clean"))
+    tried = runs.groupby(GROUP)["lr"].nunique()
+    failed = runs[runs["status"] == "FAILED"].groupby(GROUP).size()
+    index = best.set_index(GROUP).index
+    best["n_lrs"] = tried.reindex(index).fillna(1).astype(int).to_numpy()
+    best["n_failed"] = failed.reindex(index).fillna(0).astype(int).to_numpy()
+    return best.sort_values(["task", "score", "num_params", "strategy"], ascending=[True, False, True, True],
+                            na_position="last").reset_index(drop=True)
 
 
 def _final_budgets(ok: Any) -> dict[str, int]:
@@ -178,7 +217,7 @@ def pick_winners(runs: Any, board: Any, ranking: Any) -> dict[str, Winner]:
         top = rows.iloc[0]  # the board is sorted by score desc, then fewer params, then name
         e = int(top["final_budget"])
         mask = (runs["status"] == "FINISHED")
-        for k in GROUP:
+        for k in [*GROUP, "lr"]:
             mask &= runs[k] == top[k]
         seeds = runs[mask].sort_values([f"val_acc_e{e}", "seed"], ascending=[False, True])
         strat = ranking[ranking["task"] == task].iloc[0]["strategy"]
@@ -187,7 +226,7 @@ def pick_winners(runs: Any, board: Any, ranking: Any) -> dict[str, Winner]:
             task=task, strategy=top["strategy"], depth=int(top["depth"]), width=int(top["width"]),
             heads=int(top["heads"]), mlp_ratio=float(top["mlp_ratio"]), budget=e, acc_mean=float(top["score"]),
             acc_std=0.0 if math.isnan(std) else std, n_seeds=int(top["n_seeds"]), num_params=int(top["num_params"]),
-            run_id=seeds.iloc[0]["run_id"], best_strategy=strat)
+            run_id=seeds.iloc[0]["run_id"], best_strategy=strat, lr=float(top["lr"]), n_lrs=int(top["n_lrs"]))
     return winners
 
 
@@ -212,13 +251,16 @@ def leaderboard_markdown(board: Any, winners: dict[str, Winner], ranking: Any) -
         if w:
             lines.append(f"Winner: **{w.strategy}** at size **{w.size}** (depth x width x heads x mlp_ratio), "
                          f"val acc {w.acc_mean:.4f} ± {w.acc_std:.4f} after {w.budget} epochs over {w.n_seeds} "
-                         f"seed(s); best strategy over all sizes: **{w.best_strategy}**.\n")
-        head = ["strategy", "size", "params", "seeds", *[f"acc@{e}ep" for e in es], "test acc", "failed"]
+                         f"seed(s) at lr {w.lr:g}; best strategy over all sizes: **{w.best_strategy}**.\n")
+        lines.append("Each strategy x size at its own best stage-3 learning rate (`lr`, of the `lrs` it tried), "
+                     "chosen on the final-budget val mean; test is that lr's.\n")
+        head = ["strategy", "size", "params", "seeds", "lr", "lrs", *[f"acc@{e}ep" for e in es], "test acc",
+                "failed"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for _, r in rows.iterrows():
             cells = [r["strategy"], f"{r['depth']}x{r['width']}x{r['heads']}x{r['mlp_ratio']:g}",
-                     f"{int(r['num_params']):,}", str(int(r["n_seeds"]))]
+                     f"{int(r['num_params']):,}", str(int(r["n_seeds"])), f"{r['lr']:g}", str(int(r["n_lrs"]))]
             cells += [_cell(r[f"acc_e{e}_mean"], r[f"acc_e{e}_std"], int(r[f"acc_e{e}_n"])) for e in es]
             cells += [_cell(r["test_acc_mean"], r["test_acc_std"], int(r["n_seeds"])), str(int(r["n_failed"]))]
             lines.append("| " + " | ".join(cells) + " |")
@@ -276,7 +318,7 @@ def plot_convergence(board: Any, winner: Winner, path: Path) -> Path:
         std = [0.0 if math.isnan(r[f"acc_e{e}_std"]) else r[f"acc_e{e}_std"] for e in es]
         is_w, is_s = r["strategy"] == winner.strategy, r["strategy"] == "scratch"
         style = dict(lw=2.5, zorder=3) if is_w else dict(lw=2, ls="--") if is_s else dict(lw=1, alpha=0.6)
-        label = r["strategy"] + (" (winner)" if is_w else "")
+        label = f"{r['strategy']} (lr {r['lr']:g})" + (" (winner)" if is_w else "")
         ax.plot(es, mean, marker="o", ms=4, label=label, **style)
         ax.fill_between(es, [m - s for m, s in zip(mean, std, strict=True)],
                         [m + s for m, s in zip(mean, std, strict=True)], alpha=0.15)
@@ -302,11 +344,11 @@ def print_report(report: Report) -> None:
         es = sorted(int(c[len("acc_e"):-len("_mean")]) for c in rows.columns
                     if re.fullmatch(r"acc_e\d+_mean", c) and rows[c].notna().any())
         table = Table(title=f"{report.sweep}: {task} (val accuracy, mean ± std over seeds)")
-        for col in ["strategy", "size", "params", *[f"@{e}ep" for e in es]]:
+        for col in ["strategy", "size", "params", "lr", "lrs", *[f"@{e}ep" for e in es]]:
             table.add_column(col, justify="left" if col in ("strategy", "size") else "right")
         for _, r in rows.head(15).iterrows():
             table.add_row(r["strategy"], f"{r['depth']}x{r['width']}x{r['heads']}x{r['mlp_ratio']:g}",
-                          f"{int(r['num_params']):,}",
+                          f"{int(r['num_params']):,}", f"{r['lr']:g}", str(int(r["n_lrs"])),
                           *[_cell(r[f"acc_e{e}_mean"], r[f"acc_e{e}_std"], int(r[f"acc_e{e}_n"])) for e in es])
         console.print(table)
         if len(rows) > 15:
@@ -315,7 +357,8 @@ def print_report(report: Report) -> None:
         if w:
             reg = f"; registered as {w.registered}" if w.registered else ""
             console.print(f"[bold]{task}[/bold]: winner {w.strategy} at {w.size} ({w.num_params:,} params), "
-                          f"{w.acc_mean:.4f} ± {w.acc_std:.4f} after {w.budget} epochs; best strategy over sizes: "
+                          f"{w.acc_mean:.4f} ± {w.acc_std:.4f} after {w.budget} epochs at lr {w.lr:g} (best of "
+                          f"{w.n_lrs}); best strategy over sizes: "
                           f"{w.best_strategy}{reg}")
     if report.n_failed:
         console.print(f"{report.n_failed} trial(s) FAILED (see their weit.failure tag); not ranked")
@@ -350,6 +393,7 @@ def register_champion(client: Any, report: Report, winner: Winner) -> str | None
             "width": winner.width, "heads": winner.heads, "mlp_ratio": winner.mlp_ratio,
             "num_params": winner.num_params, "budget_epochs": winner.budget, "val_acc_mean": f"{winner.acc_mean:.6f}",
             "val_acc_std": f"{winner.acc_std:.6f}", "n_seeds": winner.n_seeds, "best_strategy": winner.best_strategy,
+            "lr": f"{winner.lr:g}", "n_lrs": winner.n_lrs,
             "sweep": report.sweep, "parent_run_id": report.parent_run_id}
     mv = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=winner.run_id,
                                      tags={k: str(v) for k, v in tags.items()},
@@ -386,10 +430,12 @@ def build_report(
     out_dir = Path(out) if out else Path("reports") / name
     out_dir.mkdir(parents=True, exist_ok=True)
     board.to_csv(out_dir / "leaderboard.csv", index=False)
+    leaderboard_by_lr(runs).to_csv(out_dir / "leaderboard_by_lr.csv", index=False)
     ranking.to_csv(out_dir / "strategy_ranking.csv", index=False)
     (out_dir / "leaderboard.md").write_text(f"# Sweep {name}\n\n" + leaderboard_markdown(board, report.winners,
                                                                                           ranking))
-    files = [out_dir / "leaderboard.csv", out_dir / "strategy_ranking.csv", out_dir / "leaderboard.md"]
+    files = [out_dir / "leaderboard.csv", out_dir / "leaderboard_by_lr.csv", out_dir / "strategy_ranking.csv",
+             out_dir / "leaderboard.md"]
     for task, w in report.winners.items():
         files.append(plot_acc_vs_params(board, task, out_dir / f"acc_vs_params_{task}.png"))
         files.append(plot_convergence(board, w, out_dir / f"convergence_{task}.png"))
@@ -397,7 +443,8 @@ def build_report(
         for w in report.winners.values():
             w.registered = register_champion(client, report, w)
     summary = {t: {"strategy": w.strategy, "size": w.size, "val_acc_mean": w.acc_mean, "val_acc_std": w.acc_std,
-                   "budget": w.budget, "run_id": w.run_id, "best_strategy": w.best_strategy,
+                   "budget": w.budget, "lr": w.lr, "n_lrs": w.n_lrs, "run_id": w.run_id,
+                   "best_strategy": w.best_strategy,
                    "registered": w.registered} for t, w in report.winners.items()}
     (out_dir / "winners.json").write_text(json.dumps(summary, indent=1))
     files.append(out_dir / "winners.json")

@@ -37,10 +37,13 @@ CONSTRAINT_KEYS = ("width_multiple", "min_head_dim", "max_head_dim", "min_params
 TRAINING_DEFAULTS: dict[str, Any] = {
     "epochs": 3, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "steps_per_epoch": None,
     "fit_steps": 100, "fit_examples": 512, "fit_lr": 1e-3, "fit_batch_size": 64, "seeds": [0],
-    "init_mode": "", "eval_batch_size": 512, "test_eval": True,
+    "init_mode": "", "eval_batch_size": 512, "test_eval": True, "schedule": "cosine", "warmup": 0.1,
 }
 """Stage-2 (``fit_*``) and stage-3 settings; a space's ``training`` block and a task's ``training``
-block override them in that order."""
+block override them in that order. ``lr`` may be a list (a grid: one trial per value, like ``seeds``);
+``schedule`` is the stage-3 recipe every strategy gets: ``cosine`` = linear warm-up over ``warmup`` (a
+fraction of the trial's stage-3 optimizer steps) then cosine decay, ``constant`` = a fixed ``lr``."""
+SCHEDULES = ("cosine", "constant")
 
 DROP_REASONS = {
     "heads_not_dividing_width": "heads do not divide width",
@@ -279,8 +282,26 @@ def _parse_training(c: _Ctx, raw: Any, where: str, base: dict) -> dict:
             out[k] = c.integer(v, key, minimum=0)
         elif k == "steps_per_epoch":
             out[k] = c.integer(v, key, allow_none=True)
-        elif k in ("lr", "fit_lr"):
+        elif k == "lr":
+            if isinstance(v, list):
+                if not v:
+                    raise c.fail(key, "empty list; give at least one learning rate")
+                lrs = [c.number(x, key) for x in v]
+                if len(set(lrs)) != len(lrs):
+                    raise c.fail(key, f"repeated learning rates {v}")
+                out[k] = lrs
+            else:
+                out[k] = c.number(v, key)
+        elif k == "fit_lr":
             out[k] = c.number(v, key)
+        elif k == "schedule":
+            if v not in SCHEDULES:
+                raise c.fail(key, f"expected one of {', '.join(SCHEDULES)}, got {_show(v)}")
+            out[k] = v
+        elif k == "warmup":
+            out[k] = c.number(v, key, positive=False)
+            if not 0 <= out[k] < 1:
+                raise c.fail(key, f"a fraction of the stage-3 steps, in [0, 1), got {v}")
         elif k == "weight_decay":
             out[k] = c.number(v, key, positive=False)
             if out[k] < 0:
@@ -556,9 +577,15 @@ def trial_key(config: dict) -> str:
     return hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def learning_rates(training: dict) -> list[float]:
+    """The stage-3 learning rates of a resolved training block (``lr`` is a number or a grid)."""
+    lr = training["lr"]
+    return list(lr) if isinstance(lr, list | tuple) else [lr]
+
+
 def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = None) -> Expansion:
-    """All trials: per task, every valid size x seed x strategy (strategy innermost, so a truncated list
-    still compares strategies on the same sizes). ``bank_block`` is the bank's template block when a
+    """All trials: per task, every valid size x seed x lr x strategy (strategy innermost, so a truncated
+    list still compares strategies on the same sizes). ``bank_block`` is the bank's template block when a
     strategy of the space uses the bank; ``width_multiple: block`` then means that block."""
     cons = space.constraints
     block = bank_block
@@ -577,13 +604,15 @@ def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = 
                 dropped[reason] += 1
                 continue
             n_valid += 1
+            base = {"task": task.name, **task.data_key(), **size, "patch": task.patch, "img_size": shape.img_size,
+                    "in_chans": shape.in_chans, "num_classes": shape.num_classes}
             for seed in tr["seeds"]:
-                for strategy in space.strategies:
-                    cfg = {"task": task.name, **task.data_key(), "strategy": strategy, **size, "patch": task.patch,
-                           "img_size": shape.img_size, "in_chans": shape.in_chans, "num_classes": shape.num_classes,
-                           "seed": seed, **{k: v for k, v in tr.items() if k != "seeds"}}
-                    cfg["key"] = trial_key(cfg)
-                    trials.append(cfg)
+                for lr in learning_rates(tr):
+                    for strategy in space.strategies:
+                        cfg = {**base, "strategy": strategy, "seed": seed,
+                               **{k: v for k, v in tr.items() if k != "seeds"}, "lr": lr}
+                        cfg["key"] = trial_key(cfg)
+                        trials.append(cfg)
         valid[task.name] = n_valid
     return Expansion(trials, dropped, len(points) * len(space.tasks), valid)
 
@@ -643,8 +672,10 @@ def summarize_space(space: Space, expansion: Expansion) -> str:
     per_task = ", ".join(f"{t}: {n} sizes" for t, n in expansion.sizes_valid.items())
     n_seeds = {len(t.training["seeds"]) for t in space.tasks}
     seeds = next(iter(n_seeds)) if len(n_seeds) == 1 else "per-task"
+    n_lrs = {len(learning_rates(t.training)) for t in space.tasks}
+    lrs = "" if n_lrs == {1} else f" x {next(iter(n_lrs)) if len(n_lrs) == 1 else 'per-task'} learning rates"
     return (f"space {space.name}: {len(expansion.trials)} trials = valid sizes ({per_task}) x "
-            f"{len(space.strategies)} strategies x {seeds} seeds; {expansion.describe_drops()}")
+            f"{len(space.strategies)} strategies x {seeds} seeds{lrs}; {expansion.describe_drops()}")
 
 
 def block_of_bank(kinds: dict) -> int:

@@ -185,8 +185,8 @@ class TrialTracker:
         size = f"{config['depth']}x{config['width']}x{config['heads']}x{config['mlp_ratio']:g}"
         tags = {"mlflow.parentRunId": self.parent_run_id, "weit.trial_key": config["key"], "weit.sweep": self.sweep,
                 "weit.kind": "trial", "weit.task": config["task"], "weit.strategy": config["strategy"],
-                "weit.size": size, "weit.seed": str(config["seed"])}
-        name = f"{config['task']}/{config['strategy']}/{size}/s{config['seed']}"
+                "weit.size": size, "weit.seed": str(config["seed"]), "weit.lr": f"{config['lr']:g}"}
+        name = f"{config['task']}/{config['strategy']}/{size}/s{config['seed']}/lr{config['lr']:g}"
         self.run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
         return None
 
@@ -355,11 +355,13 @@ def run_trial(
             tracker.log_epoch(0, {METRIC: ev["acc"], "val_loss": ev["loss"]})
         seed_everything(config["seed"])
         opt = make_optimizer(model, config["lr"], config["weight_decay"])
+        sched = stage3_schedule(opt, config, len(data.train))
         for epoch in range(1, config["epochs"] + 1):
             t1 = time.perf_counter()
             batches = iterate_batches(data.train.x, data.train.y, config["batch_size"],
                                       seed=config["seed"] * 1000 + epoch)
-            tr = train_epoch(model, batches, opt, device=device, max_steps=config["steps_per_epoch"])
+            tr = train_epoch(model, batches, opt, device=device, max_steps=config["steps_per_epoch"],
+                             scheduler=sched)
             ev = _eval(*val)
             row = {METRIC: ev["acc"], "val_loss": ev["loss"], "train_loss": tr["loss"], "train_acc": tr["acc"],
                    "epoch_s": time.perf_counter() - t1}
@@ -387,6 +389,30 @@ def run_trial(
         if tracker is not None:
             tracker.fail(e, "error")
         raise
+
+
+def stage3_steps(config: dict, n_train: int) -> int:
+    """The trial's stage-3 optimizer steps: epochs x steps per epoch (a full pass of ``n_train`` examples in
+    batches of ``batch_size``, the last one partial, or ``steps_per_epoch`` when the space caps it lower)."""
+    per_epoch = math.ceil(n_train / config["batch_size"])
+    if config["steps_per_epoch"]:
+        per_epoch = min(per_epoch, config["steps_per_epoch"])
+    return config["epochs"] * per_epoch
+
+
+def stage3_schedule(optimizer: Any, config: dict, n_train: int) -> Any:
+    """The one stage-3 recipe every strategy gets: ``cosine`` = linear warm-up over ``warmup`` of the
+    trial's stage-3 steps, then cosine decay (``weit_core.train.warmup_cosine``), stepped once per optimizer
+    step; ``constant`` = None (a fixed ``lr``; older sweeps' configs carry no ``schedule``: constant)."""
+    from weit_core.train import warmup_cosine
+
+    schedule = config.get("schedule", "constant")
+    if schedule == "constant":
+        return None
+    if schedule != "cosine":
+        raise UserError(f"unknown stage-3 schedule {schedule!r}; use cosine or constant")
+    total = stage3_steps(config, n_train)
+    return warmup_cosine(optimizer, total, round(config["warmup"] * total))
 
 
 def _tune_trial(config: dict, ctx: SweepContext | None = None) -> None:
@@ -497,7 +523,7 @@ def _progress_callback_cls():
                      + (f" ({failed} failed)" if failed else "")]
             for task, (acc, c) in sorted(best.items()):
                 parts.append(f"best {task}: {c['strategy']} {c['depth']}x{c['width']}x{c['heads']} s{c['seed']} "
-                             f"{METRIC}={acc:.4f}")
+                             f"lr{c['lr']:g} {METRIC}={acc:.4f}")
             return " | ".join(parts)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -58,6 +58,12 @@ sizes: {depth: [1], width: [16], heads: [2]}
     (MINIMAL.replace("depth: [1]", "depth: {randint: [1, 4]}"), r"samples: a size axis is a sampler"),
     (MINIMAL.replace("strategies: [scratch]\n", ""), r"missing required key 'strategies'"),
     ("tasks: [digits\n", r"not valid YAML"),
+    (MINIMAL + "training: {lr: []}\n", r"training\.lr: empty list"),
+    (MINIMAL + "training: {lr: [0.001, 0.003, 0.001]}\n", r"training\.lr: repeated learning rates"),
+    (MINIMAL + "training: {lr: [0.001, 0]}\n", r"training\.lr: must be > 0, got 0"),
+    (MINIMAL.replace("patch: 2", "patch: 2, training: {lr: [fast]}"), r"tasks\[0\]\.training\.lr: expected a number"),
+    (MINIMAL + "training: {schedule: linear}\n", r"training\.schedule: expected one of cosine, constant"),
+    (MINIMAL + "training: {warmup: 1.5}\n", r"training\.warmup: a fraction of the stage-3 steps, in \[0, 1\)"),
 ])
 def test_malformed_space_is_one_clear_error_naming_the_key(text, match):
     with pytest.raises(SpaceError, match=match):
@@ -126,6 +132,76 @@ training: {{seeds: [0, 1]}}
     assert not expand(space2, {"digits": DIGITS}).dropped
     space3 = parse_space(MINIMAL.replace("width: [16]", "width: [16, 20, 24]") + "constraints: {width_multiple: 8}\n")
     assert dict(expand(space3, {"digits": DIGITS}).dropped) == {"width_not_multiple": 1}
+
+
+def test_lr_grid_makes_its_own_trials_and_a_scalar_lr_stays_as_it_was():
+    """Each value of ``training.lr`` is its own trials, like seeds (strategy x size x seed x lr), each with its
+    own key; a scalar lr, or a one-value list, is the sweep it was, and a value shared with a grid keeps its key
+    (adding lrs to a sweep does not orphan its finished trials)."""
+    from pipelines.spaces import summarize_space
+
+    two = MINIMAL.replace("[scratch]", "[scratch, mimetic]")
+    scalar = expand(parse_space(two + "training: {lr: 0.002, seeds: [0, 1]}\n"), {"digits": DIGITS})
+    listed = expand(parse_space(two + "training: {lr: [0.002], seeds: [0, 1]}\n"), {"digits": DIGITS})
+    assert [t["key"] for t in scalar.trials] == [t["key"] for t in listed.trials] and len(scalar.trials) == 4
+    assert all(t["lr"] == 0.002 for t in scalar.trials)
+    lrs = [0.001, 0.002, 0.004]
+    space = parse_space(two + f"training: {{lr: {lrs}, seeds: [0, 1]}}\n")
+    grid = expand(space, {"digits": DIGITS})
+    assert sorted((t["strategy"], t["seed"], t["lr"]) for t in grid.trials) == sorted(
+        itertools.product(["scratch", "mimetic"], [0, 1], lrs))
+    assert len({t["key"] for t in grid.trials}) == len(grid.trials) == 12
+    assert {t["key"] for t in grid.trials if t["lr"] == 0.002} == {t["key"] for t in scalar.trials}
+    assert "x 2 seeds x 3 learning rates" in summarize_space(space, grid)
+    # a task's own grid overrides the space's
+    task_grid = parse_space(MINIMAL.replace("patch: 2", "patch: 2, training: {lr: [0.01, 0.02]}")
+                            + "training: {lr: 0.003}\n")
+    assert [t["lr"] for t in expand(task_grid, {"digits": DIGITS}).trials] == [0.01, 0.02]
+
+
+@pytest.mark.parametrize("schedule, steps_per_epoch, warmup", [("cosine", None, 0.1), ("cosine", 5, 0.2),
+                                                               ("constant", 5, 0.1)])
+def test_stage3_lr_follows_warmup_then_cosine_over_the_trials_steps(monkeypatch, schedule, steps_per_epoch,
+                                                                     warmup):
+    """The LR the optimizer used at every stage-3 step of a real trial (digits): linear warm-up over
+    ``warmup`` of the trial's steps (epochs x steps per epoch, capped by ``steps_per_epoch``), then cosine
+    decay to 1% of ``lr``; ``schedule: constant`` is the old fixed ``lr`` at every step."""
+    import math
+
+    import torch
+
+    from pipelines.spaces import load_task_data
+    from pipelines.sweep import run_trial
+
+    cap = "null" if steps_per_epoch is None else steps_per_epoch
+    space = parse_space(MINIMAL + f"training: {{epochs: 3, batch_size: 128, lr: 0.004, schedule: {schedule}, "
+                                  f"warmup: {warmup}, steps_per_epoch: {cap}}}\n")
+    (config,) = expand(space, {"digits": DIGITS}).trials
+    used: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *a, **kw):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    run_trial(config)  # scratch: no stage-2 step, so every recorded step is stage 3
+    per_epoch = math.ceil(len(load_task_data(config).train) / 128)
+    total = 3 * min(per_epoch, steps_per_epoch or per_epoch)
+    assert len(used) == total
+    lr = 0.004
+    if schedule == "constant":
+        assert used == [lr] * total
+        return
+    w = round(warmup * total)
+    assert w >= 2
+    for i, got in enumerate(used):
+        if i < w:  # linear from lr / (w + 1) up to lr
+            want = lr * (1 / (w + 1) + i / w * (1 - 1 / (w + 1)))
+        else:  # cosine from lr down to lr / 100
+            want = lr / 100 + (lr - lr / 100) * (1 + math.cos(math.pi * (i - w) / (total - w))) / 2
+        assert got == pytest.approx(want, rel=1e-6), (i, got, want)
+    assert used[w] == pytest.approx(lr) and used[-1] < 0.05 * lr
 
 
 def test_samplers_are_drawn_in_the_driver_seeded_and_constrained():
