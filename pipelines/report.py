@@ -111,7 +111,8 @@ def load_runs(parent: Any) -> Any:
     size = df["tags.weit.size"].str.split("x", expand=True) if "tags.weit.size" in df else None
 
     def param(name: str, i: int | None = None, tag: str | None = None) -> Any:
-        col = pd.to_numeric(df.get(f"params.{name}"), errors="coerce")
+        col = pd.to_numeric(df[f"params.{name}"], errors="coerce") if f"params.{name}" in df else \
+            pd.Series(float("nan"), index=df.index)
         if i is not None and size is not None:
             col = col.fillna(pd.to_numeric(size[i], errors="coerce"))
         if tag is not None and f"tags.{tag}" in df:

@@ -148,22 +148,35 @@ class TaskShape:
 
 @dataclass
 class Expansion:
-    """The trials of a space, the size combinations dropped (by reason) and what was looked at."""
+    """The trials of a space, the size combinations dropped (by reason), the (strategy, size) pairs dropped
+    because the strategy cannot make that size (by reason, a key of ``CANNOT_MAKE``) and what was looked at."""
 
     trials: list[dict]
     dropped: Counter
     sizes_total: int  # size combinations looked at, summed over tasks
     sizes_valid: dict[str, int]  # per task
+    pairs_dropped: Counter = field(default_factory=Counter)  # (task, strategy, size) triples, by reason
 
     @property
     def n_dropped(self) -> int:
         return sum(self.dropped.values())
 
+    @property
+    def n_pairs_dropped(self) -> int:
+        return sum(self.pairs_dropped.values())
+
     def describe_drops(self) -> str:
         if not self.dropped:
-            return "no size combination dropped"
-        parts = ", ".join(f"{n} {DROP_REASONS[r]}" for r, n in self.dropped.most_common())
-        return f"dropped {self.n_dropped} of {self.sizes_total} size combinations: {parts}"
+            text = "no size combination dropped"
+        else:
+            parts = ", ".join(f"{n} {DROP_REASONS[r]}" for r, n in self.dropped.most_common())
+            text = f"dropped {self.n_dropped} of {self.sizes_total} size combinations: {parts}"
+        if self.pairs_dropped:
+            from weit_core.strategies import CANNOT_MAKE
+
+            parts = ", ".join(f"{n} {r} ({CANNOT_MAKE[r]})" for r, n in self.pairs_dropped.most_common())
+            text += f"; dropped {self.n_pairs_dropped} (strategy, size) pairs a strategy cannot make: {parts}"
+        return text
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -583,16 +596,22 @@ def learning_rates(training: dict) -> list[float]:
     return list(lr) if isinstance(lr, list | tuple) else [lr]
 
 
-def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = None) -> Expansion:
+def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = None,
+           ancestry_spec: Any = None) -> Expansion:
     """All trials: per task, every valid size x seed x lr x strategy (strategy innermost, so a truncated
     list still compares strategies on the same sizes). ``bank_block`` is the bank's template block when a
-    strategy of the space uses the bank; ``width_multiple: block`` then means that block."""
+    strategy of the space uses the bank; ``width_multiple: block`` then means that block. A (strategy,
+    size) pair the strategy cannot make (``can_make``, against ``ancestry_spec``, the ancestry's ViTSpec) is
+    dropped and counted by reason, never a trial."""
+    from weit_core.strategies import can_make
+
     cons = space.constraints
     block = bank_block
     if cons.width_multiple == "block" and bank_block is None:
         block = None  # no bank in play: nothing to tile
     points = size_points(space)
     dropped: Counter = Counter()
+    pairs_dropped: Counter = Counter()
     trials, valid = [], {}
     for task in space.tasks:
         shape = shapes[task.name]
@@ -606,15 +625,23 @@ def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = 
             n_valid += 1
             base = {"task": task.name, **task.data_key(), **size, "patch": task.patch, "img_size": shape.img_size,
                     "in_chans": shape.in_chans, "num_classes": shape.num_classes}
+            spec = spec_of(base)
+            strategies = []
+            for strategy in space.strategies:
+                cannot = can_make(strategy, spec, ancestry_spec=ancestry_spec)
+                if cannot:
+                    pairs_dropped[cannot] += 1
+                else:
+                    strategies.append(strategy)
             for seed in tr["seeds"]:
                 for lr in learning_rates(tr):
-                    for strategy in space.strategies:
+                    for strategy in strategies:
                         cfg = {**base, "strategy": strategy, "seed": seed,
                                **{k: v for k, v in tr.items() if k != "seeds"}, "lr": lr}
                         cfg["key"] = trial_key(cfg)
                         trials.append(cfg)
         valid[task.name] = n_valid
-    return Expansion(trials, dropped, len(points) * len(space.tasks), valid)
+    return Expansion(trials, dropped, len(points) * len(space.tasks), valid, pairs_dropped)
 
 
 def spec_of(config: dict):

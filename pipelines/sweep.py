@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -55,8 +54,13 @@ from pipelines.spaces import (
 EXPERIMENT = "weit-sweep"
 METRIC = "val_acc"
 PREFIX = "[weit sweep]"
-SOURCE_NAMES = ("bank", "ancestry", "ancestry_spec", "fit_data")
-"""Keyword sources a strategy may require (a keyword-only parameter without default)."""
+HOW_TO_GIVE = {
+    "bank": "pass --bank BANK.safetensors (made by `weit distill`)",
+    "ancestry": "pass --ancestry MODEL.safetensors (made by `weit ancestry`)",
+    "fit_data": "give the task training.fit_examples > 0 (the labeled subset stage 2 fits on)",
+    "learngene": "a sweep cannot pass one (tleg_fit fits a learngene to --ancestry)",
+}
+"""How a sweep provides each source a strategy may declare it needs (``weit_core.strategies.SOURCES``)."""
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -113,14 +117,15 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def strategy_needs(name: str) -> set[str]:
-    """Sources a strategy cannot run without: its keyword-only parameters that have no default."""
-    from weit_core.strategies import get_strategy
+def missing_sources(strategy: str, have: set[str]) -> str | None:
+    """One line saying what ``strategy`` declares it needs and ``have`` lacks, and how to give it (None:
+    nothing is missing)."""
+    from weit_core.strategies import strategy_info
 
-    sig = inspect.signature(get_strategy(name))
-    return {p.name for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
-            and p.name in SOURCE_NAMES}
+    missing = sorted(strategy_info(strategy).needs - have)
+    if not missing:
+        return None
+    return f"strategy {strategy!r} needs {' and '.join(missing)}: " + "; ".join(HOW_TO_GIVE[m] for m in missing)
 
 
 def scaler_count(spec: Any, kinds: dict) -> int | None:
@@ -320,10 +325,9 @@ def run_trial(
             kwargs.update(bank=sources.bank.bank, aux_scalers=sources.bank.aux_scalers)
         if sources.ancestry is not None:  # strategies may change what they are given: each trial gets a copy
             kwargs.update(ancestry=copy.deepcopy(sources.ancestry[0]), ancestry_spec=sources.ancestry[1])
-        missing = strategy_needs(config["strategy"]) - set(kwargs)
+        missing = missing_sources(config["strategy"], set(kwargs))
         if missing:
-            flag = " and ".join(f"--{m.split('_')[0]}" for m in sorted(missing))
-            raise UserError(f"strategy {config['strategy']!r} needs {', '.join(sorted(missing))}; pass {flag}")
+            raise UserError(missing)
 
         t0 = time.perf_counter()
         res = init_model(config["strategy"], spec, **kwargs)
@@ -556,6 +560,7 @@ class SweepSummary:
     n_trials: int
     n_dropped: int  # size combinations dropped by the constraints (summed over tasks)
     dropped: dict[str, int]
+    pairs_dropped: dict[str, int]  # (task, strategy, size) a strategy cannot make, by CANNOT_MAKE reason
     n_finished: int
     n_failed: int
     resumed: bool
@@ -569,17 +574,26 @@ def _load_sources(space: Space, bank: str | None, ancestry: str | None) -> tuple
     """Load the bank / ancestry the space's strategies need, once, in the driver, and check they fit."""
     from weit_core.io import WeitFileError, check_bank_kinds, load_bank, load_model
     from weit_core.models import ViTSpec, vit_kinds
+    from weit_core.strategies import strategy_info
 
-    needs = {s: strategy_needs(s) for s in space.strategies}
+    needs = {s: strategy_info(s).needs for s in space.strategies}
     need_bank = sorted(s for s, n in needs.items() if "bank" in n)
-    need_anc = sorted(s for s, n in needs.items() if n & {"ancestry", "ancestry_spec"}
-                      or (not ancestry and not n and _refuses_without_ancestry(s)))
+    need_anc = sorted(s for s, n in needs.items() if "ancestry" in n)
+    need_fit = sorted(s for s, n in needs.items() if "fit_data" in n)
+    need_gene = sorted(s for s, n in needs.items() if "learngene" in n)
+    if need_gene:
+        raise UserError(f"strategies {need_gene} need a TLEG-trained learngene, which {HOW_TO_GIVE['learngene']}; "
+                        f"drop them from the space")
     if need_bank and not bank:
-        raise UserError(f"strategies {need_bank} need a template bank; pass --bank BANK.safetensors (made by "
-                        f"`weit distill`) or drop them from the space")
+        raise UserError(f"strategies {need_bank} need a template bank; {HOW_TO_GIVE['bank']} or drop them from the "
+                        f"space")
     if need_anc and not ancestry:
-        raise UserError(f"strategies {need_anc} need an ancestry model; pass --ancestry MODEL.safetensors (made by "
-                        f"`weit ancestry`) or drop them from the space")
+        raise UserError(f"strategies {need_anc} need an ancestry model; {HOW_TO_GIVE['ancestry']} or drop them from "
+                        f"the space")
+    no_fit = [t.name for t in space.tasks if t.training["fit_examples"] == 0]
+    if need_fit and no_fit:
+        raise UserError(f"strategies {need_fit} need a labeled subset for stage 2, but task(s) {no_fit} have "
+                        f"training.fit_examples: 0; give them fit_examples > 0 or drop the strategies")
     meta: dict[str, Any] = {"need_bank": bool(need_bank)}
     loaded_bank = loaded_anc = None
     if bank:
@@ -608,22 +622,6 @@ def _load_sources(space: Space, bank: str | None, ancestry: str | None) -> tuple
     return loaded_bank, loaded_anc, meta
 
 
-def _refuses_without_ancestry(strategy: str) -> bool:
-    """Strategies that take ``ancestry=None`` in their signature but raise without one: found by building
-    one tiny model without sources (milliseconds), so a missing --ancestry fails before any trial."""
-    from weit_core.models import ViTSpec
-    from weit_core.strategies import init_model
-
-    try:
-        init_model(strategy, ViTSpec(depth=1, width=16, heads=1, mlp_ratio=1, patch=2, img_size=4), seed=0,
-                   fit_steps=0)
-    except ValueError as e:
-        return "ancestry" in str(e)
-    except Exception:  # anything else is the strategy's business at trial time
-        return False
-    return False
-
-
 def _task_chans(task: Any) -> int:
     splits = load_task_data(task.data_key())
     return int(splits.input_shape[0])
@@ -639,6 +637,8 @@ def _open_parent(client: Any, exp_id: str, name: str, space: Space, meta: dict, 
                  settings: dict, resume: bool, exists_in_tune: bool) -> tuple[str, bool]:
     """The sweep's parent run: created fresh, or found again by name on --resume (same space, same bank)."""
     from mlflow.entities import Param, RunTag
+
+    from weit_core.strategies import CANNOT_MAKE
 
     parent = _find_parent(client, exp_id, name)
     if not resume:
@@ -674,6 +674,8 @@ def _open_parent(client: Any, exp_id: str, name: str, space: Space, meta: dict, 
               "n_trials": settings["n_trials"], "n_dropped": expansion.n_dropped, "sizes_total": expansion.sizes_total,
               "strategies": ",".join(space.strategies), "tasks": ",".join(t.name for t in space.tasks),
               **{f"dropped.{r}": expansion.dropped.get(r, 0) for r in DROP_REASONS},
+              "n_pairs_dropped": expansion.n_pairs_dropped,
+              **{f"dropped.{r}": expansion.pairs_dropped.get(r, 0) for r in CANNOT_MAKE},
               **{k: v for k, v in settings.items() if k != "n_trials"}}
     client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())],
                      tags=[RunTag(k, v) for k, v in tags.items()])
@@ -682,7 +684,8 @@ def _open_parent(client: Any, exp_id: str, name: str, space: Space, meta: dict, 
     else:
         client.log_text(run_id, space.text, "space/space.yaml")
     client.log_dict(run_id, {"dropped": dict(expansion.dropped), "reasons": DROP_REASONS,
-                             "sizes_total": expansion.sizes_total, "sizes_valid": expansion.sizes_valid},
+                             "sizes_total": expansion.sizes_total, "sizes_valid": expansion.sizes_valid,
+                             "pairs_dropped": dict(expansion.pairs_dropped), "pair_reasons": CANNOT_MAKE},
                     "space/dropped.json")
     client.log_dict(run_id, {"trials": expansion.trials[: settings["n_trials"]]}, "space/trials.json")
     return run_id, False
@@ -715,7 +718,8 @@ def run_sweep(
                             f"pass --address of a Ray cluster with GPU workers")
     loaded_bank, loaded_anc, meta = _load_sources(sp, bank, ancestry)
     shapes = inspect_tasks(sp)
-    expansion = expand(sp, shapes, meta.get("bank_block") if meta["need_bank"] else None)
+    expansion = expand(sp, shapes, meta.get("bank_block") if meta["need_bank"] else None,
+                       ancestry_spec=loaded_anc[1] if loaded_anc is not None else None)
     trials = expansion.trials[:limit_trials] if limit_trials else expansion.trials
     if not trials:
         raise UserError(f"space {sp.name}: no valid trial ({expansion.describe_drops()}); relax the constraints "
@@ -788,7 +792,8 @@ def run_sweep(
                                          Metric("tune_errors", n_errors, now, 0)])
     client.set_terminated(parent_id, "FINISHED")
     summary = SweepSummary(name, parent_id, exp_id, uri, exp_path, len(trials), expansion.n_dropped,
-                           dict(expansion.dropped), n_finished, n_failed, resumed, time.perf_counter() - t_start)
+                           dict(expansion.dropped), dict(expansion.pairs_dropped), n_finished, n_failed, resumed,
+                           time.perf_counter() - t_start)
     say(f"done: {n_finished}/{len(trials)} trials finished, {n_failed} failed, in {summary.wall_s:.1f}s; "
         f"report with `weit report --sweep {name}`")
     return summary

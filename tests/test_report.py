@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pipelines.common import UserError, prepare_mlflow
-from pipelines.spaces import TaskShape, expand, parse_space
+from pipelines.spaces import TaskShape, expand, parse_space, trial_key
 from pipelines.sweep import EXPERIMENT, TrialTracker, run_trial
 
 SPACE = """
@@ -129,3 +129,29 @@ def test_report_and_export_errors_are_one_clear_line(sweep_store, tmp_path):
         export_run("deadbeef", tmp_path / "x.safetensors", mlflow_uri=uri)
     with pytest.raises(UserError, match="cannot resolve 'models:/weit-nope@champion'"):
         export_run("models:/weit-nope@champion", tmp_path / "x.safetensors", mlflow_uri=uri)
+
+
+def test_a_trial_that_failed_before_logging_params_is_counted_not_a_crash(tmp_path):
+    """A trial can fail before it logs its params (here weight_selection run without its ancestry, outside a
+    sweep, which would refuse it up front): the report reads its size and lr from the run's tags and counts it
+    as failed next to the finished trial of the same size."""
+    import mlflow
+
+    from pipelines.common import UserError
+    from pipelines.report import build_report
+
+    uri, exp_id = prepare_mlflow(f"sqlite:///{tmp_path / 'mlruns.db'}", EXPERIMENT)
+    client = mlflow.MlflowClient(uri)
+    parent_id = client.create_run(exp_id, tags={"weit.kind": "sweep", "weit.sweep": "early"}).info.run_id
+    space = SPACE.replace("[scratch, scratch_fit]", "[scratch]").replace("width: [16, 32]", "width: 16").replace(
+        "seeds: [0, 1]", "seeds: [0]")
+    (ok,) = expand(parse_space(space), {"digits": TaskShape(1, 8, 10)}).trials
+    early = {**ok, "strategy": "weight_selection"}  # a sweep drops it (no ancestry); run_trial alone does not
+    early["key"] = trial_key(early)
+    run_trial(ok, tracker=TrialTracker(uri, exp_id, parent_id, "early"))
+    with pytest.raises(UserError, match="'weight_selection' needs ancestry"):
+        run_trial(early, tracker=TrialTracker(uri, exp_id, parent_id, "early"))
+    report = build_report("early", out=tmp_path / "out", mlflow_uri=uri, register=False, show=False)
+    assert report.n_failed == 1 and list(report.leaderboard["strategy"]) == ["scratch"]
+    failed = report.runs[report.runs["status"] == "FAILED"].iloc[0]
+    assert (failed["strategy"], failed["depth"], failed["width"], failed["lr"]) == ("weight_selection", 1, 16, 0.003)

@@ -159,6 +159,65 @@ def test_lr_grid_makes_its_own_trials_and_a_scalar_lr_stays_as_it_was():
     assert [t["lr"] for t in expand(task_grid, {"digits": DIGITS}).trials] == [0.01, 0.02]
 
 
+def test_pairs_a_strategy_cannot_make_are_dropped_and_counted_before_any_trial():
+    """Against an ancestry of depth 2, width 32, 2 heads, MLP 128: weight selection makes only what is no
+    larger, net2net only what is no smaller, tleg_fit only width 32; every other (strategy, size) is counted
+    under its reason and is no trial. The rules are restated here, not read from the registry."""
+    from weit_core.models import ViTSpec
+
+    anc = ViTSpec(depth=2, width=32, heads=2, patch=2, img_size=8)
+    space = parse_space("""
+tasks: [{data: digits, patch: 2}]
+strategies: [scratch, weight_selection, net2net, tleg_fit]
+sizes: {depth: [1, 2, 3], width: [16, 32, 48], heads: [2], mlp_ratio: [4]}
+training: {seeds: [0, 1], lr: [0.001, 0.003]}
+""")
+    exp = expand(space, {"digits": DIGITS}, ancestry_spec=anc)
+    rules = {"scratch": (lambda d, w: True, None),
+             "weight_selection": (lambda d, w: d <= 2 and w <= 32, "larger_than_ancestry"),
+             "net2net": (lambda d, w: d >= 2 and w >= 32, "smaller_than_ancestry"),
+             "tleg_fit": (lambda d, w: w == 32, "width_differs_from_ancestry")}
+    expected, kept = {}, set()
+    for d, w in itertools.product([1, 2, 3], [16, 32, 48]):
+        for strategy, (ok, reason) in rules.items():
+            if ok(d, w):
+                kept.add((strategy, d, w))
+            else:
+                expected[reason] = expected.get(reason, 0) + 1
+    assert dict(exp.pairs_dropped) == expected == {"larger_than_ancestry": 5, "smaller_than_ancestry": 5,
+                                                   "width_differs_from_ancestry": 6}
+    assert not exp.dropped  # every size is valid: only pairs are dropped
+    assert {(t["strategy"], t["depth"], t["width"]) for t in exp.trials} == kept
+    assert len(exp.trials) == len(kept) * 2 * 2  # x seeds x lrs
+    assert "dropped 16 (strategy, size) pairs" in exp.describe_drops()
+    assert "weight selection only shrinks an ancestry" in exp.describe_drops()
+    # the ancestry's tokens must be the task's: another patch and no ancestry strategy can make anything
+    other = ViTSpec(depth=2, width=32, heads=2, patch=4, img_size=8)
+    assert expand(space, {"digits": DIGITS}, ancestry_spec=other).pairs_dropped == {"tokens_differ_from_ancestry": 27}
+
+
+@pytest.mark.parametrize("strategies, training, match", [
+    ("[scratch, weight_selection]", "", r"strategies \['weight_selection'\] need an ancestry model; pass --ancestry"),
+    ("[net2net, tleg_fit]", "", r"strategies \['net2net', 'tleg_fit'\] need an ancestry model"),
+    ("[scratch, wave]", "", r"strategies \['wave'\] need a template bank; pass --bank"),
+    ("[tleg]", "", r"strategies \['tleg'\] need a TLEG-trained learngene, which a sweep cannot pass"),
+    ("[scratch_fit]", "training: {fit_steps: 0, fit_examples: 0}\n",
+     r"strategies \['scratch_fit'\] need a labeled subset for stage 2, but task\(s\) \['digits'\] have "
+     r"training\.fit_examples: 0"),
+])
+def test_a_missing_source_is_one_line_before_anything_runs(tmp_path, strategies, training, match):
+    """What a strategy declares it needs (``register(needs=...)``) and the sweep was not given fails at once:
+    no Ray, no MLflow store, no trial."""
+    from pipelines.common import UserError
+    from pipelines.sweep import run_sweep
+
+    (tmp_path / "s.yaml").write_text(MINIMAL.replace("[scratch]", strategies) + training)
+    db = tmp_path / "mlruns.db"
+    with pytest.raises(UserError, match=match):
+        run_sweep(tmp_path / "s.yaml", mlflow_uri=f"sqlite:///{db}", storage=str(tmp_path / "tune"), quiet=True)
+    assert not db.exists() and not (tmp_path / "tune").exists()
+
+
 @pytest.mark.parametrize("schedule, steps_per_epoch, warmup", [("cosine", None, 0.1), ("cosine", 5, 0.2),
                                                                ("constant", 5, 0.1)])
 def test_stage3_lr_follows_warmup_then_cosine_over_the_trials_steps(monkeypatch, schedule, steps_per_epoch,
@@ -395,6 +454,71 @@ def test_ci_sweep_logs_every_valid_trial_once_and_report_picks_the_argmax(ray_se
     logged = df.set_index("run_id").loc[w.run_id, "metrics.val_acc_e0"]
     assert acc == pytest.approx(logged, abs=1e-6)  # accuracy before stage 3: the init, not the trained model
     print(f"ci sweep: {summary.n_trials} trials in {wall:.1f}s wall")
+
+
+def test_lr_grid_sweep_ranks_each_init_at_its_best_lr_and_never_starts_what_it_cannot_make(
+        ray_session, mlflow_uri, tmp_path, digits_ancestry):
+    """A sweep on digits with an lr grid and weight selection around the digits ancestry (depth 2, width 32):
+    the sizes deeper than the ancestry are dropped before any trial (no FAILED run; the parent run's count is
+    the number of such pairs), every other (strategy, size, seed) runs at each lr, and the report gives each
+    (strategy, size) the lr whose seed-mean final val accuracy is best, recomputed here from MLflow."""
+    import mlflow
+
+    from pipelines.report import build_report
+    from pipelines.sweep import run_sweep
+    from weit_core.io import save_model
+    from weit_core.strategies._common import infer_vit_spec
+
+    model = digits_ancestry[0]
+    anc = save_model(tmp_path / "ancestry.safetensors", model, infer_vit_spec(model))
+    lrs = [0.001, 0.004]
+    (tmp_path / "lrs.yaml").write_text(f"""
+name: lrs
+tasks: [{{data: digits, patch: 2, limit: 512}}]
+strategies: [scratch, weight_selection]
+sizes: {{depth: [1, 3], width: [16, 32], heads: [2], mlp_ratio: [2]}}
+training: {{epochs: 2, batch_size: 64, lr: {lrs}, seeds: [0, 1], fit_steps: 0, fit_examples: 0}}
+""")
+    summary = run_sweep(tmp_path / "lrs.yaml", ancestry=str(anc), storage=str(tmp_path / "tune"),
+                        mlflow_uri=mlflow_uri, quiet=True)
+    too_big = 2  # weight_selection at depth 3, widths 16 and 32
+    assert summary.pairs_dropped == {"larger_than_ancestry": too_big} and summary.n_dropped == 0
+    assert summary.n_trials == (4 + 4 - too_big) * 2 * 2 == summary.n_finished and summary.n_failed == 0
+    client = mlflow.MlflowClient(mlflow_uri)
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.data.params["dropped.larger_than_ancestry"] == str(too_big)
+    assert parent.data.params["dropped.smaller_than_ancestry"] == "0"
+    dropped = json.loads(Path(client.download_artifacts(summary.parent_run_id, "space/dropped.json",
+                                                        str(tmp_path))).read_text())
+    assert dropped["pairs_dropped"] == {"larger_than_ancestry": too_big}
+
+    df = _children(mlflow_uri, summary.parent_run_id)
+    assert len(df) == summary.n_trials and (df["status"] == "FINISHED").all()  # nothing started to fail
+    assert not ((df["tags.weit.strategy"] == "weight_selection") & (df["params.depth"] == "3")).any()
+    assert sorted(df["tags.weit.lr"].unique()) == ["0.001", "0.004"] and df["tags.weit.trial_key"].is_unique
+    assert all(name.endswith(f"/lr{lr}") for name, lr in zip(df["tags.mlflow.runName"], df["tags.weit.lr"],
+                                                               strict=True))
+    assert set(df["params.schedule"]) == {"cosine"} and set(df["params.warmup"]) == {"0.1"}
+
+    report = build_report("lrs", out=tmp_path / "report", mlflow_uri=mlflow_uri, register=False, show=False)
+    df["lr"] = df["params.lr"].astype(float)
+    means = df.groupby(["tags.weit.strategy", "params.depth", "params.width", "lr"])["metrics.val_acc_e2"].mean()
+    board = report.leaderboard
+    assert len(board) == 6 and (board["n_lrs"] == 2).all()
+    for _, row in board.iterrows():
+        mine = means.loc[(row["strategy"], str(row["depth"]), str(row["width"]))]
+        best = mine[mine == mine.max()].index.min()  # ties: the smaller lr
+        assert row["lr"] == best and row["score"] == pytest.approx(mine.max()), (row["strategy"], mine)
+        tests = df[(df["tags.weit.strategy"] == row["strategy"]) & (df["params.depth"] == str(row["depth"]))
+                   & (df["params.width"] == str(row["width"])) & (df["lr"] == best)]["metrics.test_acc"]
+        assert row["test_acc_mean"] == pytest.approx(tests.mean())  # test is the chosen lr's
+    w = report.winners["digits"]
+    top = board.iloc[0]
+    assert (w.strategy, w.depth, w.width, w.lr, w.n_lrs) == (top["strategy"], top["depth"], top["width"], top["lr"], 2)
+    champion = df.set_index("run_id").loc[w.run_id]
+    assert float(champion["params.lr"]) == w.lr and champion["tags.weit.strategy"] == w.strategy
+    md = (tmp_path / "report" / "leaderboard.md").read_text()
+    assert "| lr | lrs |" in md and f"at lr {w.lr:g}" in md
 
 
 def test_nan_trial_is_failed_with_its_reason_and_the_sweep_goes_on(ray_session, mlflow_uri, tmp_path):
