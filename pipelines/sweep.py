@@ -1,7 +1,7 @@
 """Stages 2+3 over a search space on Ray Tune, every trial recorded once in MLflow.
 
-One trial = one (task, size, strategy, seed): ``init_model`` (stage 2) then E epochs of the one training
-loop (stage 3), val accuracy logged to MLflow each epoch (and reported to Tune each epoch when ASHA acts
+One trial = one (task, size, strategy, seed, lr): ``init_model`` (stage 2) then E epochs of the one training
+loop (stage 3, the same recipe for every strategy: :func:`stage3_schedule`), val accuracy logged to MLflow each epoch (and reported to Tune each epoch when ASHA acts
 on it, once at the end otherwise: each report is a blocking driver round trip). The trial body is
 :func:`run_trial`, a plain function (no Ray needed) that Tune calls through :func:`_tune_trial` and that
 benchmarks can call directly.
@@ -286,7 +286,7 @@ def run_trial(
     report_each_epoch: bool = True,
 ) -> TrialResult:
     """One trial, no Ray needed: stage 2 (``init_model``) then ``config['epochs']`` epochs of
-    ``train_epoch`` + ``evaluate``. ``report`` gets ``{val_acc, val_loss, train_loss, epoch}`` after each
+    ``train_epoch`` (the LR following :func:`stage3_schedule`, stepped every optimizer step) + ``evaluate``. ``report`` gets ``{val_acc, val_loss, train_loss, epoch}`` after each
     epoch (Tune's ``tune.report``; anything else outside Tune), or only after the last one with
     ``report_each_epoch=False``: a Tune report blocks the trial until the driver has processed it, a round
     trip that costs more than a short epoch, so the sweep asks for every epoch only when a scheduler (ASHA)
