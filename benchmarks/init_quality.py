@@ -1,23 +1,26 @@
-"""Does a WAVE init beat honest controls? DESIGN.md "Evaluation protocol" on Fashion-MNIST.
+"""Does a WAVE init beat honest controls and the inheritance baselines? DESIGN.md "Evaluation protocol".
 
-For every (size, strategy, seed): build the init (stage 2 for wave-like strategies and scratch_fit, all on
-the same subset and step budget), then train it (stage 3) with the same recipe, recording test accuracy at
-every checkpoint step. Results are appended to a JSONL file, one line per finished job, so the benchmark
-runs in parts (``--part 2/5``), survives interruption and resumes by skipping finished jobs.
+For every (size, strategy, seed) job: build the init once (stage 2 for wave-like strategies and scratch_fit,
+all on the same subset and step budget), then train a copy of it for each stage-3 budget and learning rate
+with the one recipe every strategy gets (AdamW, warm-up then cosine over that budget), scoring a fixed
+validation and test subset at the end of each run. The summary picks each strategy's learning rate per
+(size, budget) on validation and reports test for that choice, so no init is judged by a recipe that suits
+another. Results are appended to a JSONL file, one line per finished job: the benchmark runs in parts
+(``--part 2/5``), survives interruption and resumes by skipping finished jobs.
 
     python benchmarks/init_quality.py --bank BANK --ancestry ANCESTRY --out results.jsonl [--part i/k]
-    python benchmarks/init_quality.py --out results.jsonl --summarize      # table + JSON only
+    python benchmarks/init_quality.py --out results.jsonl --summarize      # tables + JSON only
 
-The summary prints, per size and budget, mean +/- std per strategy, whether wave leads every control,
-and "epochs to match": how many times wave's budget the best control needs to reach wave's mean accuracy
-(looked up on the recorded curve, capped at the horizon = 15x the shortest budget).
+Strategies are labels: a registered name, optionally with options, ``wave{head_steps=50;fit_teacher=ancestry}``;
+``bank=NAME`` picks a bank given as ``--extra-bank NAME=PATH``. The summary ranks every label; the shares in
+the last JSON line compare ``--wave`` (default ``wave``) with each baseline and control.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import os
 import statistics
 import time
@@ -27,19 +30,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # parts run side by side: n
 
 import torch  # noqa: E402
 
-from weit_core.data import load_fashion_mnist  # noqa: E402
+from weit_core.data import load_dataset  # noqa: E402
 from weit_core.io import load_bank, load_model  # noqa: E402
 from weit_core.models import ViTSpec  # noqa: E402
-from weit_core.strategies import available, init_model  # noqa: E402
-from weit_core.train import evaluate, iterate_batches, make_optimizer, seed_everything, train_epoch  # noqa: E402
+from weit_core.strategies import available, can_make, init_model, strategy_info  # noqa: E402
+from weit_core.train import cycle_batches, evaluate, iterate_batches, seed_everything, train_steps  # noqa: E402
 
-# The 12 sizes of docs/results.md's run: depth 2-12 (every even depth) at widths 64, 96 and 128.
+# 12 sizes: depth 2-12 at widths 64 / 96 / 128; 8x96x3, 12x96x3, 2x128x4 and 4x128x4 are deeper or wider
+# than the 6x96x3 ancestry.
 SIZES = [(2, 64, 2), (2, 128, 4), (4, 64, 2), (4, 96, 3), (4, 128, 4), (6, 64, 2), (6, 96, 3), (8, 64, 2),
          (8, 96, 3), (10, 64, 2), (12, 64, 2), (12, 96, 3)]
 CONTROLS = ("scratch", "scratch_fit", "wave_random_bank")
-NEEDS_BANK = ("wave", "wave_random_bank")
-BASELINES = ("weight_selection", "weight_selection_even", "weight_selection_consecutive",
-             "weight_selection_head_aware", "mimetic", "tleg", "tleg_fit", "net2net")
+BASELINES = ("weight_selection", "net2net", "tleg_fit")
 
 
 def parse_sizes(text: str) -> list[tuple[int, int, int]]:
@@ -57,138 +59,221 @@ def parse_part(text: str) -> tuple[int, int]:
     return i, k
 
 
-def batch_stream(x, y, batch_size: int, seed: int):
-    """Endless shuffled batches, a new order each epoch; stage 3 is measured in steps, not epochs."""
-    epoch = 0
-    while True:
-        yield from iterate_batches(x, y, batch_size, seed=seed * 1000 + epoch, drop_last=True)
-        epoch += 1
+def parse_label(label: str) -> tuple[str, dict]:
+    """``name{k=v;k2=v2}`` -> (name, options); numbers and true/false are converted."""
+    name, _, rest = label.partition("{")
+    opts: dict = {}
+    for item in filter(None, rest.rstrip("}").split(";")):
+        k, _, v = item.partition("=")
+        for conv in (int, float):
+            try:
+                v = conv(v)
+                break
+            except ValueError:
+                continue
+        opts[k.strip()] = {"true": True, "false": False}.get(v, v) if isinstance(v, str) else v
+    return name, opts
 
 
-def run_job(size, strategy, seed, *, data, bank, ancestry, args) -> dict:
+def base_name(label: str) -> str:
+    return parse_label(label)[0]
+
+
+def run_job(size, label, seed, *, data, banks, ancestry, args) -> dict:
     depth, width, heads = size
-    spec = ViTSpec(depth=depth, width=width, heads=heads, patch=4, img_size=28, in_chans=1, num_classes=10)
+    c, h, _ = data.input_shape
+    spec = ViTSpec(depth=depth, width=width, heads=heads, patch=args.patch, img_size=h, in_chans=c,
+                   num_classes=data.num_classes)
+    name, opts = parse_label(label)
     fit = data.train.subset(args.fit_examples, seed=1000 + seed)
-    sources = dict(seed=seed, fit_data=(fit.x, fit.y), fit_steps=args.fit_steps, fit_lr=args.fit_lr)
-    if bank is not None:
-        sources.update(bank=bank.bank, aux_scalers=bank.aux_scalers)
+    sources = dict(seed=seed, fit_data=(fit.x, fit.y), fit_steps=args.fit_steps, fit_lr=args.fit_lr,
+                   device=args.device)
+    bank_name = opts.pop("bank", "default")
+    if banks:
+        if bank_name not in banks:
+            raise SystemExit(f"{label}: no bank {bank_name!r}; give it with --extra-bank {bank_name}=PATH")
+        sources["bank"] = banks[bank_name]
     if ancestry is not None:
         sources.update(ancestry=ancestry[0], ancestry_spec=ancestry[1])
+    sources.update(opts)
     t0 = time.perf_counter()
-    res = init_model(strategy, spec, **sources)
+    res = init_model(name, spec, **sources)
     init_s = time.perf_counter() - t0
-    model = res.model
-    seed_everything(seed)
-    opt = make_optimizer(model, args.lr, 0.05)
-    checkpoints = sorted({int(c) for c in args.checkpoints.split(",")})
-    ts = data.test.subset(args.test_examples, seed=12345)  # the same test images for every job
-    test = lambda: evaluate(model, iterate_batches(ts.x, ts.y, 512, shuffle=False))["acc"]  # noqa: E731
-    stream = batch_stream(data.train.x, data.train.y, args.batch_size, seed)
-    curve, done = {0: test()}, 0
-    for c in checkpoints:
-        done += train_epoch(model, stream, opt, max_steps=c - done)["steps"]
-        curve[done] = test()
-    return {"size": f"{depth}x{width}x{heads}", "strategy": strategy, "seed": seed, "curve": curve,
-            "test_examples": len(ts),
-            "init_seconds": round(init_s, 2), "params": spec.num_params(), "info": res.info,
-            "steps_per_epoch": len(data.train) // args.batch_size}
+    vs = data.val.subset(args.val_examples, seed=54321)  # the same images for every job
+    ts = data.test.subset(args.test_examples, seed=12345)
+
+    def score(model) -> dict:
+        return {split: evaluate(model, iterate_batches(d.x, d.y, 512, shuffle=False), device=args.device)["acc"]
+                for split, d in (("val", vs), ("test", ts))}
+
+    model0 = res.model.to(args.device)
+    runs = []
+    for lr in args.lrs:
+        for budget in args.budgets:
+            model = copy.deepcopy(model0)
+            seed_everything(seed)
+            stream = cycle_batches(data.train.x, data.train.y, args.batch_size, seed=seed * 1000)
+            train_steps(model, stream, steps=budget, lr=lr, weight_decay=args.weight_decay, warmup=args.warmup,
+                        schedule=args.schedule, device=args.device)
+            runs.append({"lr": lr, "budget": budget, **score(model)})
+    return {"size": f"{depth}x{width}x{heads}", "strategy": label, "seed": seed, "data": data.name,
+            "init": score(model0), "runs": runs, "init_seconds": round(init_s, 2), "params": spec.num_params(),
+            "info": {k: v for k, v in res.info.items() if isinstance(v, str | int | float | bool)},
+            "steps_per_epoch": len(data.train) // args.batch_size, "recipe": {
+                "schedule": args.schedule, "warmup": args.warmup, "batch_size": args.batch_size,
+                "weight_decay": args.weight_decay, "fit_steps": args.fit_steps, "fit_lr": args.fit_lr,
+                "fit_examples": args.fit_examples}}
 
 
-def summarize(path: Path, budgets: list[int]) -> dict:
+# ------------------------------------------------------------------------------------------ summary
+
+
+def _rows(path: Path) -> tuple[list[dict], list[tuple]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     skipped = sorted({(r["size"], r["strategy"], r["skipped"]) for r in rows if "skipped" in r})
     rows = [r for r in rows if "skipped" not in r]
-    by: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:  # the first protocol's rows: one fixed LR, test accuracy at checkpoints of one run
+        if "curve" in r and "runs" not in r:
+            r["runs"] = [{"lr": None, "budget": int(k), "test": v} for k, v in r["curve"].items() if int(k) > 0]
+    return rows, skipped
+
+
+def cell_stats(rows: list[dict], budgets: list[int]) -> dict:
+    """(size, label, budget) -> {lr, mean, std, n, val, lrs}: test at the LR with the best mean val."""
+    by: dict[tuple, dict] = {}
     for r in rows:
-        r["curve"] = {int(k): v for k, v in r["curve"].items()}
-        by.setdefault((r["size"], r["strategy"]), []).append(r)
-    sizes = sorted({s for s, _ in by}, key=lambda s: tuple(int(v) for v in s.split("x")))
-    strategies = sorted({st for _, st in by}, key=lambda s: (s != "wave", s))
-    spe = rows[0]["steps_per_epoch"] if rows else 1
+        for run in r["runs"]:
+            by.setdefault((r["size"], r["strategy"], run["budget"]), {}).setdefault(run["lr"], []).append(run)
+    out = {}
+    for (size, label, budget), per_lr in by.items():
+        if budget not in budgets:
+            continue
 
-    def stat(size, strat, step):
-        accs = [r["curve"][step] for r in by.get((size, strat), []) if step in r["curve"]]
-        if not accs:
-            return None
-        return statistics.mean(accs), (statistics.stdev(accs) if len(accs) > 1 else 0.0), len(accs)
+        def val_of(runs: list[dict]) -> float:
+            vals = [x["val"] for x in runs if "val" in x]
+            return statistics.mean(vals) if vals else statistics.mean(x["test"] for x in runs)
 
-    wins = total = 0
-    print(f"\nstage-3 test accuracy (%), mean ± std over seeds (n); steps/epoch = {spe}")
-    head = f"{'size':<10}{'steps':>6} " + "".join(f"{s:>22}" for s in strategies) + f"{'wave leads':>11}{'match x':>9}"
-    print(head)
+        lr = max(per_lr, key=lambda k: val_of(per_lr[k]))
+        tests = [x["test"] for x in per_lr[lr]]
+        out[(size, label, budget)] = {
+            "lr": lr, "mean": statistics.mean(tests), "std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "n": len(tests), "val": val_of(per_lr[lr]), "lrs": len(per_lr)}
+    return out
+
+
+def summarize(path: Path, budgets: list[int], wave: str = "wave", epoch_budget: int | None = None) -> dict:
+    rows, skipped = _rows(path)
+    cells = cell_stats(rows, budgets)
+    sizes = sorted({s for s, _, _ in cells}, key=lambda s: tuple(int(v) for v in s.split("x")))
+    labels = sorted({lab for _, lab, _ in cells}, key=lambda s: (s != wave, not s.startswith("wave"), s))
+    spe = rows[0].get("steps_per_epoch", 1) if rows else 1
+    epoch_budget = epoch_budget or min(budgets, key=lambda b: abs(b - spe))
+    print(f"\nstage-3 test accuracy (%), mean ± std over seeds at each strategy's best LR on val (lr); "
+          f"steps/epoch = {spe}")
+    print(f"{'size':<10}{'steps':>6} " + "".join(f"{lab[:24]:>26}" for lab in labels) + f"{'match x':>9}")
+    share = {f"vs_{b}": [0, 0] for b in BASELINES}
+    share.update(leads_controls=[0, 0], random_bank_plus2_at_epoch=[0, 0])
     for size in sizes:
         for b in budgets:
-            cells, means = [], {}
-            for s in strategies:
-                v = stat(size, s, b)
-                cells.append(f"{100 * v[0]:>13.2f} ± {100 * v[1]:4.2f} ({v[2]})" if v else f"{'-':>22}")
-                if v:
-                    means[s] = v[0]
-            lead, match = "", ""
-            controls = [c for c in CONTROLS if c in means]
-            if "wave" in means and controls:
-                total += 1
-                ok = all(means["wave"] > means[c] for c in controls)
-                wins += ok
-                lead = "yes" if ok else "no"
-                best = max(controls, key=lambda c: means[c])
-                match = epochs_to_match(by[(size, best)], means["wave"], b)
-            print(f"{size:<10}{b:>6} " + "".join(cells) + f"{lead:>11}{match:>9}")
-    share = wins / total if total else math.nan
-    print(f"\nwave ahead of every control in {wins}/{total} (size, budget) cells")
+            row, means = [], {}
+            for lab in labels:
+                v = cells.get((size, lab, b))
+                if v is None:
+                    row.append(f"{'-':>26}")
+                    continue
+                means[lab] = v["mean"]
+                lr = "" if v["lr"] is None else f" {v['lr']:.0e}"
+                row.append(f"{100 * v['mean']:>11.2f} ± {100 * v['std']:4.2f}{lr:>7}")
+            match = ""
+            if wave in means:
+                for base in BASELINES:
+                    if base in means:
+                        share[f"vs_{base}"][1] += 1
+                        share[f"vs_{base}"][0] += means[wave] >= means[base]
+                controls = [c for c in CONTROLS if c in means]
+                if controls:
+                    share["leads_controls"][1] += 1
+                    share["leads_controls"][0] += all(means[wave] > means[c] for c in controls)
+                    best = max(controls, key=lambda c: means[c])
+                    match = budgets_to_match(cells, size, best, means[wave], b, budgets)
+                if b == epoch_budget and "wave_random_bank" in means:
+                    share["random_bank_plus2_at_epoch"][1] += 1
+                    share["random_bank_plus2_at_epoch"][0] += means[wave] >= means["wave_random_bank"] + 0.02
+            print(f"{size:<10}{b:>6} " + "".join(row) + f"{match:>9}")
     for size, strat, why in skipped:
         print(f"n/a: {strat} at {size}: {why}")
-    return {"wave_leads_share": round(share, 3), "cells": total, "jobs": len(rows), "sizes": len(sizes)}
+    print()
+    for k, (won, n) in share.items():
+        print(f"{wave} {k.replace('_', ' ')}: {won}/{n} cells")
+    result = {k: (round(won / n, 3) if n else None) for k, (won, n) in share.items()}
+    result.update(cells={k: n for k, (_, n) in share.items()}, jobs=len(rows), sizes=len(sizes), wave=wave,
+                  epoch_budget=epoch_budget)
+    return result
 
 
-def epochs_to_match(runs: list[dict], target: float, budget: int) -> str:
-    """Smallest recorded step at which the control's mean reaches ``target``, as a multiple of ``budget``."""
-    steps = sorted(set.intersection(*(set(r["curve"]) for r in runs)))
-    for s in steps:
-        if statistics.mean(r["curve"][s] for r in runs) >= target:
-            return f"{s / budget:.1f}"
-    return f">{steps[-1] / budget:.1f}" if steps else "-"
+def budgets_to_match(cells: dict, size: str, label: str, target: float, budget: int, budgets: list[int]) -> str:
+    """Smallest budget at which ``label`` reaches ``target``, as a multiple of ``budget``."""
+    for b in sorted(budgets):
+        v = cells.get((size, label, b))
+        if v is not None and v["mean"] >= target:
+            return f"{b / budget:.1f}"
+    return f">{max(budgets) / budget:.1f}"
 
 
-def main() -> None:
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bank", help="weit bank (safetensors) distilled from a well-trained ancestry")
+    ap.add_argument("--bank", help="weit bank (safetensors) made from a well-trained ancestry")
+    ap.add_argument("--extra-bank", action="append", default=[], metavar="NAME=PATH",
+                    help="another bank, used by labels with bank=NAME")
     ap.add_argument("--ancestry", help="the ancestry model (weit model safetensors), for the baselines")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--data", default="fashion_mnist", help="fashion_mnist, digits28, or a parquet path")
+    ap.add_argument("--patch", type=int, default=4)
     ap.add_argument("--sizes", default="", help="e.g. 2x64x2,4x96x3 (default: 12 sizes, depth 2-12)")
-    ap.add_argument("--strategies", default="wave,scratch,scratch_fit,wave_random_bank,weight_selection,mimetic,"
-                    "tleg_fit,net2net", help="baselines that cannot make a size (e.g. net2net only grows) are "
-                    "recorded as n/a for it")
-    ap.add_argument("--test-examples", type=int, default=10_000,
-                    help="test images scored at each checkpoint (a fixed subset; all 10k by default)")
+    ap.add_argument("--strategies", default="wave,wave_random_bank,scratch_fit,scratch,weight_selection,net2net,"
+                    "tleg_fit", help="labels; pairs a strategy cannot make are recorded as n/a")
+    ap.add_argument("--val-examples", type=int, default=2000)
+    ap.add_argument("--test-examples", type=int, default=2000)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--checkpoints", default="200,430,860,1290,2150,3000",
-                    help="stage-3 steps at which test accuracy is recorded (horizon = last)")
-    ap.add_argument("--budgets", default="200,430,1290", help="the reported budgets (subset of checkpoints)")
+    ap.add_argument("--budgets", default="100,430,860", help="stage-3 steps; each budget is its own run")
+    ap.add_argument("--lrs", default="1e-3", help="stage-3 peak learning rates to choose from on val")
+    ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
+    ap.add_argument("--warmup", type=float, default=0.1, help="warm-up, a fraction of each run's steps")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--fit-steps", type=int, default=100)
     ap.add_argument("--fit-lr", type=float, default=1e-3)
     ap.add_argument("--fit-examples", type=int, default=2000)
     ap.add_argument("--part", default="1/1", help="run only every k-th job, offset i (i/k)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--wave", default="wave", help="the label the summary's shares are about")
     ap.add_argument("--summarize", action="store_true")
-    args = ap.parse_args()
-    budgets = [int(b) for b in args.budgets.split(",")]
+    args = ap.parse_args(argv)
+    args.budgets = [int(b) for b in args.budgets.split(",")]
+    args.lrs = [float(v) for v in args.lrs.split(",")]
     i, k = parse_part(args.part)
     if not args.summarize:
         torch.set_num_threads(args.threads)
-        strategies = args.strategies.split(",")
-        unknown = set(strategies) - set(available())
+        labels = args.strategies.split(",")
+        unknown = {base_name(lab) for lab in labels} - set(available())
         if unknown:
             raise SystemExit(f"unknown strategies {sorted(unknown)}; available: {available()}")
-        if any(s in NEEDS_BANK for s in strategies) and not args.bank:
+        needs = {n for lab in labels for n in strategy_info(base_name(lab)).needs}
+        if "bank" in needs and not args.bank:
             raise SystemExit("--bank is required for wave / wave_random_bank")
-        if any(s in BASELINES and s != "mimetic" for s in strategies) and not args.ancestry:
-            raise SystemExit("--ancestry is required for the ancestry-based baselines (or drop them from "
-                             "--strategies)")
-        data = load_fashion_mnist()
-        bank = load_bank(args.bank) if args.bank else None
+        if "ancestry" in needs and not args.ancestry:
+            raise SystemExit("--ancestry is required for the ancestry-based baselines (or drop them)")
+        data = load_dataset(args.data)
+        banks = {}
+        if args.bank:
+            banks["default"] = load_bank(args.bank)
+        for item in args.extra_bank:
+            name, _, path = item.partition("=")
+            banks[name] = load_bank(path)
         ancestry = None
         if args.ancestry:
             model, header = load_model(args.ancestry)
@@ -199,30 +284,31 @@ def main() -> None:
                 if line.strip():
                     r = json.loads(line)
                     done.add((r["size"], r["strategy"], r["seed"]))
-        jobs = [(size, s, int(seed)) for size in parse_sizes(args.sizes) for seed in args.seeds.split(",")
-                for s in strategies]
+        jobs = [(size, lab, int(seed)) for size in parse_sizes(args.sizes) for seed in args.seeds.split(",")
+                for lab in labels]
         jobs = [j for n, j in enumerate(jobs) if n % k == i - 1]
-        for size, s, seed in jobs:
-            key = ("x".join(map(str, size)), s, seed)
+        c, h, _ = data.input_shape
+        for size, lab, seed in jobs:
+            key = ("x".join(map(str, size)), lab, seed)
             if key in done:
                 continue
-            t0 = time.perf_counter()
-            try:
-                row = run_job(size, s, seed, data=data, bank=bank, ancestry=ancestry, args=args)
-            except ValueError as e:  # this strategy cannot make this size from this ancestry
-                if s not in BASELINES:
-                    raise
-                row = {"size": key[0], "strategy": s, "seed": seed, "skipped": str(e).splitlines()[0][:200]}
+            spec = ViTSpec(depth=size[0], width=size[1], heads=size[2], patch=args.patch, img_size=h, in_chans=c,
+                           num_classes=data.num_classes)
+            why = can_make(base_name(lab), spec, ancestry_spec=ancestry[1] if ancestry else None)
+            if why is not None:
+                row = {"size": key[0], "strategy": lab, "seed": seed, "skipped": why}
                 with args.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                print(f"{key}: n/a ({row['skipped']})", flush=True)
+                print(f"{key}: n/a ({why})", flush=True)
                 continue
+            t0 = time.perf_counter()
+            row = run_job(size, lab, seed, data=data, banks=banks, ancestry=ancestry, args=args)
             row["wall_seconds"] = round(time.perf_counter() - t0, 1)
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{key}: " + " ".join(f"{st}:{100 * a:.1f}" for st, a in row["curve"].items())
-                  + f"  ({row['wall_seconds']} s)", flush=True)
-    print(json.dumps(summarize(args.out, budgets)))
+            best = " ".join(f"{r['budget']}@{r['lr']:.0e}:{100 * r['test']:.1f}" for r in row["runs"])
+            print(f"{key}: init {100 * row['init']['test']:.1f} {best}  ({row['wall_seconds']} s)", flush=True)
+    print(json.dumps(summarize(args.out, args.budgets, args.wave)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-BUILTIN_DATASETS: tuple[str, ...] = ("fashion_mnist", "digits")
+BUILTIN_DATASETS: tuple[str, ...] = ("fashion_mnist", "digits", "digits28")
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -211,17 +211,21 @@ def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int)
     return {"val": perm[:n_val], "test": perm[n_val:n_val + n_test], "train": perm[n_val + n_test:]}
 
 
-def load_digits(*, seed: int = 0) -> DatasetSplits:
-    """scikit-learn's bundled 8×8 digits (no download): the fast real dataset for tests; 70/15/15 by seed."""
+def load_digits(*, seed: int = 0, img_size: int = 8) -> DatasetSplits:
+    """scikit-learn's bundled 8×8 digits (no download): the fast real dataset for tests; 70/15/15 by seed.
+
+    ``img_size=28`` upsamples them bilinearly to Fashion-MNIST's size (``digits28``): a real task on
+    another domain that a Fashion-MNIST bank or ancestry can be tried on."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
-    x = ((bunch.images.astype(np.float32) / 16.0 - DIGITS_MEAN) / DIGITS_STD).reshape(-1, 1, 8, 8)
-    y = bunch.target.astype(np.int64)
+    x = torch.from_numpy(((bunch.images.astype(np.float32) / 16.0 - DIGITS_MEAN) / DIGITS_STD).reshape(-1, 1, 8, 8))
+    if img_size != 8:
+        x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
     parts = _split_indices(len(y), 0.15, 0.15, seed)
-    train, val, test = (ArrayDataset(torch.from_numpy(x[parts[s]]), torch.from_numpy(y[parts[s]]))
-                        for s in _SPLITS)
-    return DatasetSplits("digits", train, val, test, num_classes=10)
+    train, val, test = (ArrayDataset(x[torch.from_numpy(parts[s])], y[torch.from_numpy(parts[s])]) for s in _SPLITS)
+    return DatasetSplits("digits" if img_size == 8 else f"digits{img_size}", train, val, test, num_classes=10)
 
 
 # parquet ----------------------------------------------------------------------------------------------------
@@ -387,6 +391,8 @@ def load_dataset(name_or_path: str, **kwargs) -> DatasetSplits:
         return load_fashion_mnist(**kwargs)
     if key == "digits":
         return load_digits(**kwargs)
+    if key == "digits28":
+        return load_digits(img_size=28, **kwargs)
     path = Path(name_or_path)
     if path.is_dir() or path.suffix == ".parquet" or path.exists():
         return load_parquet(path, **kwargs)

@@ -8,7 +8,7 @@ import contextlib
 import itertools
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -128,7 +128,9 @@ def distill_epoch(
     model.train()
     if teacher is not None:
         teacher.eval()
-    tot_loss = tot_score = agree = 0.0
+    # running sums stay on the device: a .item() per step would stall a GPU on every step
+    tot = torch.zeros(3, dtype=torch.float64, device=device)  # loss * b, score, teacher agreement
+    finite = torch.ones((), dtype=torch.bool, device=device)
     n = steps = 0
     # islice, not a check inside the loop: a shared batch stream must not lose a batch at the cut
     for x, y in itertools.islice(batches, max_steps):
@@ -139,25 +141,32 @@ def distill_epoch(
             if k > 1:  # a model that runs several sizes per batch (stage 1's sandwich) stacks their outputs
                 y = _tile(y, k)
             loss = task.loss(out.float(), y)
+            agree = torch.zeros((), device=device)
             if teacher is not None:
                 with torch.no_grad():
                     t_out = _tile(teacher(x).float(), k)
                 kl = F.kl_div(F.log_softmax(out.float() / tau, -1), F.log_softmax(t_out / tau, -1),
                               log_target=True, reduction="batchmean")
                 loss = loss + kl * tau**2
-                agree += (out.argmax(-1) == t_out.argmax(-1)).sum().item()
-        _check_finite(loss, steps)
+                agree = (out.argmax(-1) == t_out.argmax(-1)).sum()
+        if device.type == "cpu":
+            _check_finite(loss, steps)
+        else:
+            finite &= torch.isfinite(loss)
         _step(loss, optimizer, grad_clip)
         if scheduler is not None:
             scheduler.step()
         b = len(y)
-        tot_loss += loss.item() * b
-        tot_score += task.score(out.detach().float(), y).item()
+        tot += torch.stack([loss.detach().double() * b, task.score(out.detach().float(), y).double(),
+                            agree.double()])
         n += b
         steps += 1
+    if not bool(finite):
+        raise NonFiniteLossError(f"loss became non-finite within {steps} steps; lower the learning rate")
+    tot_loss, tot_score, tot_agree = tot.tolist()
     stats = {"loss": tot_loss / max(n, 1), task.metric: tot_score / max(n, 1), "steps": steps, "examples": n}
     if teacher is not None:
-        stats["agreement"] = agree / max(n, 1)
+        stats["agreement"] = tot_agree / max(n, 1)
     return stats
 
 
@@ -211,6 +220,34 @@ def fit_scalers(
     return {"loss": last["loss"], task.metric: last[task.metric], "steps": done}
 
 
+SCHEDULES = ("cosine", "constant")
+
+
+def train_steps(
+    model: nn.Module, batches: Batches, *, steps: int, lr: float, weight_decay: float = 0.05, warmup: float = 0.1,
+    schedule: str = "cosine", teacher: nn.Module | None = None, tau: float = 2.0, task: Task = CLASSIFICATION,
+    device: torch.device | str = "cpu", checkpoints: Iterable[int] = (),
+    on_checkpoint: Callable[[int, dict], None] | None = None,
+) -> dict[str, float]:
+    """``steps`` optimizer steps of the one recipe every strategy is trained with: AdamW, linear warm-up over
+    ``warmup`` of the steps, then cosine decay (``schedule="constant"``: a fixed LR). ``on_checkpoint(step,
+    stats)`` runs at each of ``checkpoints`` and at the end (stats of the steps since the last one)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    opt = make_optimizer(model, lr, weight_decay)
+    sched = warmup_cosine(opt, steps, round(warmup * steps)) if schedule == "cosine" else None
+    done, stats = 0, {}
+    for mark in sorted({c for c in checkpoints if 0 < c < steps} | {steps}):
+        stats = distill_epoch(model, batches, opt, teacher=teacher, tau=tau, task=task, device=device,
+                              max_steps=mark - done, scheduler=sched)
+        done += stats["steps"]
+        if on_checkpoint is not None:
+            on_checkpoint(done, stats)
+        if stats["steps"] < mark - (done - stats["steps"]):
+            break  # the batches ran out
+    return {**stats, "steps": done}
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, batches: Batches, *, task: Task = CLASSIFICATION, device: torch.device | str = "cpu",
@@ -218,14 +255,14 @@ def evaluate(
     """Mean loss and metric over all batches (sums, so uneven batches weigh correctly)."""
     device = torch.device(device)
     model.eval()
-    tot_loss = tot_score = 0.0
+    tot = torch.zeros(2, dtype=torch.float64, device=device)
     n = 0
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device):
             out = model(x).float()
         b = len(y)
-        tot_loss += task.loss(out, y).item() * b
-        tot_score += task.score(out, y).item()
+        tot += torch.stack([task.loss(out, y).double() * b, task.score(out, y).double()])
         n += b
+    tot_loss, tot_score = tot.tolist()
     return {"loss": tot_loss / max(n, 1), task.metric: tot_score / max(n, 1), "examples": n}
