@@ -602,8 +602,11 @@ def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = 
     list still compares strategies on the same sizes). ``bank_block`` is the bank's template block when a
     strategy of the space uses the bank; ``width_multiple: block`` then means that block. A (strategy,
     size) pair the strategy cannot make (``can_make``, against ``ancestry_spec``, the ancestry's ViTSpec) is
-    dropped and counted by reason, never a trial."""
-    from weit_core.strategies import can_make
+    dropped and counted by reason, never a trial; without ``ancestry_spec`` the strategies that need an
+    ancestry are not judged (nothing to judge them by: a sweep refuses them without ``--ancestry`` first)."""
+    from weit_core.strategies import can_make, strategy_info
+
+    judged = [s for s in space.strategies if ancestry_spec is not None or "ancestry" not in strategy_info(s).needs]
 
     cons = space.constraints
     block = bank_block
@@ -628,7 +631,7 @@ def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = 
             spec = spec_of(base)
             strategies = []
             for strategy in space.strategies:
-                cannot = can_make(strategy, spec, ancestry_spec=ancestry_spec)
+                cannot = can_make(strategy, spec, ancestry_spec=ancestry_spec) if strategy in judged else None
                 if cannot:
                     pairs_dropped[cannot] += 1
                 else:

@@ -197,10 +197,14 @@ def test_quickstart_space_covers_a_dozen_sizes_and_every_control():
     size (all sizes fit inside the quickstart ancestry, so weight selection never has to grow)."""
     from pipelines.quickstart import DEFAULT_SPACE, QuickstartBudget
     from pipelines.spaces import expand, inspect_tasks, load_space
+    from weit_core.models import ViTSpec
 
     space = load_space(DEFAULT_SPACE)
     budget = QuickstartBudget()
-    expansion = expand(space, inspect_tasks(space), bank_block=budget.block)
+    ancestry = ViTSpec(depth=budget.ancestry_depth, width=budget.ancestry_width, heads=budget.ancestry_heads,
+                       patch=4, img_size=28)
+    expansion = expand(space, inspect_tasks(space), bank_block=budget.block, ancestry_spec=ancestry)
+    assert not expansion.pairs_dropped  # every strategy of the space can make every size from that ancestry
     sizes = {(t["depth"], t["width"], t["heads"]) for t in expansion.trials}
     assert len(sizes) == 12
     assert {"wave", "wave_random_bank", "scratch", "scratch_fit"} <= set(space.strategies)

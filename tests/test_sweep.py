@@ -194,6 +194,8 @@ training: {seeds: [0, 1], lr: [0.001, 0.003]}
     # the ancestry's tokens must be the task's: another patch and no ancestry strategy can make anything
     other = ViTSpec(depth=2, width=32, heads=2, patch=4, img_size=8)
     assert expand(space, {"digits": DIGITS}, ancestry_spec=other).pairs_dropped == {"tokens_differ_from_ancestry": 27}
+    # no ancestry, nothing to judge the ancestry strategies by (a sweep refuses them without --ancestry first)
+    assert not expand(space, {"digits": DIGITS}).pairs_dropped
 
 
 @pytest.mark.parametrize("strategies, training, match", [
