@@ -142,6 +142,8 @@ def cell_stats(rows: list[dict], budgets: list[int]) -> dict:
     """(size, label, budget) -> {lr, mean, std, n, val, lrs}: test at the LR with the best mean val."""
     by: dict[tuple, dict] = {}
     for r in rows:
+        if "init" in r:  # budget 0: right after initialization (stage 2 included), no stage-3 step
+            by.setdefault((r["size"], r["strategy"], 0), {}).setdefault(None, []).append(r["init"])
         for run in r["runs"]:
             by.setdefault((r["size"], r["strategy"], run["budget"]), {}).setdefault(run["lr"], []).append(run)
     out = {}
@@ -163,7 +165,7 @@ def cell_stats(rows: list[dict], budgets: list[int]) -> dict:
 
 def summarize(path: Path, budgets: list[int], wave: str = "wave", epoch_budget: int | None = None) -> dict:
     rows, skipped = _rows(path)
-    cells = cell_stats(rows, budgets)
+    cells = cell_stats(rows, [0, *budgets])
     sizes = sorted({s for s, _, _ in cells}, key=lambda s: tuple(int(v) for v in s.split("x")))
     labels = sorted({lab for _, lab, _ in cells}, key=lambda s: (s != wave, not s.startswith("wave"), s))
     spe = rows[0].get("steps_per_epoch", 1) if rows else 1
@@ -174,7 +176,7 @@ def summarize(path: Path, budgets: list[int], wave: str = "wave", epoch_budget: 
     share = {f"vs_{b}": [0, 0] for b in BASELINES}
     share.update(leads_controls=[0, 0], random_bank_plus2_at_epoch=[0, 0])
     for size in sizes:
-        for b in budgets:
+        for b in [0, *budgets] if any((size, lab, 0) in cells for lab in labels) else budgets:
             row, means = [], {}
             for lab in labels:
                 v = cells.get((size, lab, b))
@@ -185,7 +187,7 @@ def summarize(path: Path, budgets: list[int], wave: str = "wave", epoch_budget: 
                 lr = "" if v["lr"] is None else f" {v['lr']:.0e}"
                 row.append(f"{100 * v['mean']:>11.2f} ± {100 * v['std']:4.2f}{lr:>7}")
             match = ""
-            if wave in means:
+            if wave in means and b > 0:
                 for base in BASELINES:
                     if base in means:
                         share[f"vs_{base}"][1] += 1

@@ -322,7 +322,7 @@ def run_trial(
             fit = data.train.subset(config["fit_examples"], seed=1000 + config["seed"])
             kwargs["fit_data"] = (fit.x, fit.y)
         if sources.bank is not None:
-            kwargs.update(bank=sources.bank.bank, aux_scalers=sources.bank.aux_scalers)
+            kwargs.update(bank=sources.bank)  # the whole bank: templates, aux scalers, free tensors, header
         if sources.ancestry is not None:  # strategies may change what they are given: each trial gets a copy
             kwargs.update(ancestry=copy.deepcopy(sources.ancestry[0]), ancestry_spec=sources.ancestry[1])
         missing = missing_sources(config["strategy"], set(kwargs))

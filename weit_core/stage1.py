@@ -6,6 +6,8 @@ tests, the benchmarks and anyone without a cluster. The loop is :func:`weit_core
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +23,6 @@ from weit_core.train import (
     iterate_batches,
     make_optimizer,
     seed_everything,
-    warmup_cosine,
 )
 
 
@@ -37,14 +38,17 @@ def make_bank(
     elastic: ElasticModel, x: torch.Tensor, y: torch.Tensor, *, sizes: list[Any] | None = None,
     teacher: nn.Module | None = None, epochs: int = 1, lr: float = 1e-3, weight_decay: float = 0.05,
     warmup_epochs: float = 1.0, batch_size: int = 128, tau: float = 2.0, n_random: int = 1, seed: int = 0,
-    device: str = "cpu", max_steps: int | None = None,
+    device: str = "cpu", max_steps: int | None = None, time_budget_s: float | None = None,
     eval_data: tuple[torch.Tensor, torch.Tensor] | None = None, eval_sizes: list[Any] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Train ``elastic`` in place: every size of ``sizes`` (sandwich rule) or the reference alone.
+    """Train ``elastic`` in place: every size of ``sizes`` (sandwich rule) or the reference alone, AdamW
+    with a linear warm-up then cosine decay.
 
-    Returns one dict per epoch: train loss/metric, and with ``eval_data`` the metric of each of
-    ``eval_sizes`` (default: the smallest, the reference and the largest of the range)."""
+    ``time_budget_s``: after the first epoch, as many epochs (at most ``epochs``) as that epoch's wall time
+    fits in the budget, the cosine laid over them. Returns one dict per epoch: train loss/metric, and with
+    ``eval_data`` the metric of each of ``eval_sizes`` (default: the smallest, the reference and the
+    largest of the range)."""
     sizes = sorted(set(sizes or [elastic.ref_spec]), key=lambda s: s.num_params())
     model: nn.Module = Sandwich(elastic, sizes, n_random, seed) if len(sizes) > 1 else elastic
     model.to(device)
@@ -54,10 +58,14 @@ def make_bank(
     if max_steps:
         steps_per_epoch = min(steps_per_epoch, max_steps)
     opt = make_optimizer(model, lr, weight_decay)
-    sched = warmup_cosine(opt, steps_per_epoch * epochs, round(steps_per_epoch * warmup_epochs))
+    plan = {"total": steps_per_epoch * epochs, "warm": round(steps_per_epoch * warmup_epochs)}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _warmup_cosine(step, **plan))
     watch = eval_sizes or list(dict.fromkeys([sizes[0], elastic.ref_spec, sizes[-1]]))
     history = []
-    for epoch in range(1, epochs + 1):
+    t0 = time.perf_counter()
+    epoch = 0
+    while epoch < epochs:
+        epoch += 1
         batches = iterate_batches(x, y, batch_size, seed=seed * 1000 + epoch, drop_last=len(x) > batch_size)
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in distill_epoch(
             model, batches, opt, teacher=teacher, tau=tau, device=device, max_steps=steps_per_epoch,
@@ -66,10 +74,23 @@ def make_bank(
             for s in watch:
                 ev = evaluate(AtSize(elastic, s), iterate_batches(*eval_data, 512, shuffle=False), device=device)
                 row[f"eval_acc@{_size_name(s)}"] = ev["acc"]
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
+        if time_budget_s is not None and epoch == 1:
+            epochs = max(1, min(epochs, int(time_budget_s // max(row["wall_s"], 1e-9))))
+            plan["total"] = steps_per_epoch * epochs
     return history
+
+
+def _warmup_cosine(step: int, total: int, warm: int, floor: float = 0.01) -> float:
+    """LR factor: linear warm-up over ``warm`` steps, then cosine to ``floor`` at ``total``
+    (:func:`weit_core.train.warmup_cosine`'s shape, with a total that may be set after the first epoch)."""
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def _size_name(spec: Any) -> str:
