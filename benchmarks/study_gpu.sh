@@ -36,7 +36,7 @@ parts() {  # run init_quality.py in $PARTS processes side by side, all appending
 
 if [ "${PHASE:-screen}" = screen ]; then
   say "device"; nvidia-smi -L 2>/dev/null; $PY -c "import torch, timm; print(torch.__version__, timm.__version__)"
-  VARIANTS=${VARIANTS:-default,single,N8,N16,b8,b32,tmaj}
+  VARIANTS=${VARIANTS:-default,single,N8,N16,b8,b32,tmaj,interp}
   say "stage 1: banks $VARIANTS"
   $PY benchmarks/make_banks.py --ancestry "$ANCESTRY" --out-dir "$WORK/banks" --variants "$VARIANTS" $RANGE \
     --epochs "${BANK_EPOCHS:-40}" --time-budget-s "${BANK_BUDGET_S:-200}" --batch-size "${BANK_BATCH:-128}" \
@@ -48,7 +48,8 @@ if [ "${PHASE:-screen}" = screen ]; then
   for v in ${VARIANTS//,/ }; do
     [ "$v" = default ] || extra+=(--extra-bank "$v=$WORK/banks/bank_$v.safetensors")
   done
-  LABELS="wave,wave{inherit=scalers},wave{bank=single},wave{fit_teacher=ancestry},wave{head_steps=50}"
+  LABELS="wave,wave{inherit=scalers},wave{bank=single},wave{fit_teacher=ancestry},wave{head_steps=50},wave{head_steps=100}"
+  LABELS="$LABELS,wave{fit_teacher=ancestry;head_steps=50}"
   for v in ${VARIANTS//,/ }; do
     case $v in default|single) ;; *) LABELS="$LABELS,wave{bank=$v}" ;; esac
   done
