@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
                 if line.strip():
                     r = json.loads(line)
                     done.add((r["size"], r["strategy"], r["seed"]))
-        jobs = [(size, lab, int(seed)) for size in parse_sizes(args.sizes) for seed in args.seeds.split(",")
+        # seed-major: a run cut short has every size and strategy at the first seeds
+        jobs = [(size, lab, int(seed)) for seed in args.seeds.split(",") for size in parse_sizes(args.sizes)
                 for lab in labels]
         jobs = [j for n, j in enumerate(jobs) if n % k == i - 1]
         c, h, _ = data.input_shape

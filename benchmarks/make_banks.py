@@ -9,7 +9,7 @@ a single machine (a GPU box without Ray, or a laptop) and writes the same bank f
 
 A variant is ``NAME`` from :data:`VARIANTS` or ``NAME:key=v;key=v`` over the defaults (``n``, ``block``,
 ``order``, ``range`` = ``full`` | ``ref``, ``width_rule``, ``depth_rule``, ``teacher`` = ``ancestry`` | ``none``,
-``epochs``, ``lr``, ``n_random``). Each bank's header records its settings and per-epoch accuracies of a few
+``epochs``, ``lr``, ``n_random``, ``init`` = a bank file to continue training). Each bank's header records its settings and per-epoch accuracies of a few
 sizes; a ``<name>.log`` beside it has one JSON line per epoch.
 """
 
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 DEFAULTS = {"n": 4, "block": 16, "order": "scaler_major", "range": "full", "width_rule": "nested",
-            "depth_rule": "nested", "teacher": "ancestry", "epochs": None, "lr": None, "n_random": 1}
+            "depth_rule": "nested", "teacher": "ancestry", "epochs": None, "lr": None, "n_random": 1, "init": ""}
 VARIANTS = {
     "default": {},
     "single": {"range": "ref"},  # one size, as the first design: the reference alone
@@ -74,8 +74,15 @@ def make_one(name: str, opts: dict, args: argparse.Namespace) -> Path:
     if opts["range"] == "ref":
         anc = ViTSpec.from_dict(load_model(args.ancestry)[1]["spec"]) if args.ancestry else ref
         ref, sizes = anc, [anc]
-    el = build_elastic(VIT, ref, n=opts["n"], block=opts["block"], order=opts["order"],
-                       width_rule=opts["width_rule"], depth_rule=opts["depth_rule"], seed=args.seed)
+    if opts["init"]:  # continue training a bank this script wrote (its aux head was not kept: a new one)
+        from weit_core.io import load_bank
+        from weit_core.stage1 import load_elastic
+
+        el = load_elastic(load_bank(opts["init"]), VIT)
+        ref = el.ref_spec
+    else:
+        el = build_elastic(VIT, ref, n=opts["n"], block=opts["block"], order=opts["order"],
+                           width_rule=opts["width_rule"], depth_rule=opts["depth_rule"], seed=args.seed)
     ev = data.val.subset(2000, seed=0)
     log = args.out_dir / f"{name}.log"
     t0 = time.perf_counter()

@@ -59,6 +59,25 @@ if [ "${PHASE:-screen}" = screen ]; then
     --sizes "$SCREEN_SIZES" --strategies "$LABELS" --seeds "$SEEDS" --budgets "$BUDGETS" --lrs 1e-3 $FIT $EVAL
   $PY benchmarks/init_quality.py --out "$OUT/screen.jsonl" --budgets "$BUDGETS" --summarize > "$OUT/screen_summary.txt"
   tail -n 30 "$OUT/screen_summary.txt"
+elif [ "${PHASE}" = final ]; then
+  # one bank, the recipe the screen picked (FINAL_VARIANT, e.g. "final:n=16;init=.study/bank_N16.safetensors"),
+  # the GPU to itself, then the protocol with it
+  say "device"; nvidia-smi -L 2>/dev/null
+  say "stage 1: ${FINAL_VARIANT:?set FINAL_VARIANT}"
+  $PY benchmarks/make_banks.py --ancestry "$ANCESTRY" --out-dir "$WORK/final" --variants "$FINAL_VARIANT" $RANGE \
+    --epochs "${BANK_EPOCHS:-40}" --time-budget-s "${BANK_BUDGET_S:-120}" --batch-size "${BANK_BATCH:-128}" \
+    --lr "${BANK_LR:-1e-3}" --device "$DEVICE" --jobs 1 > "$OUT/final_bank.log" 2>&1
+  say "bank done (rc $?)"; tail -n 4 "$OUT/final_bank.log"
+  name=${FINAL_VARIANT%%:*}
+  cp "$WORK/final/bank_$name.safetensors" "$OUT/"; cp "$WORK/final/bank_$name.json" "$OUT/"
+  LABELS=${LABELS:-wave,wave_random_bank,scratch_fit,weight_selection,net2net,tleg_fit}
+  BUDGETS=${FULL_BUDGETS:-100,430}; SEEDS=${FULL_SEEDS:-0,1,2}; LRS=${LRS:-1e-3}
+  [ "${SMOKE:-0}" = 1 ] && SIZES=${SIZES:-1x32x1,2x64x2} && BUDGETS=10,20 && SEEDS=0
+  say "protocol: $LABELS x ${SIZES:-12 sizes} x seeds $SEEDS x budgets $BUDGETS x lrs $LRS"
+  parts "$OUT/final.jsonl" --bank "$WORK/final/bank_$name.safetensors" --ancestry "$ANCESTRY" \
+    ${SIZES:+--sizes "$SIZES"} --strategies "$LABELS" --seeds "$SEEDS" --budgets "$BUDGETS" --lrs "$LRS" $FIT $EVAL
+  $PY benchmarks/init_quality.py --out "$OUT/final.jsonl" --budgets "$BUDGETS" --summarize > "$OUT/final_summary.txt"
+  tail -n 40 "$OUT/final_summary.txt"
 else
   BANK=${BANK:?set BANK}
   SIZES=${SIZES:-}; LRS=${LRS:-3e-4,1e-3,3e-3}; BUDGETS=${FULL_BUDGETS:-100,430,860}; SEEDS=${FULL_SEEDS:-0,1,2}

@@ -83,7 +83,7 @@ def apply_axis(t: torch.Tensor, dim: int, m: torch.Tensor, sections: int = 1, un
     moved = t.movedim(dim, -1)
     lead = moved.shape[:-1]
     x = moved.reshape(*lead, sections, src, unit)
-    y = torch.einsum("...sbu,db->...sdu", x, m.to(t.dtype))
+    y = torch.einsum("...sbu,db->...sdu", x, m.to(device=t.device, dtype=t.dtype))
     return y.reshape(*lead, sections * m.shape[0] * unit).movedim(-1, dim)
 
 

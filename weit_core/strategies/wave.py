@@ -94,13 +94,17 @@ def _teacher(fit_teacher: str, ancestry: nn.Module | None, spec: ViTSpec) -> nn.
 def _wave(
     spec: ViTSpec, bank: TemplateBank, aux: Scalers | None, free: dict | None, header: dict,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None, *, fit_steps: int, fit_lr: float, fit_batch_size: int,
-    seed: int, init_mode: str, scaler_init: str, inherit: str, head_steps: int, teacher: nn.Module | None,
+    seed: int, init_mode: str, scaler_init: str, inherit: str, head_steps: int | None, teacher: nn.Module | None,
     tau: float, device: str,
 ) -> InitResult:
     model, info = _start(spec, bank, aux, free, header, seed=seed, init_mode=init_mode, scaler_init=scaler_init,
                          inherit=inherit)
+    if head_steps is None:  # inherited features: fit the new head alone (a linear probe); else everything
+        head_steps = fit_steps if info["free_params"] == "bank" else 0
     model = model.to(device)
     model.set_stage("fit")
+    if teacher is not None:
+        teacher = teacher.to(device)
     stats = {"steps": 0, "loss": float("nan")}
     if fit_steps > 0:
         if fit_data is None:
@@ -124,7 +128,7 @@ def wave(
     spec: ViTSpec, *, bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None = None,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
     fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", scaler_init: str = "resample",
-    inherit: str = "all", head_steps: int = 0, fit_teacher: str = "none", ancestry: nn.Module | None = None,
+    inherit: str = "all", head_steps: int | None = None, fit_teacher: str = "none", ancestry: nn.Module | None = None,
     tau: float = 2.0, device: str = "cpu", **_: object,
 ) -> InitResult:
     templates, aux, free, header = _unpack(bank, aux_scalers)
@@ -160,7 +164,7 @@ def random_like(bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None, se
 def wave_random_bank(
     spec: ViTSpec, *, bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None = None,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
-    fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", inherit: str = "all", head_steps: int = 0,
+    fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", inherit: str = "all", head_steps: int | None = None,
     fit_teacher: str = "none", ancestry: nn.Module | None = None, tau: float = 2.0, device: str = "cpu",
     **_: object,
 ) -> InitResult:
