@@ -4,7 +4,7 @@ Each variant is stage 1 (``weit_core.stage1``) with one setting changed from the
 study can say which change moved what. ``weit distill`` is the same stage 1 on Ray Train; this script is for
 a single machine (a GPU box without Ray, or a laptop) and writes the same bank files.
 
-    python benchmarks/make_banks.py --ancestry docs/data/fmnist_ancestry_2.safetensors --out-dir banks \
+    python benchmarks/make_banks.py --ancestry docs/data/fmnist_ancestry.safetensors --out-dir banks \
         --variants default,single,N8,N16,b8,b32,tmaj --epochs 30 --time-budget-s 240 --device cuda
 
 A variant is ``NAME`` from :data:`VARIANTS` or ``NAME:key=v;key=v`` over the defaults (``n``, ``block``,

@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 OUT=${OUT:?set OUT}; DEVICE=${DEVICE:-cuda}; PARTS=${PARTS:-12}; PY=${PY:-python3}
-ANCESTRY=${ANCESTRY:-docs/data/fmnist_ancestry_2.safetensors}
+ANCESTRY=${ANCESTRY:-docs/data/fmnist_ancestry.safetensors}
 WORK=${WORK:-/tmp/weit_study}; mkdir -p "$WORK" "$OUT"
 t0=$SECONDS
 say() { echo "== [study $((SECONDS - t0))s] $*"; }
