@@ -55,7 +55,7 @@ def plain_loop(config: DistillConfig, data, spec, teacher, work: Path) -> dict:
     """The same job as one process, no Ray: returns per-epoch train seconds and the total."""
     torch.set_num_threads(config.threads)
     train, test = read_parquet_arrays(data.paths["train"]), read_parquet_arrays(data.paths["test"])
-    cfg = worker_config("templated", spec, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
+    cfg = worker_config("elastic", spec, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
                         warmup_epochs=config.warmup_epochs, batch_size=config.batch_size, workers=1,
                         train_rows=data.train_rows, seed=config.seed, threads=config.threads,
                         n_templates=config.n_templates, block=config.block, order=config.order)

@@ -1,14 +1,19 @@
 """Stage 1 on Ray Train: build a template bank by distilling an ancestry model (WAVE) or by
-constraint-based pre-training on the task alone (WeiT).
+constraint-based pre-training on the task alone (WeiT), for one size or a whole size range.
 
-An auxiliary ViT is built *only* from a fresh bank and its own scalers (plus free parameters) and trained
-with ``weit_core.train.distill_epoch`` inside a ``TorchTrainer`` (DDP via ``prepare_model``, data through
-Ray Data). Every epoch the workers checkpoint (bank + aux scalers + free params as safetensors, optimizer
-state with ``torch.save``), so a crashed worker costs at most one epoch (``FailureConfig``) and re-running
-the same command resumes: Ray Train V2 restores a run from its ``(storage_path, name)`` and the name here
-is derived from ``--out``. The driver prints progress and logs per-epoch metrics to MLflow from what the
-workers report (a controller callback pushes each report into a Ray queue the driver reads), and writes the
-final bank with ``weit_core.io.save_bank``.
+The auxiliary model is a ``weit_core.models.elastic.ElasticModel``: a fresh bank, the reference size's own
+scalers and its free tensors (norms, biases, position table, class token, the aux head); any size's weights
+are computed from them by the bank's resize rule. Without a range the reference alone is trained; with one
+(``--depths/--widths`` or ``--space``) a ``Sandwich`` trains the largest, the smallest and ``n_random``
+drawn sizes every step (WeiT's structured constraints), so every size of the range is what stage 2 will
+start from. Training is ``weit_core.train.distill_epoch`` inside a ``TorchTrainer`` (DDP via
+``prepare_model``, data through Ray Data). Every epoch the workers checkpoint (the whole aux model as
+safetensors, optimizer state with ``torch.save``), so a crashed worker costs at most one epoch
+(``FailureConfig``) and re-running the same command resumes: Ray Train V2 restores a run from its
+``(storage_path, name)`` and the name here is derived from ``--out``. The driver prints progress and logs
+per-epoch metrics to MLflow (the reference's test accuracy and, with a range, the smallest and the largest
+size's) from what the workers report (a controller callback pushes each report into a Ray queue the driver
+reads), and writes the final bank with ``weit_core.stage1.save_elastic``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -44,11 +49,14 @@ from weit_core.io import (
     load_model,
     load_timm_checkpoint,
     read_header,
-    save_bank,
     save_model,
 )
-from weit_core.models import TIMM_MODEL, TemplatedModel, ViTSpec, create_vit, vit_kinds, vit_layout
-from weit_core.templates import Scalers, TemplateBank
+from weit_core.models import TIMM_MODEL, ViTSpec, create_vit, vit_kinds, vit_layout
+from weit_core.models.elastic import AtSize, ElasticModel, Sandwich
+from weit_core.models.vit import VIT
+from weit_core.resize import RULES
+from weit_core.stage1 import build_elastic, save_elastic
+from weit_core.templates import Scalers
 from weit_core.train import (
     distill_epoch,
     evaluate,
@@ -86,6 +94,20 @@ class DistillConfig:
     aux: dict = field(default_factory=dict)
     """Aux ViT size overrides (depth, width, heads, mlp_ratio, patch); unset keys come from a weit teacher's
     spec, else ``DEFAULT_AUX``. Image size, channels and classes always come from the data."""
+    depths: list[int] | None = None
+    """Size range: the depths to train (crossed with ``widths``); None = the reference's depth only."""
+    widths: list[int] | None = None
+    """Size range: the widths to train; None = the reference's width only."""
+    head_dim: int | None = None
+    """Range: heads = width / head_dim (default: the teacher's, else ``DEFAULT_AUX``'s head dim); an explicit
+    ``aux["heads"]`` fixes the heads of every size instead."""
+    space: str | None = None
+    """Size range: the valid sizes of a ``tune_spaces`` YAML (dropped as the sweep drops them)."""
+    n_random: int = 1
+    """Sandwich rule: sizes drawn per step besides the largest and the smallest of the range."""
+    width_rule: str = "nested"
+    depth_rule: str = "nested"
+    """How a size's scalers and free tensors come from the reference's (``weit_core.resize.RULES``)."""
     n_templates: int = 4
     block: int = 16
     order: str = "scaler_major"
@@ -116,6 +138,10 @@ class DistillConfig:
     @property
     def mode(self) -> str:
         return "weit" if _no_teacher(self.teacher) else "wave"
+
+    @property
+    def has_range(self) -> bool:
+        return self.depths is not None or self.widths is not None or self.space is not None
 
 
 def _no_teacher(teacher: str | None) -> bool:
@@ -218,6 +244,156 @@ def aux_spec(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec | 
     return spec
 
 
+def size_label(spec: ViTSpec) -> str:
+    """``depth x width x heads``, the name a size's metrics carry (``test_acc/2x64x2``: MLflow refuses '@')."""
+    return f"{spec.depth}x{spec.width}x{spec.heads}"
+
+
+@dataclass
+class SizeRange:
+    """What stage 1 trains: the reference (aux) size that holds the parameters, and the range of sizes the
+    sandwich rule trains (empty: the reference alone)."""
+
+    ref: ViTSpec
+    sizes: list[ViTSpec]
+    """Smallest (fewest parameters) first."""
+    source: str = "reference"
+    dropped: dict = field(default_factory=dict)
+    """Space sizes that cannot be trained, by ``pipelines.spaces.DROP_REASONS`` key."""
+
+    @property
+    def sandwich(self) -> bool:
+        return bool(self.sizes) and self.sizes != [self.ref]
+
+    @property
+    def watch(self) -> list[ViTSpec]:
+        """The sizes evaluated every epoch: smallest, reference, largest (the reference alone without a range)."""
+        if not self.sandwich:
+            return [self.ref]
+        picked = {size_label(s): s for s in (self.sizes[0], self.ref, self.sizes[-1])}
+        return list(picked.values())
+
+    def draws_per_step(self, n_random: int) -> int:
+        """Sizes each training step runs (``Sandwich.draw``): the largest, the smallest, ``n_random`` more."""
+        if not self.sandwich:
+            return 1
+        return min(len(self.sizes), 2 + max(0, n_random))
+
+
+def check_range_flags(config: DistillConfig) -> None:
+    """Everything about a size range that needs no data: one clear line each, before anything is read or
+    Ray is started."""
+    if config.width_rule not in RULES or config.depth_rule not in RULES:
+        raise UserError(f"--width-rule {config.width_rule} / --depth-rule {config.depth_rule}: choose from "
+                        f"{', '.join(RULES)}")
+    if config.n_random < 0:
+        raise UserError(f"--n-random must be >= 0, got {config.n_random}")
+    if config.space is not None and (config.depths, config.widths, config.head_dim) != (None, None, None):
+        raise UserError("--space lists the sizes itself; drop --depths / --widths / --head-dim")
+    heads = config.aux.get("heads")
+    if heads is not None and config.head_dim is not None:
+        raise UserError("pass --heads (the same heads for every size) or --head-dim (heads = width / head dim), "
+                        "not both")
+    if config.head_dim is not None and config.head_dim < 1:
+        raise UserError(f"--head-dim must be >= 1, got {config.head_dim}")
+    for flag, values, example in (("--depths", config.depths, "2,4,6"), ("--widths", config.widths, "64,96")):
+        if values is None:
+            continue
+        if not values:
+            raise UserError(f"{flag} is empty; give a comma-separated list such as {example}")
+        if min(values) < 1:
+            raise UserError(f"{flag} {','.join(map(str, values))}: every entry must be >= 1")
+    for w in config.widths or []:
+        if w % config.block:
+            raise UserError(f"width {w} of --widths is not a multiple of the template block {config.block}; use "
+                            f"multiples of --block {config.block}")
+        if heads is not None and w % heads:
+            raise UserError(f"--heads {heads} does not divide width {w} of --widths; pass --head-dim instead (heads = "
+                            f"width / head dim) or widths that {heads} divides")
+        if config.head_dim is not None and w % config.head_dim:
+            raise UserError(f"--head-dim {config.head_dim} does not divide width {w} of --widths; pick a head dim "
+                            f"that divides every width")
+
+
+def size_range(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec | None) -> SizeRange:
+    """The reference size and the range of a job. Without ``depths/widths/space``: ``aux_spec`` alone.
+
+    With a range the reference defaults to its largest size (max depth, max width, max MLP ratio; heads =
+    width / head dim), so every size is a sub-model of it; explicit ``aux`` keys (``--depth/--width/--heads``)
+    still set it. Every size shares the reference's patch and the data's image size, channels and classes."""
+    check_range_flags(config)
+    if not config.has_range:
+        return SizeRange(aux_spec(config, data, teacher_spec), [])
+    base = ({k: getattr(teacher_spec, k) for k in DEFAULT_AUX} if teacher_spec else dict(DEFAULT_AUX))
+    given = {k: v for k, v in config.aux.items() if v is not None}
+    if config.space is not None:
+        points, dropped, patch = _space_sizes(config, data, given.get("patch"), base["patch"])
+        source = f"space {config.space}"
+        at_max = [p["width"] // p["heads"] for p in points if p["width"] == max(q["width"] for q in points)]
+        head_dim = max(set(at_max), key=lambda d: (at_max.count(d), d))  # the most common; ties: fewer heads
+    else:
+        head_dim = config.head_dim or base["width"] // base["heads"]
+        patch, dropped, source = given.get("patch", base["patch"]), {}, "--depths/--widths"
+        mlp = given.get("mlp_ratio", base["mlp_ratio"])
+        points = []
+        for d in config.depths or [given.get("depth", base["depth"])]:
+            for w in config.widths or [given.get("width", base["width"])]:
+                if "heads" not in given and w % head_dim:
+                    raise UserError(f"width {w} is not a multiple of the head dim {head_dim} (the teacher's, else "
+                                    f"the default's); pass --head-dim or --heads")
+                points.append({"depth": d, "width": w, "heads": given.get("heads", w // max(head_dim, 1)),
+                               "mlp_ratio": mlp})
+    width = given.get("width", max(p["width"] for p in points))
+    if "heads" not in given and width % head_dim:
+        raise UserError(f"the reference width {width} is not a multiple of the head dim {head_dim}; pass --heads")
+    ref_size = {"depth": given.get("depth", max(p["depth"] for p in points)), "width": width,
+                "heads": given.get("heads", width // head_dim),
+                "mlp_ratio": given.get("mlp_ratio", max(p["mlp_ratio"] for p in points)), "patch": patch}
+    ref = aux_spec(replace(config, aux=ref_size), data, None)
+    sizes = []
+    for p in points:
+        try:
+            spec = replace(ref, **p)
+            VIT.size_maps(ref, spec, config.block, config.width_rule, config.depth_rule)
+        except ValueError as e:
+            raise UserError(f"size {p['depth']}x{p['width']}x{p['heads']} of the range: {e}") from e
+        if spec not in sizes:
+            sizes.append(spec)
+    return SizeRange(ref, sorted(sizes, key=lambda s: s.num_params()), source, dropped)
+
+
+def _space_sizes(config: DistillConfig, data: PreparedData, patch: int | None,
+                 default_patch: int) -> tuple[list[dict], dict, int]:
+    """The sizes of a search space this bank can serve: each combination the sweep would keep for the data's
+    shape and this bank's block (``pipelines.spaces.check_size``), the drops counted by reason."""
+    from collections import Counter
+
+    from pipelines.spaces import TaskShape, check_size, load_space, size_points
+
+    space = load_space(config.space)
+    patches = sorted({t.patch for t in space.tasks})
+    if patch is None:
+        if len(patches) > 1:
+            raise UserError(f"{config.space}: its tasks use patches {patches}; pass --patch for this bank")
+        patch = patches[0] if patches else default_patch
+    c, h, _ = data.input_shape
+    shape = TaskShape(int(c), int(h), data.num_classes)
+    kept, dropped = [], Counter()
+    for p in size_points(space):
+        try:
+            reason = check_size(p, shape, patch, space.constraints, config.block)
+        except ValueError as e:
+            raise UserError(f"{config.space}: size {p}: {e}") from e
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept.append(p)
+    if not kept:
+        raise UserError(f"{config.space}: no size of the space can be trained by a block-{config.block} bank on "
+                        f"this data ({_describe_drops(dropped)})")
+    return kept, dict(dropped), patch
+
+
 # --------------------------------------------------------------------------------------------- teacher
 
 
@@ -296,15 +472,35 @@ def _rebuild_teacher(src: dict, device: torch.device) -> nn.Module:
 
 
 def build_model(cfg: dict) -> nn.Module:
-    """The model a worker trains: ``templated`` = aux ViT made only of bank + scalers (+ free params);
-    ``plain`` = an ordinary timm ViT (the ancestry)."""
+    """The model a worker trains. ``elastic``: the aux model (``ElasticModel``: templates + the reference's
+    scalers and free tensors, seeded by ``cfg["seed"]``), wrapped in a ``Sandwich`` over ``cfg["sizes"]``
+    when a range is given; ``plain``: an ordinary timm ViT (the ancestry)."""
     spec = ViTSpec.from_dict(cfg["spec"])
     if cfg["kind"] == "plain":
         return create_vit(spec)
-    kinds = vit_kinds(spec, cfg["n_templates"], cfg["block"])
-    model = TemplatedModel(create_vit(spec), TemplateBank(kinds, cfg["order"]), Scalers(vit_layout(spec), kinds))
-    model.set_stage("pretrain")
-    return model
+    elastic = build_elastic(VIT, spec, n=cfg["n_templates"], block=cfg["block"], order=cfg["order"],
+                            width_rule=cfg.get("width_rule", "nested"), depth_rule=cfg.get("depth_rule", "nested"),
+                            seed=cfg.get("seed", 0))
+    sizes = [ViTSpec.from_dict(d) for d in cfg.get("sizes") or []]
+    if not sizes or sizes == [spec]:
+        return elastic
+    # Every DDP rank must run the same sizes at every step: Sandwich draws them from its own random.Random(seed),
+    # the same seed on every rank, one draw per training forward (and every rank takes the same number of
+    # steps); train_worker reseeds it from (seed, epoch) at each epoch start, so a resumed epoch draws the
+    # sizes the lost one drew.
+    return Sandwich(elastic, sizes, cfg.get("n_random", 1), seed=cfg.get("seed", 0))
+
+
+def reseed_draws(model: nn.Module, seed: int, epoch: int) -> None:
+    """Restart a Sandwich's size draws from ``(seed, epoch)``: every rank then draws the same sizes at every
+    step of the epoch, and a resumed epoch draws what the lost one drew (the draws are not checkpointed)."""
+    if isinstance(model, Sandwich):
+        model._rng.seed(seed * 100_003 + epoch)
+
+
+def aux_of(model: nn.Module) -> ElasticModel:
+    """The ``ElasticModel`` inside what ``build_model`` made (itself, or a Sandwich's)."""
+    return model.elastic if isinstance(model, Sandwich) else model
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -313,12 +509,12 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_train_state(d: Path, cfg: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
                      scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
-    """One epoch's checkpoint directory: weights as safetensors, optimizer/scheduler state, progress."""
+    """One epoch's checkpoint directory: weights as safetensors (the aux model whole: templates, reference
+    scalers, every free tensor including the aux head), optimizer/scheduler state, progress."""
     if cfg["kind"] == "plain":
         save_model(d / "model.safetensors", model, ViTSpec.from_dict(cfg["spec"]), {"epoch": state["epoch"]})
     else:
-        save_bank(d / "bank.safetensors", model.bank, model.scalers, {"epoch": state["epoch"], "partial": True})
-        save_file(_tensors(model.base), str(d / "free.safetensors"))
+        save_file(_tensors(aux_of(model)), str(d / "elastic.safetensors"))
     # Our own file, read back only by us with weights_only=True: plain tensors and numbers, no pickled code.
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "optimizer.pt")
     (d / "state.json").write_text(json.dumps(state, indent=1))
@@ -331,11 +527,7 @@ def load_train_state(d: Path, cfg: dict, model: nn.Module, optimizer: torch.opti
     if cfg["kind"] == "plain":
         model.load_state_dict(load_file(str(d / "model.safetensors"), device=str(device)), strict=True)
     else:
-        loaded = load_bank(d / "bank.safetensors")
-        with torch.no_grad():
-            model.bank.load_state_dict(loaded.bank.state_dict())
-            model.scalers.load_state_dict(loaded.aux_scalers.state_dict())
-        model.base.load_state_dict(load_file(str(d / "free.safetensors"), device=str(device)), strict=True)
+        aux_of(model).load_state_dict(load_file(str(d / "elastic.safetensors"), device=str(device)), strict=True)
     if optimizer is not None:
         saved = torch.load(d / "optimizer.pt", map_location=device, weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
@@ -375,6 +567,17 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _eval_models(cfg: dict, model: nn.Module) -> dict[str, nn.Module]:
+    """What a worker evaluates each epoch: the model itself (``plain``), else each watched size of the aux
+    model by label, the reference first."""
+    if cfg["kind"] == "plain":
+        return {"": model}
+    aux = aux_of(model)
+    watch = [ViTSpec.from_dict(d) for d in cfg.get("watch") or [cfg["spec"]]]
+    ref = ViTSpec.from_dict(cfg["spec"])
+    return {size_label(s): AtSize(aux, s) for s in sorted(watch, key=lambda s: s != ref)}
+
+
 def train_worker(cfg: dict) -> None:
     """Per-worker body: build, maybe resume, then epochs of ``distill_epoch`` + evaluation + checkpoint."""
     import ray.train.torch
@@ -400,6 +603,10 @@ def train_worker(cfg: dict) -> None:
     if state["epoch"] >= cfg["epochs"]:
         return  # a finished job run again: nothing to redo
     teacher = _rebuild_teacher(ray.get(cfg["teacher"][0]), device) if cfg["teacher"] else None
+    evals = _eval_models(cfg, model)
+    ref_eval = next(iter(evals.values()))
+    per_size = cfg.get("sizes") is not None and cfg["kind"] != "plain"
+    copies = cfg.get("draws_per_step", 1)  # a Sandwich stacks this many sizes' outputs per batch
 
     # The test split goes whole to every worker (not split); each evaluates its own slice rank::world and
     # the sums are all-reduced, so the accuracy is over every test example exactly once.
@@ -412,6 +619,7 @@ def train_worker(cfg: dict) -> None:
 
     for epoch in range(state["epoch"] + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
+        reseed_draws(model, cfg["seed"], epoch)
         # Data order is a function of (seed, epoch) only: blocks arrive in a fixed order (preserve_order)
         # and the local shuffle is seeded, so a resumed epoch sees the batches the lost one saw.
         raw = train_shard.iter_batches(batch_size=cfg["batch_size"], batch_format="numpy", prefetch_batches=2,
@@ -424,21 +632,26 @@ def train_worker(cfg: dict) -> None:
                            scheduler=scheduler)
         t_train = time.perf_counter() - t0
         t1 = time.perf_counter()
-        ev = evaluate(model, iterate_batches(tx, ty, EVAL_BATCH, shuffle=False), device=device)
-        ag = (evaluate(model, iterate_batches(tx, t_labels, EVAL_BATCH, shuffle=False), device=device)
+        accs = [evaluate(m, iterate_batches(tx, ty, EVAL_BATCH, shuffle=False), device=device)["acc"]
+                for m in evals.values()]
+        ag = (evaluate(ref_eval, iterate_batches(tx, t_labels, EVAL_BATCH, shuffle=False), device=device)
               if teacher is not None else {"acc": 0.0})
-        n, m = st["examples"], ev["examples"]
+        n, m = st["examples"], len(ty)
         s = _all_reduce([st["loss"] * n, st["acc"] * n, st.get("agreement", 0.0) * n, n, st["steps"],
-                         ev["acc"] * m, ag["acc"] * m, teacher_correct, m], device)
+                         ag["acc"] * m, teacher_correct, m, *(a * m for a in accs)], device)
+        sized = {label: v / s[7] for label, v in zip(evals, s[8:], strict=True)}
         state["epoch"], state["global_step"] = epoch, state["global_step"] + st["steps"]
-        metrics = {"epoch": epoch, "loss": s[0] / s[3], "train_acc": s[1] / s[3], "test_acc": s[5] / s[8],
+        metrics = {"epoch": epoch, "loss": s[0] / s[3], "train_acc": s[1] / s[3],
+                   "test_acc": next(iter(sized.values())),
                    "lr": optimizer.param_groups[0]["lr"], "steps": state["global_step"],
                    "train_s": t_train, "eval_s": time.perf_counter() - t1, "epoch_s": time.perf_counter() - t0,
-                   "examples": int(s[3])}
+                   "examples": int(s[3]) // copies}
+        if per_size:
+            metrics.update({f"test_acc/{label}": v for label, v in sized.items()})
         if epoch == state["starts"][-1]:
             metrics["setup_s"] = t0 - t_setup  # worker start to first step: build, resume, teacher, test data
         if teacher is not None:
-            metrics.update(train_agreement=s[2] / s[3], test_agreement=s[6] / s[8], teacher_test_acc=s[7] / s[8])
+            metrics.update(train_agreement=s[2] / s[3], test_agreement=s[5] / s[7], teacher_test_acc=s[6] / s[7])
         state["history"].append(metrics)
         if rank == 0:
             with tempfile.TemporaryDirectory(prefix="weit-ckpt-") as d:
@@ -519,6 +732,9 @@ def _print_epoch(stage: str, epochs: int, m: dict) -> None:
              f"train_acc {m['train_acc']:.4f}", f"test_acc {m['test_acc']:.4f}"]
     if "test_agreement" in m:
         parts.append(f"agreement {m['test_agreement']:.4f}")
+    sized = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items() if k.startswith("test_acc/")]
+    if sized:
+        parts.append(f"test_acc by size: {', '.join(sized)}")
     parts.append(f"{m['epoch_s']:.1f}s")
     print("  ".join(parts), flush=True)
 
@@ -651,10 +867,24 @@ def _threads(cpus_per_worker: float, threads: int | None) -> int:
     return threads or max(1, math.floor(cpus_per_worker + 0.5))
 
 
+def range_config(config: DistillConfig, plan: SizeRange) -> dict:
+    """The ``train_loop_config`` keys of a size range (``build_model``'s Sandwich, the watched sizes)."""
+    return {"sizes": [s.to_dict() for s in plan.sizes] if plan.sizes else None, "n_random": config.n_random,
+            "width_rule": config.width_rule, "depth_rule": config.depth_rule,
+            "watch": [s.to_dict() for s in plan.watch], "draws_per_step": plan.draws_per_step(config.n_random)}
+
+
+def _describe_drops(dropped: dict) -> str:
+    from pipelines.spaces import DROP_REASONS
+
+    return ", ".join(f"{n} {DROP_REASONS.get(r, r)}" for r, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
+
+
 def run_distill(config: DistillConfig) -> tuple[Path, dict]:
     """Stage 1 end to end; returns (bank path, metrics of the final epoch + job facts)."""
     if config.epochs < 1 or config.workers < 1 or config.batch_size < config.workers:
         raise UserError("need --epochs >= 1, --workers >= 1 and --batch-size >= --workers")
+    check_range_flags(config)  # before the data is read or Ray started
     out = Path(config.out).resolve()
     name = config.name or job_name(out)
     storage = storage_path(config.storage)
@@ -662,13 +892,15 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
     teacher = None if _no_teacher(config.teacher) else load_teacher(
         config.teacher, config.teacher_checkpoint, config.teacher_kwargs)
     data = prepare_data(config.dataset, job_dir / "data", config.limit, config.seed)
-    spec = aux_spec(config, data, teacher.spec if teacher else None)
+    plan = size_range(config, data, teacher.spec if teacher else None)
+    spec = plan.ref
     if teacher is not None:
         _check_teacher(teacher, data)
     kinds = vit_kinds(spec, config.n_templates, config.block)
     settings = {k: v for k, v in asdict(config).items()
                 if k not in ("out", "storage", "name", "address", "mlflow_uri", "quiet", "fail_at_epoch")}
     settings["aux_spec"] = spec.to_dict()
+    settings["size_range"] = [size_label(s) for s in plan.sizes] or None
     resumed = _job_guard(job_dir, json.loads(json.dumps(settings, default=str)))
 
     init_ray(config.address)
@@ -683,11 +915,12 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
         teacher_ref = [ray.put({"timm_name": teacher.timm_name, "kwargs": teacher.kwargs,
                                 "state": {k: v.detach().cpu() for k, v in teacher.model.state_dict().items()}})]
     cfg = worker_config(
-        "templated", spec, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
+        "elastic", spec, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
         warmup_epochs=config.warmup_epochs, batch_size=config.batch_size, workers=config.workers,
         train_rows=data.train_rows, seed=config.seed, threads=_threads(config.cpus_per_worker, config.threads),
         n_templates=config.n_templates, block=config.block, order=config.order, teacher=teacher_ref, tau=config.tau,
-        fail_at_epoch=config.fail_at_epoch, fail_marker=str(job_dir / f"fail_at_epoch_{config.fail_at_epoch}"))
+        fail_at_epoch=config.fail_at_epoch, fail_marker=str(job_dir / f"fail_at_epoch_{config.fail_at_epoch}"),
+        **range_config(config, plan))
     steps_per_epoch, per_worker = cfg["steps_per_epoch"], cfg["batch_size"]
     datasets = ray_datasets(data)
     template_numbers = sum(math.prod(k.template_shape) for k in kinds.values())
@@ -696,7 +929,9 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
               **{f"aux.{k}": v for k, v in spec.to_dict().items()}, "teacher_kwargs": json.dumps(config.teacher_kwargs),
               "mode": config.mode, "job": name, "out": str(out), "storage": storage, "git": git_revision(),
               "template_numbers": template_numbers, "aux_scalers": scaler_numbers,
-              "steps_per_epoch": steps_per_epoch, "per_worker_batch": per_worker, "free_params": "timm_init+trained"}
+              "steps_per_epoch": steps_per_epoch, "per_worker_batch": per_worker, "free_params": "timm_init+trained",
+              "size_range": " ".join(size_label(s) for s in plan.sizes) or "reference", "range_source": plan.source,
+              "draws_per_step": cfg["draws_per_step"]}
     tags = {"weit.stage": "distill", "weit.mode": config.mode, "weit.task": data.info["name"],
             "weit.task_type": "classification"}
     tracker = Tracker(config.mlflow_uri, config.experiment, name, params, tags)
@@ -705,6 +940,12 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
               f"{template_numbers:,} template + {scaler_numbers:,} scaler numbers, {data.info['train']:,} train "
               f"examples, {config.workers} worker(s) x {config.cpus_per_worker} CPU"
               f"{', GPU' if config.use_gpu else ''}{', resuming' if resumed else ''}", flush=True)
+        if plan.sizes:
+            print(f"{PREFIX} size range ({plan.source}): {len(plan.sizes)} size(s) {size_label(plan.sizes[0])} .. "
+                  f"{size_label(plan.sizes[-1])}, reference {size_label(spec)}, rule {config.width_rule}/"
+                  f"{config.depth_rule}, {cfg['draws_per_step']} size(s) per step"
+                  + (f"; dropped {sum(plan.dropped.values())} space size(s): {_describe_drops(plan.dropped)}"
+                     if plan.dropped else ""), flush=True)
 
     def on_epoch(m: dict) -> None:
         tracker.log_epoch(m)
@@ -720,16 +961,20 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
         for m in run.state["history"]:  # epochs whose report the driver missed (e.g. a driver restart)
             tracker.log_epoch(m)
         final = dict(run.state["history"][-1])
-        loaded = load_bank(run.checkpoint_dir / "bank.safetensors")
+        model = build_model(cfg)
+        load_train_state(run.checkpoint_dir, cfg, model)
         header = {
             "mode": config.mode, "N": config.n_templates, "a": config.block, "b": config.block,
             "source_model": teacher.info if teacher else None, "data": data.info,
             "epochs": run.state["epoch"], "metrics": final, "aux_spec": spec.to_dict(), "job": name,
             "seed": config.seed, "tau": config.tau if teacher else None, "lr": config.lr,
             "batch_size": config.batch_size, "workers": config.workers, "attempt_starts": run.state["starts"],
-            "git": git_revision(), "mlflow_run_id": tracker.run_id,
+            "git": git_revision(), "mlflow_run_id": tracker.run_id, "n_random": config.n_random if plan.sandwich else None,
+            "draws_per_step": cfg["draws_per_step"], "range_source": plan.source,
+            "space_dropped": plan.dropped or None,
         }
-        save_bank(out, loaded.bank, loaded.aux_scalers, header)
+        # templates, aux scalers, free tensors (not the aux head), the resize rule, the size range, aux_spec
+        save_elastic(out, aux_of(model), header, plan.sizes or None)
         header_json = out.with_suffix(".json")
         header_json.write_text(json.dumps(load_bank(out).header, indent=1, default=str))
         metrics = {**final, "fit_s": run.fit_s, "epochs_now": len(run.epochs_now),
@@ -743,7 +988,9 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
     if not config.quiet:
         agree = f", agreement {final['test_agreement']:.4f}" if teacher else ""
         print(f"{PREFIX} bank written to {out} (test_acc {final['test_acc']:.4f}{agree}; {run.fit_s:.0f}s in fit, "
-              f"{len(run.epochs_now)} epoch(s) trained now)", flush=True)
+              f"{len(run.epochs_now)} epoch(s) trained now"
+              + (f"; {len(plan.sizes)} sizes, rule {config.width_rule}/{config.depth_rule}" if plan.sizes else "")
+              + ")", flush=True)
     return out, {**metrics, "run_id": tracker.run_id, "job": name, "checkpoint": str(run.checkpoint_dir),
                  "aux_spec": spec.to_dict()}
 
@@ -763,6 +1010,16 @@ def _parse_kwargs(text: str | None) -> dict:
     return value
 
 
+def parse_sizes(text: str | None, flag: str) -> list[int] | None:
+    """``"2,4,6"`` -> ``[2, 4, 6]`` (None stays None; an empty list is refused by ``check_range_flags``)."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as e:
+        raise UserError(f"{flag} {text!r}: expected whole numbers separated by commas, e.g. 2,4,6") from e
+
+
 def distill_command(
     teacher: Annotated[str, typer.Option(help="Ancestry: a weit model file, a timm model name (with "
                                               "--teacher-checkpoint), or 'none' for WeiT pre-training.")] = "none",
@@ -775,6 +1032,20 @@ def distill_command(
     heads: Annotated[int | None, typer.Option(help="Aux ViT heads (default: teacher's, else 3).")] = None,
     patch: Annotated[int | None, typer.Option(help="Aux ViT patch size (default: teacher's, else 4).")] = None,
     mlp_ratio: Annotated[float | None, typer.Option(help="Aux ViT MLP ratio (default: teacher's, else 4).")] = None,
+    depths: Annotated[str | None, typer.Option(help="Size range: depths to train, e.g. 2,4,6 (crossed with "
+                                                    "--widths; the reference defaults to the largest).")] = None,
+    widths: Annotated[str | None, typer.Option(help="Size range: widths to train, e.g. 64,96 (multiples of "
+                                                    "--block).")] = None,
+    head_dim: Annotated[int | None, typer.Option(help="Range: heads = width / head dim (default: the teacher's, "
+                                                      "else 32); --heads fixes the heads instead.")] = None,
+    space: Annotated[str | None, typer.Option(help="Size range: the valid sizes of a tune_spaces YAML (those "
+                                                   "the sweep would keep for this bank).")] = None,
+    n_random: Annotated[int, typer.Option(help="Sizes drawn per step besides the largest and the smallest "
+                                               "(sandwich rule).")] = 1,
+    width_rule: Annotated[str, typer.Option(help="How a size's channels come from the reference's: nested | "
+                                                 "spread | interp.")] = "nested",
+    depth_rule: Annotated[str, typer.Option(help="How a size's layers come from the reference's: nested | "
+                                                 "spread | interp.")] = "nested",
     n_templates: Annotated[int, typer.Option(help="Templates per kind (N).")] = 4,
     block: Annotated[int, typer.Option(help="Template block size a = b.")] = 16,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
@@ -796,11 +1067,14 @@ def distill_command(
     mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Stage 1: build a template bank by distilling an ancestry (WAVE) or pre-training (WeiT) on Ray Train."""
+    """Stage 1: build a template bank by distilling an ancestry (WAVE) or pre-training (WeiT) on Ray Train,
+    for one size or a size range (--depths/--widths or --space)."""
     aux = {"depth": depth, "width": width, "heads": heads, "patch": patch, "mlp_ratio": mlp_ratio}
     config = DistillConfig(
         teacher=teacher, teacher_checkpoint=teacher_checkpoint, teacher_kwargs=_parse_kwargs(teacher_kwargs),
-        dataset=dataset, limit=limit, aux={k: v for k, v in aux.items() if v is not None}, n_templates=n_templates,
+        dataset=dataset, limit=limit, aux={k: v for k, v in aux.items() if v is not None},
+        depths=parse_sizes(depths, "--depths"), widths=parse_sizes(widths, "--widths"), head_dim=head_dim,
+        space=space, n_random=n_random, width_rule=width_rule, depth_rule=depth_rule, n_templates=n_templates,
         block=block, epochs=epochs, lr=lr, tau=tau, batch_size=batch_size, workers=workers,
         cpus_per_worker=cpus_per_worker, threads=threads, use_gpu=use_gpu, max_failures=max_failures, out=out,
         storage=storage, name=name, address=address, mlflow_uri=mlflow_uri, seed=seed,

@@ -1,12 +1,15 @@
 """Stage 1 on Ray Train, on real data: a WAVE bank distilled from a digits ancestry by 2 DDP workers (bank
-file, header, MLflow run), a rerun that resumes instead of starting over, a worker SIGKILLed mid-epoch
-that the job survives bit-for-bit, WeiT pre-training without a teacher, the ancestry command, and user
-mistakes as one-line errors. ``-m slow``: the full Fashion-MNIST recipe (ancestry >= 88%, bank close to it).
+file, header, MLflow run), a rerun that resumes instead of starting over, a bank trained over a size range
+(sandwich rule) whose every size is what stage 2 starts from, a worker of that run SIGKILLed mid-epoch that
+the job survives bit-for-bit, WeiT pre-training of a range without a teacher, the ancestry command, and user
+mistakes (bad ranges too) as one-line errors before Ray starts. ``-m slow``: the full
+Fashion-MNIST recipe (ancestry >= 88%, bank close to it).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,22 +21,36 @@ from safetensors.torch import save_file
 from pipelines.common import UserError
 from pipelines.distill import (
     DistillConfig,
+    aux_of,
     build_model,
     load_teacher,
     load_train_state,
+    prepare_data,
+    reseed_draws,
     run_distill,
     scaling_config,
+    size_range,
 )
 from weit_core.io import load_bank, load_model, save_model
-from weit_core.models import vit_kinds
+from weit_core.models import ViTSpec, vit_kinds
+from weit_core.models.elastic import AtSize
+from weit_core.models.vit import VIT
+from weit_core.stage1 import load_elastic
+from weit_core.strategies import init_model
 from weit_core.train import evaluate, iterate_batches
 
+CI_SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "ci.yaml"
 CHANCE = 0.1  # ten classes
 FAR_ABOVE_CHANCE = 4 * CHANCE
 EPOCHS = 3
 # one recipe for the two ancestry tests (in process, on Ray Train): a tiny digits ViT that reaches 77-81%
 ANCESTRY_RECIPE = dict(depth=2, width=32, heads=2, patch=2, epochs=12, lr=3e-3, batch_size=32,
                        warmup_epochs=0.5)
+# a size range on digits: `--depths 1,2 --widths 16,32 --head-dim 16` (patch 2 from the teacher); its largest
+# size, the reference, is the ancestry's own size
+RANGE = dict(depths=[1, 2], widths=[16, 32], head_dim=16, n_random=1)
+RANGE_EPOCHS = 6  # the smallest size learns slower than the reference: 3 epochs leave it near 35%
+RANGE_SIZES = [replace(DIGITS_ANCESTRY, depth=d, width=w, heads=w // 16) for d in (1, 2) for w in (16, 32)]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +111,7 @@ def test_wave_bank_file_header_and_mlflow(wave_run, base_config, digits):
     # The aux model rebuilt from the last checkpoint (templated weights = bank x scalers, nothing else)
     # scores on the real test split exactly what the workers reported.
     ckpt = Path(metrics["checkpoint"])
-    cfg = {"kind": "templated", "spec": DIGITS_ANCESTRY.to_dict(), "n_templates": 4, "block": 16,
+    cfg = {"kind": "elastic", "spec": DIGITS_ANCESTRY.to_dict(), "n_templates": 4, "block": 16,
            "order": "scaler_major"}
     aux = build_model(cfg)
     load_train_state(ckpt, cfg, aux)
@@ -126,35 +143,161 @@ def test_rerun_resumes_and_redoes_nothing(wave_run, base_config):
     assert steps == list(range(1, EPOCHS + 1))  # no epoch logged twice
 
 
-def test_killed_worker_resumes_from_checkpoint_bit_for_bit(wave_run, base_config, work):
-    """Rank 1 SIGKILLs itself 2 steps into epoch 2; Ray Train restarts the worker group from the epoch-1
-    checkpoint. Data order is a function of (seed, epoch) only (preserve_order + seeded local shuffle),
-    optimizer and scheduler state are restored, and the gloo all-reduce of 2 ranks is commutative, so the
-    final bank equals the uninterrupted run's exactly."""
-    out, clean = wave_run
-    config = replace(base_config, out=str(work / "killed.safetensors"), fail_at_epoch=2, max_failures=1)
-    killed_out, metrics = run_distill(config)
-    header = load_bank(killed_out).header
-    assert header["attempt_starts"] == [1, 2]  # the second attempt started at epoch 2, not 1
-    assert header["epochs"] == EPOCHS and metrics["resumed_from_epoch"] == 1
-    assert any(p.name == "fail_at_epoch_2" for p in (work / "runs").glob("distill-killed-*/*"))
-    a, b = _tensors(out), _tensors(killed_out)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"{k} differs after the resume")
-    assert metrics["test_acc"] == clean["test_acc"]
-
-
-def test_weit_mode_pretrains_without_teacher(ray_session, base_config, work):
+def test_weit_mode_pretrains_a_range_without_teacher(ray_session, base_config, work):
     from mlflow import MlflowClient
 
-    config = replace(base_config, teacher="none", epochs=2, aux={"depth": 2, "width": 32, "heads": 2, "patch": 2},
+    config = replace(base_config, teacher="none", epochs=RANGE_EPOCHS, aux={"patch": 2}, **RANGE,
                      out=str(work / "weit.safetensors"))
     out, metrics = run_distill(config)
     h = load_bank(out).header
-    assert h["mode"] == "weit" and h["source_model"] is None and h["epochs"] == 2
+    assert h["mode"] == "weit" and h["source_model"] is None and h["epochs"] == RANGE_EPOCHS
+    assert h["aux_spec"] == DIGITS_ANCESTRY.to_dict() and len(h["size_range"]) == 4
     assert "test_agreement" not in metrics and metrics["test_acc"] > FAR_ABOVE_CHANCE, metrics
+    assert metrics["test_acc/1x16x1"] > FAR_ABOVE_CHANCE, metrics
     run = MlflowClient(config.mlflow_uri).get_run(metrics["run_id"])
-    assert run.data.tags["weit.mode"] == "weit" and "test_acc" in run.data.metrics
+    assert run.data.tags["weit.mode"] == "weit" and {"test_acc", "test_acc/1x16x1"} <= set(run.data.metrics)
+
+
+# ----------------------------------------------------------------------------------------- a size range
+
+
+@pytest.fixture(scope="module")
+def range_run(ray_session, base_config, work):
+    """WAVE over depth 1-2 x width 16-32 (4 sizes, 3 per step: largest, smallest, one drawn)."""
+    config = replace(base_config, **RANGE, epochs=RANGE_EPOCHS, out=str(work / "range.safetensors"))
+    return config, *run_distill(config)
+
+
+def _elastic_cfg(spec: ViTSpec) -> dict:
+    return {"kind": "elastic", "spec": spec.to_dict(), "n_templates": 4, "block": 16, "order": "scaler_major"}
+
+
+def test_range_bank_header_rebuild_and_every_watched_size(range_run, digits):
+    from mlflow import MlflowClient
+
+    config, out, metrics = range_run
+    loaded = load_bank(out, expect_kinds=vit_kinds(DIGITS_ANCESTRY, 4, 16))
+    h = loaded.header
+    assert h["aux_spec"] == DIGITS_ANCESTRY.to_dict()  # the largest of the range
+    assert sorted(map(str, h["size_range"])) == sorted(str(s.to_dict()) for s in RANGE_SIZES)
+    assert h["resize"] == {"width_rule": "nested", "depth_rule": "nested"}
+    assert h["n_random"] == 1 and h["draws_per_step"] == 3 and h["range_source"] == "--depths/--widths"
+    assert loaded.free is not None and h["free"] == sorted(loaded.free)
+    assert "pos_embed" in loaded.free and not any(k.startswith("head.") for k in loaded.free)
+    assert h["epochs"] == RANGE_EPOCHS and out.with_suffix(".json").is_file()
+
+    # the aux model of the last checkpoint (its head included) scores, at each watched size, exactly what
+    # the workers reported; the bank file rebuilds the same model at every size of the range
+    aux = aux_of(build_model(_elastic_cfg(DIGITS_ANCESTRY)))
+    load_train_state(Path(metrics["checkpoint"]), _elastic_cfg(DIGITS_ANCESTRY), aux)
+    for label in ("1x16x1", "2x32x2"):
+        size = next(s for s in RANGE_SIZES if f"{s.depth}x{s.width}x{s.heads}" == label)
+        got = evaluate(AtSize(aux, size), iterate_batches(digits.test.x, digits.test.y, 256, shuffle=False))["acc"]
+        assert got == pytest.approx(metrics[f"test_acc/{label}"], abs=1e-9), label
+        assert got > FAR_ABOVE_CHANCE, (label, got)
+    assert metrics["test_acc"] == metrics["test_acc/2x32x2"]
+    rebuilt = load_elastic(loaded, VIT)
+    for s in RANGE_SIZES:
+        a, b = rebuilt.state_for(s, head=False), aux.state_for(s, head=False)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), s
+
+    client = MlflowClient(config.mlflow_uri)
+    for key in ("test_acc/1x16x1", "test_acc/2x32x2", "test_agreement"):
+        steps = [m.step for m in client.get_metric_history(metrics["run_id"], key)]
+        assert steps == list(range(1, RANGE_EPOCHS + 1)), key
+    assert client.get_run(metrics["run_id"]).data.params["size_range"] == "1x16x1 2x16x1 1x32x2 2x32x2"
+
+
+def test_range_bank_initializes_its_smallest_size_better_than_a_random_bank(range_run, digits):
+    """What stage 2 receives for a size the range trained, with a new head and the same small fit budget."""
+    _, out, _ = range_run
+    small = RANGE_SIZES[0]
+    fit = digits.train.subset(256, seed=0)
+    common = dict(bank=load_bank(out), fit_data=(fit.x, fit.y), fit_steps=30, seed=0)
+    wave, rnd = init_model("wave", small, **common), init_model("wave_random_bank", small, **common)
+    assert wave.info["in_stage1_range"] is True and wave.info["free_params"] == "bank"
+
+    def val(m):
+        return evaluate(m, iterate_batches(digits.val.x, digits.val.y, 256, shuffle=False))["acc"]
+
+    assert val(wave.model) > val(rnd.model) + 0.2, (val(wave.model), val(rnd.model))  # measured: 0.58 vs 0.19
+
+
+def test_range_run_killed_mid_epoch_resumes_bit_for_bit(range_run, base_config, work):
+    """Rank 1 SIGKILLs itself 2 steps into epoch 2; Ray Train restarts the worker group from the epoch-1
+    checkpoint (the whole aux model, optimizer and scheduler). Data order is a function of (seed, epoch) only
+    (preserve_order + seeded local shuffle), the sandwich's size draws restart from (seed, epoch) every epoch,
+    and the gloo all-reduce of 2 ranks is commutative, so the final bank equals the uninterrupted range run's
+    exactly. (The reference-only path checkpoints and restores through the same code.)"""
+    config, out, clean = range_run
+    killed_out, metrics = run_distill(replace(config, out=str(work / "range_killed.safetensors"), fail_at_epoch=2))
+    header = load_bank(killed_out).header
+    assert header["attempt_starts"] == [1, 2]  # the second attempt started at epoch 2, not 1
+    assert header["epochs"] == RANGE_EPOCHS and metrics["resumed_from_epoch"] == 1
+    assert any(p.name == "fail_at_epoch_2" for p in (work / "runs").glob("distill-range_killed-*/*"))
+    a, b = _tensors(out), _tensors(killed_out)
+    free_a, free_b = load_bank(out).free, load_bank(killed_out).free
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"{k} differs after the resume")
+    for k in free_a:
+        torch.testing.assert_close(free_b[k], free_a[k], rtol=0, atol=0, msg=f"free {k} differs after the resume")
+    assert metrics["test_acc/1x16x1"] == clean["test_acc/1x16x1"]
+
+
+def test_every_rank_draws_the_same_sizes():
+    """Two ranks build the model from the same config and reseed each epoch as train_worker does."""
+    cfg = {**_elastic_cfg(DIGITS_ANCESTRY), "sizes": [s.to_dict() for s in RANGE_SIZES], "n_random": 1, "seed": 3}
+    ranks = [build_model(cfg), build_model(cfg)]
+    for epoch in (1, 2):
+        for m in ranks:
+            reseed_draws(m, cfg["seed"], epoch)
+        a, b = ([m.draw() for _ in range(20)] for m in ranks)
+        assert a == b and len({tuple(d) for d in a}) > 1  # the same draws, and not always the same size
+        assert all(d[:2] == [RANGE_SIZES[-1], RANGE_SIZES[0]] for d in a)  # largest and smallest every step
+
+
+def test_space_range_keeps_the_sizes_the_sweep_keeps(digits_parquet, work):
+    from pipelines.spaces import TaskShape, check_size, load_space, size_points
+
+    data = prepare_data(str(digits_parquet), work / "space_data")
+    plan = size_range(DistillConfig(space=str(CI_SPACE)), data, None)
+    space = load_space(CI_SPACE)
+    keep = [p for p in size_points(space) if not check_size(p, TaskShape(1, 8, 10), 2, space.constraints, 16)]
+    assert {(s.depth, s.width, s.heads, s.mlp_ratio) for s in plan.sizes} == {
+        (p["depth"], p["width"], p["heads"], p["mlp_ratio"]) for p in keep}
+    assert plan.dropped and sum(plan.dropped.values()) == len(size_points(space)) - len(keep)
+    ref = plan.ref  # max depth, max width, max MLP ratio of the range; the patch of the space's task
+    assert (ref.depth, ref.width, ref.mlp_ratio, ref.patch) == (max(p["depth"] for p in keep),
+                                                                max(p["width"] for p in keep), 2.0, 2)
+
+
+BAD_RANGES = {
+    "width off the block": (["--widths", "24,32"], r"width 24 of --widths is not a multiple of the template block 16"),
+    "empty list": (["--depths", ""], r"--depths is empty; give a comma-separated list"),
+    "not a number": (["--depths", "2,x"], r"--depths '2,x': expected whole numbers"),
+    "heads not dividing a width": (["--widths", "16,32", "--heads", "3"], r"--heads 3 does not divide width 16"),
+    "head dim not dividing a width": (["--widths", "16,32", "--head-dim", "32"],
+                                      r"--head-dim 32 does not divide width 16"),
+    "unknown rule": (["--widths", "32", "--width-rule", "grow"], r"choose from nested, spread, interp"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RANGES))
+def test_bad_range_is_one_line_before_ray_starts(case, work, capsys, monkeypatch):
+    import pipelines.distill
+    from pipelines.cli import main
+
+    def no_ray(*_, **__):
+        raise AssertionError("Ray was started for a bad range")
+
+    monkeypatch.setattr(pipelines.distill, "init_ray", no_ray)
+    argv, pattern = BAD_RANGES[case]
+    capsys.readouterr()
+    rc = main(["distill", "--dataset", "digits", *argv, "--out", str(work / "bad_range.safetensors"),
+               "--storage", str(work / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(pattern, err[0]), err[0]
 
 
 def test_use_gpu_wires_scaling_config_and_needs_gpus(ray_session, base_config, work):
