@@ -12,8 +12,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from weit_core.models import TemplatedModel, ViTSpec, create_vit, vit_kinds, vit_layout  # noqa: E402
-from weit_core.templates import Scalers, TemplateBank  # noqa: E402
+from weit_core.models import ViTSpec, create_vit  # noqa: E402
+from weit_core.models.vit import VIT  # noqa: E402
+from weit_core.stage1 import build_elastic, make_bank  # noqa: E402
 from weit_core.train import distill_epoch, evaluate, iterate_batches, make_optimizer, seed_everything  # noqa: E402
 
 # one thread: the test models are tiny, and Ray workers/servers share the 2 cores (2 threads each oversubscribe)
@@ -58,18 +59,13 @@ def digits_ancestry(digits):
 @pytest.fixture(scope="session")
 def digits_bank(digits, digits_ancestry):
     """(bank, aux_scalers, aux_acc): a WAVE bank distilled in-process from the digits ancestry into an
-    auxiliary model of the same size built only from templates."""
+    auxiliary model of the same size built only from templates (stage 1 as ``weit_core.stage1`` runs it, on
+    the reference size alone)."""
     teacher, _ = digits_ancestry
-    seed_everything(1)
-    kinds = vit_kinds(DIGITS_ANCESTRY, n=4, block=16)
-    bank = TemplateBank(kinds)
-    aux = TemplatedModel(create_vit(DIGITS_ANCESTRY), bank, Scalers(vit_layout(DIGITS_ANCESTRY), kinds))
-    aux.set_stage("pretrain")
-    opt = make_optimizer(aux, 3e-3)
-    for ep in range(30):
-        distill_epoch(aux, iterate_batches(digits.train.x, digits.train.y, 64, seed=ep), opt, teacher=teacher)
+    aux = build_elastic(VIT, DIGITS_ANCESTRY, n=4, block=16, seed=1)
+    make_bank(aux, digits.train.x, digits.train.y, teacher=teacher, epochs=30, lr=3e-3, batch_size=64, seed=1)
     acc = evaluate(aux, iterate_batches(digits.val.x, digits.val.y, 256, shuffle=False))["acc"]
-    return bank, aux.scalers, acc
+    return aux.bank, aux.scalers, acc
 
 
 @pytest.fixture(scope="session")
