@@ -148,3 +148,24 @@ def test_old_banks_still_load_and_are_recorded_as_timm_init(digits):
     fit = digits.train.subset(64, seed=0)  # shapes only matter here: 8x8 digits do not fit a 28x28 bank
     res = init_model("wave", spec, bank=loaded, fit_steps=0, seed=0, fit_data=(fit.x, fit.y))
     assert res.info["free_params"].startswith("timm_init") and res.info["scalers"].startswith("resampled")
+
+
+def test_stage2_probe_on_cached_features_is_the_head_fit_inside_the_model(digits, digits_elastic, tmp_path):
+    """Stage 2 on a bank with free tensors fits the new head alone; doing it on features computed once must
+    give exactly the head that fitting it inside the whole (frozen) model gives, batch for batch."""
+    from weit_core.strategies.wave import _start
+    from weit_core.train import fit_scalers
+
+    el, sizes = digits_elastic
+    loaded = load_bank(save_elastic(tmp_path / "bank.safetensors", el, {}, sizes))
+    spec = ViTSpec(depth=2, width=32, heads=2, patch=2, img_size=8)
+    fit = digits.train.subset(200, seed=0)
+    fast = init_model("wave", spec, bank=loaded, fit_data=(fit.x, fit.y), fit_steps=12, fit_batch_size=32, seed=0)
+    assert fast.info["fit_head_steps"] == 12 and fast.info["fit_steps"] == 12
+    model, _ = _start(spec, loaded.bank, loaded.aux_scalers, loaded.free, loaded.header, seed=0, init_mode="",
+                      scaler_init="resample", inherit="all")
+    model.set_stage("fit")
+    fit_scalers(model, fit.x, fit.y, steps=12, lr=3e-3, batch_size=32, seed=0, warm_steps=12,
+                warm_params=list(model.base.head.parameters()))
+    assert torch.allclose(model.base.head.weight, fast.model.head.weight, atol=1e-6)
+    assert not torch.allclose(model.base.head.weight, init_model("wave", spec, bank=loaded, fit_steps=0).model.head.weight)

@@ -106,13 +106,17 @@ def _wave(
     if teacher is not None:
         teacher = teacher.to(device)
     stats = {"steps": 0, "loss": float("nan")}
-    if fit_steps > 0:
-        if fit_data is None:
-            raise ValueError("wave needs fit_data (a small labeled subset) when fit_steps > 0")
+    if fit_steps > 0 and fit_data is None:
+        raise ValueError("wave needs fit_data (a small labeled subset) when fit_steps > 0")
+    probe_only = fit_steps > 0 and head_steps >= fit_steps and teacher is None
+    if fit_steps > 0 and not probe_only:
         stats = fit_scalers(model, *fit_data, steps=fit_steps, lr=fit_lr, batch_size=fit_batch_size, seed=seed,
                             device=device, teacher=teacher, tau=tau, warm_steps=head_steps,
                             warm_params=list(model.base.head.parameters()))
     plain = model.cpu().materialize_into(create_vit(spec, init_mode))
+    if probe_only:  # the backbone is frozen: its features once, then the head alone on them (same batches)
+        stats = probe_head(plain, *fit_data, steps=fit_steps, lr=fit_lr, batch_size=fit_batch_size, seed=seed,
+                           device=device)
     return InitResult(plain, {
         **info, "init_mode": init_mode or "timm_default", "fit_steps": stats["steps"], "fit_lr": fit_lr,
         "fit_examples": 0 if fit_data is None else len(fit_data[0]), "fit_loss": stats["loss"],
@@ -136,6 +140,25 @@ def wave(
                  fit_batch_size=fit_batch_size, seed=seed, init_mode=init_mode, scaler_init=scaler_init,
                  inherit=inherit, head_steps=head_steps, teacher=_teacher(fit_teacher, ancestry, spec), tau=tau,
                  device=device)
+
+
+@torch.no_grad()
+def _features(model: nn.Module, x: torch.Tensor, device: str, batch: int = 512) -> torch.Tensor:
+    model.eval().to(device)
+    out = [model.forward_head(model.forward_features(x[i:i + batch].to(device)), pre_logits=True).float().cpu()
+           for i in range(0, len(x), batch)]
+    return torch.cat(out)
+
+
+def probe_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float, batch_size: int,
+               seed: int, device: str) -> dict:
+    """Stage 2 as a linear probe: the model's pooled features of the subset, computed once, and ``steps``
+    optimizer steps of the head on them, batch for batch what fitting the head inside the whole model does."""
+    feats = _features(model, x, device)
+    stats = fit_scalers(model.head.to(device), feats, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                        device=device)
+    model.cpu()
+    return stats
 
 
 def random_like(bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None, seed: int
