@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
@@ -122,8 +121,9 @@ def distill_epoch(
     max_steps: int | None = None, grad_clip: float | None = 1.0,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
-    """WAVE distillation ``KL(teacher || student) * tau^2 + task loss`` when a teacher is given; WeiT
-    constraint-based pre-training (task loss only) when ``teacher`` is None."""
+    """WAVE distillation (task loss + the task's distillation loss against the teacher, for classification
+    ``KL(teacher || student) * tau^2``) when a teacher is given; WeiT constraint-based pre-training (task loss
+    only) when ``teacher`` is None."""
     device = torch.device(device)
     model.train()
     if teacher is not None:
@@ -143,12 +143,13 @@ def distill_epoch(
             loss = task.loss(out.float(), y)
             agree = torch.zeros((), device=device)
             if teacher is not None:
+                if task.distill_loss is None:
+                    raise ValueError(f"task {task.name!r} has no distillation loss; train without a teacher")
                 with torch.no_grad():
                     t_out = _tile(teacher(x).float(), k)
-                kl = F.kl_div(F.log_softmax(out.float() / tau, -1), F.log_softmax(t_out / tau, -1),
-                              log_target=True, reduction="batchmean")
-                loss = loss + kl * tau**2
-                agree = (out.argmax(-1) == t_out.argmax(-1)).sum()
+                loss = loss + task.distill_loss(out.float(), t_out, tau)
+                if task.agreement is not None:
+                    agree = task.agreement(out, t_out)
         if device.type == "cpu":
             _check_finite(loss, steps)
         else:
@@ -252,9 +253,12 @@ def train_steps(
 def evaluate(
     model: nn.Module, batches: Batches, *, task: Task = CLASSIFICATION, device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Mean loss and metric over all batches (sums, so uneven batches weigh correctly)."""
+    """Mean loss and metric over all batches (sums, so uneven batches weigh correctly), or the task's own
+    evaluation where it has one (a sampler, a rollout)."""
     device = torch.device(device)
     model.eval()
+    if task.evaluate is not None:
+        return task.evaluate(model, batches, device)
     tot = torch.zeros(2, dtype=torch.float64, device=device)
     n = 0
     for x, y in batches:

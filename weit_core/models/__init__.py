@@ -1,9 +1,12 @@
-"""Target architectures built from a size spec (ViT today; CNN and policy transformers later)."""
+"""Architecture families in one registry (ViT today; ConvNeXt, policy and diffusion transformers as they
+land): ``get_family(name)``, ``family_of(spec)``. Each family module ends with ``register_family``."""
 
+from weit_core.models.family import Family, family_names, family_of, get_family, register_family
 from weit_core.models.templated import TemplatedModel
 from weit_core.models.vit import (
     INIT_MODES,
     TIMM_MODEL,
+    VIT,
     ViTSpec,
     count_templated,
     create_vit,
@@ -12,6 +15,6 @@ from weit_core.models.vit import (
 )
 
 __all__ = [
-    "INIT_MODES", "TIMM_MODEL", "TemplatedModel", "ViTSpec", "count_templated", "create_vit", "vit_kinds",
-    "vit_layout",
+    "INIT_MODES", "TIMM_MODEL", "VIT", "Family", "TemplatedModel", "ViTSpec", "count_templated", "create_vit",
+    "family_names", "family_of", "get_family", "register_family", "vit_kinds", "vit_layout",
 ]

@@ -1,14 +1,16 @@
 """An architecture family: the one place that knows a family's shapes.
 
-A family builds an ordinary model from a size spec, says which weights are templated (layout, bank kinds),
-and how a reference size's scalers and free tensors become another size's (the resize rule stage 1 trains
-through and stage 2 starts from). Strategies, stage 1 and the pipelines ask the family, never the model.
+A family builds an ordinary model from a size spec, says which sizes it can build (and why not), which
+weights are templated (layout, bank kinds), and how a reference size's scalers and free tensors become
+another size's (the resize rule stage 1 trains through and stage 2 starts from). Strategies, stage 1, the
+spaces and the pipelines ask the family, never the model. Families live in one registry, as timm registers
+models: a family module ends with ``register_family(...)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from weit_core.templates import KindSpec, Layout
 class Family:
     name: str
     spec_type: type
+    """A frozen dataclass: ``to_dict``/``from_dict``, ``num_params()``, ``flops()``."""
     build: Callable[..., nn.Module]
     """``build(spec, init_mode="", head_seed=None)``: an ordinary model."""
     layout: Callable[[Any], Layout]
@@ -34,6 +37,57 @@ class Family:
     resize_grids: Callable[[dict[str, torch.Tensor], SizeMaps], dict[str, torch.Tensor]]
     resize_free: Callable[..., dict[str, torch.Tensor]]
     """``resize_free(free, src, maps, head=False)``."""
+    size_axes: tuple[str, ...] = ()
+    """The keys of a size (a space's ``sizes`` block): e.g. depth, width, heads, mlp_ratio."""
+    make_spec: Callable[[dict, dict], Any] | None = None
+    """``make_spec(size, io)``: the spec of a size for a task's I/O (``in_chans``, ``img_size``,
+    ``num_classes``, ``patch``, ...); a ValueError names what does not fit."""
+    check_size: Callable[[dict, int | None], str | None] | None = None
+    """``check_size(size, block)``: the first reason (a key of ``drop_reasons``) this family cannot build the
+    size, or tile it with a bank of template block ``block``; None when it can."""
+    drop_reasons: dict[str, str] = field(default_factory=dict)
+    spec_of_model: Callable[[nn.Module], Any] | None = None
+    """The spec of an ordinary model of this family (an ancestry passed without its spec)."""
 
     def spec_from_dict(self, d: dict) -> Any:
         return self.spec_type.from_dict(d)
+
+    def size_name(self, spec_or_size: Any) -> str:
+        """``2x64x2``-style: the size axes' values joined (floats without trailing zeros)."""
+        get = spec_or_size.get if isinstance(spec_or_size, dict) else lambda k: getattr(spec_or_size, k)
+        return "x".join(f"{get(k):g}" for k in self.size_axes)
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    old = _FAMILIES.get(family.name)
+    if old is not None and old is not family:
+        raise ValueError(f"architecture family {family.name!r} registered twice")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    from weit_core import models  # noqa: F401  (importing the package registers the built-in families)
+
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown architecture family {name!r}; available: {', '.join(sorted(_FAMILIES))}")
+    return _FAMILIES[name]
+
+
+def family_names() -> list[str]:
+    from weit_core import models  # noqa: F401
+
+    return sorted(_FAMILIES)
+
+
+def family_of(spec: Any) -> Family:
+    """The registered family whose spec type ``spec`` is."""
+    from weit_core import models  # noqa: F401
+
+    for fam in _FAMILIES.values():
+        if isinstance(spec, fam.spec_type):
+            return fam
+    raise ValueError(f"no registered architecture family builds a {type(spec).__name__}")

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from weit_core.models.family import Family
+from weit_core.models.family import Family, register_family
 from weit_core.resize import Axis, SizeMaps, axis_map, resize_grid, resize_stack, resize_tensor
 from weit_core.templates import KindSpec, LayerGroup, Layout
 
@@ -212,5 +212,52 @@ def resize_free(free: dict[str, torch.Tensor], src: ViTSpec, maps: SizeMaps,
     return out
 
 
-VIT = Family(name="vit", spec_type=ViTSpec, build=create_vit, layout=vit_layout, kinds=vit_kinds,
-             free_names=free_names, size_maps=size_maps, resize_grids=resize_grids, resize_free=resize_free)
+# ------------------------------------------------------------------------------------- sizes a space names
+
+SIZE_AXES = ("depth", "width", "heads", "mlp_ratio")
+DROP_REASONS = {
+    "heads_not_dividing_width": "heads do not divide width",
+    "mlp_hidden_not_integer": "width x mlp_ratio is not an integer",
+    "not_multiple_of_block": "width or MLP hidden size is not a multiple of the bank's template block",
+}
+
+
+def check_size(size: dict, block: int | None = None) -> str | None:
+    """Why a ViT of this size cannot be built (or tiled by ``block``-sized templates); None when it can."""
+    w, h, r = size["width"], size["heads"], size.get("mlp_ratio", 4.0)
+    if w % h:
+        return "heads_not_dividing_width"
+    hidden = w * r
+    if abs(hidden - round(hidden)) > 1e-9:
+        return "mlp_hidden_not_integer"
+    if block and (w % block or round(hidden) % block):
+        return "not_multiple_of_block"
+    return None
+
+
+def make_spec(size: dict, io: dict) -> ViTSpec:
+    """A size (depth, width, heads, mlp_ratio) for a task's images: ``io`` gives in_chans, img_size,
+    num_classes and the patch."""
+    return ViTSpec(depth=size["depth"], width=size["width"], heads=size["heads"],
+                   mlp_ratio=size.get("mlp_ratio", 4.0), patch=io.get("patch", 4), img_size=io["img_size"],
+                   in_chans=io["in_chans"], num_classes=io["num_classes"])
+
+
+def spec_of_model(model: torch.nn.Module) -> ViTSpec:
+    """The ViTSpec of an ordinary timm ``VisionTransformer``."""
+    try:
+        pe, blk = model.patch_embed, model.blocks[0]
+        return ViTSpec(
+            depth=len(model.blocks), width=model.embed_dim, heads=blk.attn.num_heads,
+            mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, patch=pe.patch_size[0], img_size=pe.img_size[0],
+            in_chans=pe.proj.in_channels, num_classes=getattr(model.head, "out_features", 0),
+        )
+    except (AttributeError, IndexError, TypeError) as e:
+        raise ValueError(f"not a timm VisionTransformer ({type(model).__name__}: {e}); load it with "
+                         "weit_core.io.load_model or pass its spec") from e
+
+
+VIT = register_family(Family(
+    name="vit", spec_type=ViTSpec, build=create_vit, layout=vit_layout, kinds=vit_kinds, free_names=free_names,
+    size_maps=size_maps, resize_grids=resize_grids, resize_free=resize_free, size_axes=SIZE_AXES,
+    make_spec=make_spec, check_size=check_size, drop_reasons=DROP_REASONS, spec_of_model=spec_of_model))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from weit_core.models import ViTSpec, create_vit
+from weit_core.models import VIT, ViTSpec, create_vit
 
 ELEMENT_SELECTIONS = ("uniform", "consecutive")
 LAYER_SELECTIONS = ("first_n", "even")
@@ -17,15 +17,9 @@ LAYER_SELECTIONS = ("first_n", "even")
 def infer_vit_spec(model: nn.Module) -> ViTSpec:
     """The ViTSpec of an ordinary timm ``VisionTransformer`` (so callers may pass the ancestry alone)."""
     try:
-        pe, blk = model.patch_embed, model.blocks[0]
-        return ViTSpec(
-            depth=len(model.blocks), width=model.embed_dim, heads=blk.attn.num_heads,
-            mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, patch=pe.patch_size[0], img_size=pe.img_size[0],
-            in_chans=pe.proj.in_channels, num_classes=getattr(model.head, "out_features", 0),
-        )
-    except (AttributeError, IndexError, TypeError) as e:
-        raise ValueError(f"the ancestry is not a timm VisionTransformer ({type(model).__name__}: {e}); "
-                         "load it with weit_core.io.load_model or pass ancestry_spec") from e
+        return VIT.spec_of_model(model)
+    except ValueError as e:
+        raise ValueError(f"the ancestry is {e}") from e
 
 
 def require_ancestry(
