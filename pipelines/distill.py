@@ -270,7 +270,10 @@ class SizeRange:
         """The sizes evaluated every epoch: smallest, reference, largest (the reference alone without a range)."""
         if not self.sandwich:
             return [self.ref]
-        picked = {size_label(s): s for s in (self.sizes[0], self.ref, self.sizes[-1])}
+        picked: dict[str, ViTSpec] = {}
+        for s in (self.sizes[0], self.ref, self.sizes[-1]):  # one per label, the reference's own if shared
+            if size_label(s) not in picked or s == self.ref:
+                picked[size_label(s)] = s
         return list(picked.values())
 
     def draws_per_step(self, n_random: int) -> int:
@@ -569,13 +572,11 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 
 def _eval_models(cfg: dict, model: nn.Module) -> dict[str, nn.Module]:
     """What a worker evaluates each epoch: the model itself (``plain``), else each watched size of the aux
-    model by label, the reference first."""
+    model by label (smallest, reference, largest)."""
     if cfg["kind"] == "plain":
         return {"": model}
     aux = aux_of(model)
-    watch = [ViTSpec.from_dict(d) for d in cfg.get("watch") or [cfg["spec"]]]
-    ref = ViTSpec.from_dict(cfg["spec"])
-    return {size_label(s): AtSize(aux, s) for s in sorted(watch, key=lambda s: s != ref)}
+    return {size_label(s): AtSize(aux, s) for s in map(ViTSpec.from_dict, cfg.get("watch") or [cfg["spec"]])}
 
 
 def train_worker(cfg: dict) -> None:
@@ -604,7 +605,8 @@ def train_worker(cfg: dict) -> None:
         return  # a finished job run again: nothing to redo
     teacher = _rebuild_teacher(ray.get(cfg["teacher"][0]), device) if cfg["teacher"] else None
     evals = _eval_models(cfg, model)
-    ref_eval = next(iter(evals.values()))
+    ref_label = "" if cfg["kind"] == "plain" else size_label(ViTSpec.from_dict(cfg["spec"]))
+    ref_eval = evals[ref_label]
     per_size = cfg.get("sizes") is not None and cfg["kind"] != "plain"
     copies = cfg.get("draws_per_step", 1)  # a Sandwich stacks this many sizes' outputs per batch
 
@@ -642,7 +644,7 @@ def train_worker(cfg: dict) -> None:
         sized = {label: v / s[7] for label, v in zip(evals, s[8:], strict=True)}
         state["epoch"], state["global_step"] = epoch, state["global_step"] + st["steps"]
         metrics = {"epoch": epoch, "loss": s[0] / s[3], "train_acc": s[1] / s[3],
-                   "test_acc": next(iter(sized.values())),
+                   "test_acc": sized[ref_label],
                    "lr": optimizer.param_groups[0]["lr"], "steps": state["global_step"],
                    "train_s": t_train, "eval_s": time.perf_counter() - t1, "epoch_s": time.perf_counter() - t0,
                    "examples": int(s[3]) // copies}
