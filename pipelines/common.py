@@ -35,9 +35,46 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def prepare_mlflow(uri: str | None, experiment: str) -> tuple[str, str]:
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_RUNS = "custom_model_development"
+"""The experiment kind of training runs (the value MLflow 3's UI writes itself when a user switches an
+experiment to that view). MLflow 3.17.2's UI reads the kind from the browser's GenAI / Model training switch
+instead (default GenAI: the overview page), so links must also say ``workflowType=machine_learning``
+(see the comparison links, later); the tag keeps the experiment's kind where the tag is read (other MLflow versions,
+API clients)."""
+NOTE_TAG = "mlflow.note.content"
+"""The markdown description the MLflow UI shows for an experiment or a run (and edits in place)."""
+EXPERIMENT_NOTES = {
+    "weit-sweep": "**weit sweeps** (`weit sweep`). One parent run per sweep, `sweep-NAME`: its description "
+                  "states the space, the trial counts and the `weit report` command. One child run per trial, "
+                  "named `task/strategy/size/sSEED/lrLR`, tagged `weit.strategy`, `weit.size`, `weit.seed`, "
+                  "`weit.lr`, with `num_params` and `val_acc` per stage-3 epoch (`val_acc_e0`: right after "
+                  "initialization). One sweep's trials side by side: the **Views** menu, `weit sweep NAME: "
+                  "compare trials`. Rank a sweep with `weit report --sweep NAME`.",
+    "weit-distill": "**weit stage 1** (`weit distill`). One run per distillation job: a template bank learned "
+                    "from an ancestry model (or from the task alone), its loss and accuracies per epoch; the "
+                    "bank file is the job's output and what `weit sweep --bank` reads.",
+    "weit-ancestry": "**weit ancestry models** (`weit ancestry`). One run per ViT trained on a task with the "
+                     "standard recipe; the model file is what `weit distill --teacher` and `weit sweep "
+                     "--ancestry` read.",
+}
+"""What the runs of each experiment weit creates are: the experiment's description in the MLflow UI."""
+
+
+def experiment_note(experiment: str) -> str:
+    """The description an experiment gets when weit creates it (a generic one for a name given with
+    ``--experiment``)."""
+    return EXPERIMENT_NOTES.get(experiment, f"Runs recorded by **weit** (template-based initialization of ViTs) "
+                                            f"in experiment `{experiment}`.")
+
+
+def prepare_mlflow(uri: str | None, experiment: str, description: str | None = None) -> tuple[str, str]:
     """Create the store and experiment *in the driver* before any worker logs (parallel first use of a
-    sqlite store races on its schema migrations). Returns (absolute tracking URI, experiment id)."""
+    sqlite store races on its schema migrations). Returns (absolute tracking URI, experiment id).
+
+    The experiment carries ``mlflow.experimentKind`` = ``custom_model_development`` (training runs, not a
+    GenAI app: see :data:`TRAINING_RUNS`) and a description (``description``, else :func:`experiment_note`);
+    an existing experiment that lacks either gets it, a description a user wrote is kept."""
     import mlflow
 
     uri = tracking_uri(uri)
@@ -47,8 +84,14 @@ def prepare_mlflow(uri: str | None, experiment: str) -> tuple[str, str]:
         exp = client.get_experiment_by_name(experiment)
     except Exception as e:  # unreachable server, bad URI
         raise UserError(f"cannot reach MLflow at {uri} ({type(e).__name__}: {e}); check --mlflow-uri") from e
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location(uri))
-    return uri, exp_id
+    tags = {EXPERIMENT_KIND_TAG: TRAINING_RUNS, NOTE_TAG: description or experiment_note(experiment)}
+    if exp is None:
+        return uri, client.create_experiment(experiment, artifact_location(uri), tags=tags)
+    if exp.lifecycle_stage == "active":  # a deleted one cannot be tagged (nor logged to)
+        for key, value in tags.items():
+            if not exp.tags.get(key):
+                client.set_experiment_tag(exp.experiment_id, key, value)
+    return uri, exp.experiment_id
 
 
 def storage_path(storage: str | None = None) -> str:
