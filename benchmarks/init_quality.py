@@ -1,4 +1,4 @@
-"""Does a WAVE init beat honest controls and the inheritance baselines? DESIGN.md "Evaluation protocol".
+"""Does a WAVE init beat honest controls and the inheritance baselines? docs/design.md "The evaluation protocol".
 
 For every (size, strategy, seed) job: build the init once (stage 2 for wave-like strategies and scratch_fit,
 all on the same subset and step budget), then train a copy of it for each stage-3 budget and learning rate

@@ -5,7 +5,7 @@ ancestry (a 4x96 ViT, in-process) -> distill (stage 1: a template bank, 2 Ray Tr
 -> report (leaderboard + plots from MLflow). Every stage is the same code the individual commands run,
 with smaller budgets (data slices via ``limit``, few epochs), so the result is a demonstration of the
 machinery and of the comparison, not a benchmark: a short-trained ancestry has little to pass on
-(DESIGN.md, "Evaluation protocol").
+(docs/design.md, "The evaluation protocol").
 
 Re-running is cheap: what was built is remembered in ``<out-dir>/quickstart.json`` (settings + sha256 of
 every file) and reused when nothing upstream changed; a finished sweep is not run again. ``--fresh``

@@ -109,7 +109,7 @@ def test_scaler_count_is_tiny_for_vit_tiny():
     kinds["patch"] = KindSpec(4, 32, 1, (4, 4))
     sc = Scalers(vit_layout(spec), kinds)
     weights = sum(t.numel() for t in materialize(TemplateBank(kinds), sc).values())
-    assert sc.num_numbers() < 25_000 and weights > 5_000_000  # DESIGN.md: ~20k scalers vs ~5M weights
+    assert sc.num_numbers() < 25_000 and weights > 5_000_000  # the papers: ~20k scalers make ~5M weights
 
 
 def test_resample_depth_and_width_keep_statistics():
