@@ -19,7 +19,9 @@ half-written run (the killed attempt) is deleted and the trial runs afresh.
 
 from __future__ import annotations
 
+import collections
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -35,7 +37,18 @@ from typing import Annotated, Any
 
 import typer
 
-from pipelines.common import UserError, git_revision, init_ray, prepare_mlflow, storage_path
+from pipelines.common import (
+    EXPERIMENT_NOTES,
+    NOTE_TAG,
+    UserError,
+    git_revision,
+    init_ray,
+    mlflow_ui_path,
+    mlflow_ui_url,
+    prepare_mlflow,
+    publish_comparison_view,
+    storage_path,
+)
 from pipelines.spaces import (
     DROP_REASONS,
     Space,
@@ -94,6 +107,7 @@ class SweepContext:
 
 
 REPORTED = (METRIC, "val_loss", "train_loss", "epoch")  # what a trial reports to Tune, live or replayed
+SORT_METRICS = ("num_params", "flops")  # trial params also logged as metrics (step 0), to sort the runs table by
 
 _SOURCE_CACHE: dict[str, Any] = {}
 
@@ -196,11 +210,16 @@ class TrialTracker:
         return None
 
     def log_params(self, params: dict) -> None:
-        from mlflow.entities import Param
+        """The trial's params, and the numbers a user sorts trials by (:data:`SORT_METRICS`) also as metrics:
+        the runs table sorts params as text ("9000" after "10000"), metrics as numbers."""
+        from mlflow.entities import Metric, Param
 
         items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        now = int(time.time() * 1000)
+        numbers = [Metric(k, float(params[k]), now, 0) for k in SORT_METRICS
+                   if isinstance(params.get(k), int | float) and math.isfinite(params[k])]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i:i + 100], metrics=numbers if i == 0 else [])
 
     def log_model(self, model: Any, spec: Any, info: dict) -> None:
         from weit_core.io import save_model
@@ -627,6 +646,55 @@ def _task_chans(task: Any) -> int:
     return int(splits.input_shape[0])
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def sweep_note(name: str, space: Space, expansion: Any, trials: list[dict], *, experiment: str, exp_id: str,
+               uri: str, parent_id: str, counts: dict[str, Any] | None = None) -> str:
+    """The parent run's description (``mlflow.note.content``, markdown): the space, sizes x strategies x
+    seeds x lrs per task, the trials that ran (``counts``: finished, failed, tune_errors and the failed
+    runs' ``failure_kinds`` once the sweep ended; None while it runs) and the ones dropped with their
+    reasons, where the comparison and the leaderboard are, and the exact ``weit report`` command."""
+
+    def fmt(values: set) -> str:
+        shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted(values))
+        return f"{len(values)} ({shown})" if len(values) <= 6 else str(len(values))
+
+    lines = [f"### Sweep `{name}`", "",
+             f"Space **{space.name}** (`{space.path or 'inline'}`, content hash `{space.content_hash()}`)"
+             + (f": {space.description}" if space.description else "."), "",
+             "| task | sizes | strategies | seeds | stage-3 lrs | trials |", "|---|---|---|---|---|---|"]
+    for task in space.tasks:
+        rows = [t for t in trials if t["task"] == task.name]
+        axes = [{f"{t['depth']}x{t['width']}x{t['heads']}x{t['mlp_ratio']:g}" for t in rows},
+                {t["strategy"] for t in rows}, {t["seed"] for t in rows}, {float(t["lr"]) for t in rows}]
+        product = math.prod(len(a) for a in axes)
+        lines.append(f"| {task.name} | " + " | ".join(fmt(a) for a in axes) + f" | {len(rows)}"
+                     + (f" of the {product} combinations" if product != len(rows) else "") + " |")
+    n_all = len(expansion.trials)
+    lines += ["", f"**Trials:** {len(trials)}" + (f" (the first {len(trials)} of {n_all}: `--limit-trials`)"
+                                                  if len(trials) < n_all else "") + "; "]
+    kinds = collections.Counter(counts.get("failure_kinds", [])) if counts else collections.Counter()
+    failure_kinds = ", ".join(f"{n} {k}" for k, n in kinds.most_common()) or "no kind recorded"
+    if counts is None:
+        lines[-1] += "running (the counts are written here when the sweep ends)."
+    else:
+        lines[-1] += (f"{counts['finished']} finished, {counts['failed']} failed"
+                      + (f", {_plural(counts['tune_errors'], 'Tune error')}" if counts.get("tune_errors") else "")
+                      + (f" ({failure_kinds}; each failed run's reason is its `weit.failure` tag)."
+                         if counts["failed"] else "."))
+    lines += ["", f"**Dropped before any trial:** {expansion.describe_drops()}."]
+    view = mlflow_ui_path(exp_id, name)
+    report = (f"weit report --sweep {name}" if experiment == EXPERIMENT else f"weit report --parent-run {parent_id}")
+    lines += ["", f"**Compare the trials:** the child runs of this run, one per trial, named "
+                  f"`task/strategy/size/sSEED/lrLR`; [open them side by side]({view}) (only this sweep's trials, "
+                  f"best final `val_acc` first, with strategy, size, seed, lr and `num_params` columns).",
+              "", f"**Leaderboard:** `{report} --mlflow-uri {uri}` ranks every init at its best lr, writes "
+                  f"`reports/{name}/leaderboard.md` (with plots) and logs it to this run under `report/`."]
+    return "\n".join(lines)
+
+
 def _find_parent(client: Any, exp_id: str, name: str) -> Any:
     runs = client.search_runs([exp_id], f"tags.`weit.sweep` = '{name}' and tags.`weit.kind` = 'sweep'",
                               max_results=5, order_by=["attributes.start_time DESC"])
@@ -727,7 +795,7 @@ def run_sweep(
     say = (lambda *_: None) if quiet else (lambda msg: print(f"{PREFIX} {msg}", flush=True))
     say(summarize_space(sp, expansion) + (f"; running the first {len(trials)}" if limit_trials else ""))
 
-    uri, exp_id = prepare_mlflow(mlflow_uri, experiment)
+    uri, exp_id = prepare_mlflow(mlflow_uri, experiment, EXPERIMENT_NOTES[EXPERIMENT])
     client = _mlflow_client(uri)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial json/csv/tensorboard files
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -740,6 +808,10 @@ def run_sweep(
                 "max_concurrent": max_concurrent, "asha": asha, "tune_path": exp_path, "limit_trials": limit_trials,
                 "save_models": save_models}
     parent_id, resumed = _open_parent(client, exp_id, name, sp, meta, expansion, settings, resume, exists_in_tune)
+    note = functools.partial(sweep_note, name, sp, expansion, trials, experiment=experiment, exp_id=exp_id, uri=uri,
+                             parent_id=parent_id)
+    client.set_tag(parent_id, NOTE_TAG, note())
+    publish_comparison_view(client, exp_id, name, tasks=len({t["task"] for t in trials}))
     say(f"MLflow parent run {parent_id} (experiment {experiment!r} at {uri})")
 
     init_ray(address)
@@ -790,12 +862,18 @@ def run_sweep(
     client.log_batch(parent_id, metrics=[Metric("trials_finished", n_finished, now, 0),
                                          Metric("trials_failed", n_failed, now, 0),
                                          Metric("tune_errors", n_errors, now, 0)])
+    client.set_tag(parent_id, NOTE_TAG, note(counts={
+        "finished": n_finished, "failed": n_failed, "tune_errors": n_errors,
+        "failure_kinds": [r.data.tags.get("weit.failure_kind", "unknown") for r in children
+                          if r.info.status == "FAILED"]}))
     client.set_terminated(parent_id, "FINISHED")
     summary = SweepSummary(name, parent_id, exp_id, uri, exp_path, len(trials), expansion.n_dropped,
                            dict(expansion.dropped), dict(expansion.pairs_dropped), n_finished, n_failed, resumed,
                            time.perf_counter() - t_start)
     say(f"done: {n_finished}/{len(trials)} trials finished, {n_failed} failed, in {summary.wall_s:.1f}s; "
         f"report with `weit report --sweep {name}`")
+    serve = "" if uri.startswith(("http://", "https://")) else f" (after `mlflow ui --backend-store-uri {uri}`)"
+    say(f"compare the trials in the MLflow UI: {mlflow_ui_url(uri, exp_id, name)}{serve}")
     return summary
 
 

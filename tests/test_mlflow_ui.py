@@ -1,11 +1,34 @@
 """Where users compare sweeps: the MLflow UI. Every experiment weit makes is a training-runs experiment with a
-description."""
+description; a sweep's trials carry the names, tags and sortable numbers the runs table shows; the parent
+run's description states the sweep; the saved comparison view's filter and sort are ones the tracking
+server accepts and select exactly the sweep's trials."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from pipelines.common import EXPERIMENT_KIND_TAG, EXPERIMENT_NOTES, NOTE_TAG, TRAINING_RUNS, prepare_mlflow
+from pipelines.common import (
+    EXPERIMENT_KIND_TAG,
+    EXPERIMENT_NOTES,
+    NOTE_TAG,
+    SHARED_VIEW_TAG,
+    TRAINING_RUNS,
+    comparison_view_key,
+    mlflow_ui_url,
+    prepare_mlflow,
+    publish_comparison_view,
+)
+from pipelines.spaces import TaskShape, expand, parse_space
+
+SPACE = """
+name: ui
+tasks: [{data: digits, patch: 2}]
+strategies: [scratch, scratch_fit]
+sizes: {depth: 1, width: [16, 32], heads: [2, 3], mlp_ratio: 2}
+training: {epochs: 1, lr: [0.001, 0.003], fit_steps: 2, fit_examples: 32, seeds: [0]}
+"""
 
 
 def _client(uri: str):
@@ -34,3 +57,69 @@ def test_an_existing_experiment_gets_the_tags_it_lacks_and_keeps_a_users_descrip
     assert client.get_experiment(bare).tags == {EXPERIMENT_KIND_TAG: TRAINING_RUNS,
                                                 NOTE_TAG: EXPERIMENT_NOTES["weit-sweep"]}
     assert client.get_experiment(noted).tags == {EXPERIMENT_KIND_TAG: TRAINING_RUNS, NOTE_TAG: "my notes"}
+
+
+def test_ui_links_and_view_keys():
+    assert comparison_view_key("ci") == "weit-ci"
+    odd = comparison_view_key("a b/c")
+    assert odd.startswith("weit-a_b_c-") and odd != comparison_view_key("a_b/c")
+    assert mlflow_ui_url("sqlite:////x/mlruns.db", "3", "ci") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=weit-ci&workflowType=machine_learning")
+    assert mlflow_ui_url("http://10.0.0.5:5000/", "3", port=9) == (
+        "http://10.0.0.5:5000/#/experiments/3/runs?workflowType=machine_learning")
+
+
+def test_trials_are_named_tagged_and_sortable_and_the_saved_view_selects_them(mlflow_uri):
+    """Real trials (digits, plain functions, no Ray) under a parent: each run's name says task/strategy/size/
+    seed/lr, its tags carry them, ``num_params`` is a metric (numeric sort); the published view is the UI's
+    saved-view envelope, and its filter and sort, sent to the tracking server as the UI sends them, return
+    exactly the sweep's trials (not the parent, not another sweep's) best ``val_acc`` first."""
+    from mlflow.entities import ViewType
+
+    from pipelines.sweep import EXPERIMENT, TrialTracker, run_trial
+
+    uri, exp_id = prepare_mlflow(mlflow_uri, EXPERIMENT)
+    client = _client(uri)
+    trials = expand(parse_space(SPACE), {"digits": TaskShape(1, 8, 10)}).trials[:4]
+    parents = {}
+    for sweep in ("ui", "other"):
+        parents[sweep] = client.create_run(exp_id, run_name=f"sweep-{sweep}",
+                                           tags={"weit.kind": "sweep", "weit.sweep": sweep}).info.run_id
+        for config in trials[:4 if sweep == "ui" else 1]:
+            run_trial(config, tracker=TrialTracker(uri, exp_id, parents[sweep], sweep, save_models=False))
+    key = publish_comparison_view(client, exp_id, "ui")
+    envelope = json.loads(client.get_experiment(exp_id).tags[SHARED_VIEW_TAG + key])
+    assert envelope["name"] == "weit sweep ui: compare trials" and isinstance(envelope["createdAt"], int)
+    view = json.loads(envelope["state"])
+    order = f"{view['orderByKey']} {'ASC' if view['orderByAsc'] else 'DESC'}"
+    runs = client.search_runs([exp_id], view["searchFilter"], ViewType.ACTIVE_ONLY, order_by=[order])
+    assert [r.info.run_id for r in runs] == [r.info.run_id for r in sorted(
+        runs, key=lambda r: -r.data.metrics["val_acc"])]
+    assert len(runs) == 4 and {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents["ui"]}
+    for run in runs:
+        t = run.data.tags
+        assert run.info.run_name == f"digits/{t['weit.strategy']}/{t['weit.size']}/s{t['weit.seed']}/lr{t['weit.lr']}"
+        assert run.data.metrics["num_params"] == float(run.data.params["num_params"])
+        assert run.data.metrics["val_acc"] == run.data.metrics["val_acc_e1"]  # the latest value: the final epoch
+    columns = {c.split(".", 1)[1].strip("`") for c in view["selectedColumns"]}
+    assert {"weit.strategy", "weit.size", "weit.seed", "weit.lr", "num_params", "val_acc"} <= columns
+    assert "tags.`weit.task`" not in view["selectedColumns"]
+
+
+def test_parent_description_states_the_sweep():
+    from pipelines.sweep import sweep_note
+
+    space = parse_space(SPACE, source="ui.yaml")
+    exp = expand(space, {"digits": TaskShape(1, 8, 10)})
+    assert len(exp.trials) == 2 * 2 * 2 and exp.n_dropped == 2  # 3 heads divide neither width
+    note = sweep_note("ui", space, exp, exp.trials, experiment="weit-sweep", exp_id="7", uri="sqlite:////s.db",
+                      parent_id="p1")
+    assert "| digits | 2 (1x16x2x2, 1x32x2x2) | 2 (scratch, scratch_fit) | 1 (0) | 2 (0.001, 0.003) | 8 |" in note
+    assert "running" in note and exp.describe_drops() in note
+    assert "`weit report --sweep ui --mlflow-uri sqlite:////s.db`" in note and "reports/ui/leaderboard.md" in note
+    assert "(#/experiments/7/runs?viewStateShareKey=weit-ui&workflowType=machine_learning)" in note
+    done = sweep_note("ui", space, exp, exp.trials[:5], experiment="custom", exp_id="7", uri="sqlite:////s.db",
+                      parent_id="p1", counts={"finished": 4, "failed": 1, "tune_errors": 0,
+                                              "failure_kinds": ["non_finite_loss"]})
+    assert "**Trials:** 5 (the first 5 of 8: `--limit-trials`); 4 finished, 1 failed (1 non_finite_loss;" in done
+    assert "`weit report --parent-run p1 --mlflow-uri" in done and "| 5 of the 8 combinations |" in done
