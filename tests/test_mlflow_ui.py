@@ -1,11 +1,17 @@
 """Where users compare sweeps: the MLflow UI. Every experiment weit makes is a training-runs experiment with a
 description; a sweep's trials carry the names, tags and sortable numbers the runs table shows; the parent
 run's description states the sweep; the saved comparison view's filter and sort are ones the tracking
-server accepts and select exactly the sweep's trials."""
+server accepts and select exactly the sweep's trials. The slow test runs the shipped ci sweep and looks at it
+in headless Chromium through ``scripts/mlflow_ui_check.py``."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +28,8 @@ from pipelines.common import (
 )
 from pipelines.spaces import TaskShape, expand, parse_space
 
+ROOT = Path(__file__).resolve().parent.parent
+CI_SPACE = ROOT / "tune_spaces" / "ci.yaml"
 SPACE = """
 name: ui
 tasks: [{data: digits, patch: 2}]
@@ -123,3 +131,68 @@ def test_parent_description_states_the_sweep():
                                               "failure_kinds": ["non_finite_loss"]})
     assert "**Trials:** 5 (the first 5 of 8: `--limit-trials`); 4 finished, 1 failed (1 non_finite_loss;" in done
     assert "`weit report --parent-run p1 --mlflow-uri" in done and "| 5 of the 8 combinations |" in done
+
+
+# ------------------------------------------------------------------------------------------ a real browser
+
+
+def _ui_check():
+    """``scripts/mlflow_ui_check.py`` as a module (scripts/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlflow_ui_check", ROOT / "scripts" / "mlflow_ui_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def ci_bank(tmp_path, digits_bank):
+    from weit_core.io import save_bank
+
+    bank, aux, _ = digits_bank
+    return save_bank(tmp_path / "bank.safetensors", bank, aux)
+
+
+@pytest.mark.slow
+def test_ci_sweep_is_compared_in_the_real_mlflow_ui(ray_session, ci_bank, mlflow_uri, tmp_path):
+    """The shipped ci sweep, then ``scripts/mlflow_ui_check.py``: an ``mlflow server`` over the sweep's sqlite
+    store and headless Chromium on the sweep's comparison link show the runs page (not the GenAI overview)
+    with every trial listed flat by name, its strategy beside it, best final val accuracy first."""
+    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("no Chromium: `apt-get install -y chromium`")
+    from pipelines.sweep import run_sweep
+
+    t0 = time.monotonic()
+    summary = run_sweep(CI_SPACE, bank=str(ci_bank), storage=str(tmp_path / "tune"), mlflow_uri=mlflow_uri,
+                        save_models=False, quiet=True)
+    sweep_s = time.monotonic() - t0
+    assert summary.n_finished == summary.n_trials == 16
+    client = _client(mlflow_uri)
+    note = client.get_run(summary.parent_run_id).data.tags[NOTE_TAG]
+    assert "16 finished, 0 failed." in note and "8 of 12 size combinations" in note
+
+    out = tmp_path / "ui"
+    t1 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "mlflow_ui_check.py"), "--mlflow-uri", mlflow_uri,
+                           "--sweep", "ci", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    ui_s = time.monotonic() - t1
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((out / "mlflow_ui_check.json").read_text())
+    assert result["ok"] and result["title"].startswith("Runs")
+    assert (out / "mlflow_runs.png").stat().st_size > 20_000  # a rendered page, not a blank one
+
+    # the DOM as the browser rendered it: every trial by name, its strategy in the row, no parent row
+    dom = _ui_check().parse_dom((out / "mlflow_runs.html").read_text())
+    text = " ".join(dom.text)
+    children = client.search_runs([summary.experiment_id], f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
+    assert len(children) == 16 and "sweep-ci" not in text and "Overview" not in dom.title
+    for run in children:
+        assert run.info.run_name in text
+        cells = dom.rows[run.info.run_id]
+        assert cells["tags.`weit.strategy`"] == run.data.tags["weit.strategy"]
+        assert run.info.run_name in cells["attributes.`Run Name`"]
+    assert {"scratch", "scratch_fit", "wave", "wave_random_bank"} <= set(text.split(" "))
+    print(f"ci sweep {sweep_s:.1f} s; UI check {ui_s:.1f} s (browser {result['browse_s']} s); "
+          f"screenshot {out / 'mlflow_runs.png'}")
+
