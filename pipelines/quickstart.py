@@ -1,11 +1,13 @@
 """``weit quickstart``: the whole pipeline on Fashion-MNIST in one command, sized for 2 CPU cores.
 
-ancestry (a 4x96 ViT, in-process) -> distill (stage 1: a template bank, 2 Ray Train workers) -> sweep
-(stages 2+3: ``tune_spaces/quickstart.yaml``, a dozen sizes x WAVE, its controls and baselines, Ray Tune)
--> report (leaderboard + plots from MLflow). Every stage is the same code the individual commands run,
-with smaller budgets (data slices via ``limit``, few epochs), so the result is a demonstration of the
-machinery and of the comparison, not a benchmark: a short-trained ancestry has little to pass on
-(docs/design.md, "The evaluation protocol").
+By default it starts from the recommended pair kept in the repository (``docs/data/fmnist_ancestry.safetensors``,
+89.3% test, and the size-aware bank made from it, ``docs/data/fmnist_bank.safetensors``): ancestry (the
+shipped one) -> distill (stage 1 shown on 2 Ray Train workers: a small size-aware bank on a slice, which the
+sweep does not use) -> sweep (stages 2+3: ``tune_spaces/quickstart.yaml``, six ViT sizes x WAVE, its controls
+and the baselines, two learning rates, Ray Tune, with the shipped bank) -> report (leaderboard + plots from
+MLflow). ``--from-scratch`` trains the ancestry and the sweep's bank too, on small budgets: a demonstration of
+the machinery, not of the method (a short-trained ancestry has little to pass on; docs/design.md, "The
+evaluation protocol").
 
 Re-running is cheap: what was built is remembered in ``<out-dir>/quickstart.json`` (settings + sha256 of
 every file) and reused when nothing upstream changed; a finished sweep is not run again. ``--fresh``
@@ -20,7 +22,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,24 +32,34 @@ from pipelines.common import UserError, storage_path, tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SPACE = REPO / "tune_spaces" / "quickstart.yaml"
+SHIPPED_ANCESTRY = REPO / "docs" / "data" / "fmnist_ancestry.safetensors"
+SHIPPED_BANK = REPO / "docs" / "data" / "fmnist_bank.safetensors"
 DEFAULT_OUT = "weit_runs/quickstart"
 STATE_FILE = "quickstart.json"
 
 
 @dataclass
 class QuickstartBudget:
-    """The settings that decide how long the quickstart takes (defaults: <= 15 minutes on 2 CPU cores)."""
+    """The settings that decide how long the quickstart takes (defaults: <= 10 minutes on 2 CPU cores with
+    the shipped ancestry and bank; ``from_scratch`` adds the ancestry's and the bank's training)."""
 
-    ancestry_depth: int = 4
+    from_scratch: bool = False
+    """Train the ancestry and the sweep's bank here instead of starting from the shipped pair."""
+    ancestry_depth: int = 6
     ancestry_width: int = 96
     ancestry_heads: int = 3
     ancestry_epochs: int = 4
     ancestry_limit: int = 20000
     """Training examples for the ancestry (val 5k and test 10k stay whole)."""
     distill_epochs: int = 3
+    """Stage-1 epochs of the sweep's bank (``from_scratch``); the shipped-pair run's stage 1 is a one-epoch
+    demonstration on ``demo_limit`` examples over depths ``demo_depths`` x widths ``demo_widths``."""
     distill_limit: int = 10000
+    demo_limit: int = 4096
+    demo_depths: tuple[int, ...] = (1, 2)
+    demo_widths: tuple[int, ...] = (32, 64)
     workers: int = 2
-    n_templates: int = 4
+    n_templates: int = 16
     block: int = 16
     seed: int = 0
 
@@ -171,13 +183,24 @@ def run_quickstart(
     gen = state.data["generation"]
     uri = tracking_uri(mlflow_uri)
     store = storage_path(storage)
-    ancestry_path, bank_path = out / "ancestry.safetensors", out / "bank.safetensors"
+    scratch = budget.from_scratch
+    ancestry_path = out / "ancestry.safetensors" if scratch else SHIPPED_ANCESTRY
+    bank_path = out / "bank.safetensors" if scratch else SHIPPED_BANK
+    stage1_path = bank_path if scratch else out / "bank_demo.safetensors"
     result = QuickstartResult(ancestry_path, bank_path, "", uri)
     say(f"[bold]weit quickstart[/bold]: Fashion-MNIST from {data_dir}; outputs in {out}, MLflow at {uri}")
-    say(f"budget: ancestry {budget.ancestry_depth}x{budget.ancestry_width} for {budget.ancestry_epochs} epochs on "
-        f"{budget.ancestry_limit:,} images, distill {budget.distill_epochs} epochs on {budget.distill_limit:,} "
-        f"images with {budget.workers} Ray Train workers, sweep {space_path.name}"
-        + ("" if gen == 0 else f" (generation {gen})"))
+    if scratch:
+        say(f"from scratch: ancestry {budget.ancestry_depth}x{budget.ancestry_width} for {budget.ancestry_epochs} "
+            f"epochs on {budget.ancestry_limit:,} images, bank over the space's sizes for {budget.distill_epochs} "
+            f"epochs on {budget.distill_limit:,} images with {budget.workers} Ray Train workers, sweep "
+            f"{space_path.name}" + ("" if gen == 0 else f" (generation {gen})"))
+    else:
+        say(f"from the shipped ancestry and bank (docs/data; --from-scratch trains both here), a stage-1 "
+            f"demonstration on {budget.workers} Ray Train workers, sweep {space_path.name}"
+            + ("" if gen == 0 else f" (generation {gen})"))
+        for f in (SHIPPED_ANCESTRY, SHIPPED_BANK):
+            if not f.is_file():
+                raise UserError(f"{f} is missing (it ships with weit); restore it from git or pass --from-scratch")
 
     def stage(i: int, title: str) -> float:
         if not quiet:
@@ -194,43 +217,59 @@ def run_quickstart(
     from pipelines.ancestry import train_ancestry
     from weit_core.io import read_header
 
-    t0 = stage(1, "ancestry: train the teacher ViT (in-process)")
-    anc_settings = {"dataset": "fashion_mnist", "depth": budget.ancestry_depth, "width": budget.ancestry_width,
-                    "heads": budget.ancestry_heads, "epochs": budget.ancestry_epochs, "limit": budget.ancestry_limit,
-                    "seed": budget.seed, "generation": gen}
-    anc_key = _hash(anc_settings)
-    if state.reusable("ancestry", anc_key, ancestry_path):
-        acc = read_header(ancestry_path).get("info", {}).get("metrics", {}).get("test_acc")
-        done("ancestry", t0, True, f"{ancestry_path} already built with these settings (test_acc {acc:.4f}); "
-                                   f"--fresh to retrain" if acc is not None else f"{ancestry_path} reused")
+    if not scratch:
+        t0 = stage(1, "ancestry: the shipped teacher ViT (docs/data)")
+        info = read_header(ancestry_path).get("info", {})
+        acc = info.get("test_acc", info.get("metrics", {}).get("test_acc"))
+        state.record("ancestry", "shipped", ancestry_path)
+        done("ancestry", t0, True, f"{ancestry_path}" + (f", test_acc {acc:.4f}" if acc is not None else ""))
     else:
-        _, m = train_ancestry("fashion_mnist", depth=budget.ancestry_depth, width=budget.ancestry_width,
-                              heads=budget.ancestry_heads, epochs=budget.ancestry_epochs, limit=budget.ancestry_limit,
-                              seed=budget.seed, out=ancestry_path, workers=0, mlflow_uri=uri, quiet=quiet)
-        state.record("ancestry", anc_key, ancestry_path, test_acc=m["test_acc"])
-        done("ancestry", t0, False, f"{ancestry_path}, test_acc {m['test_acc']:.4f}")
+        t0 = stage(1, "ancestry: train the teacher ViT (in-process)")
+        anc_settings = {"dataset": "fashion_mnist", "depth": budget.ancestry_depth, "width": budget.ancestry_width,
+                        "heads": budget.ancestry_heads, "epochs": budget.ancestry_epochs,
+                        "limit": budget.ancestry_limit, "seed": budget.seed, "generation": gen}
+        anc_key = _hash(anc_settings)
+        if state.reusable("ancestry", anc_key, ancestry_path):
+            acc = read_header(ancestry_path).get("info", {}).get("metrics", {}).get("test_acc")
+            done("ancestry", t0, True, f"{ancestry_path} already built with these settings (test_acc {acc:.4f}); "
+                                       f"--fresh to retrain" if acc is not None else f"{ancestry_path} reused")
+        else:
+            _, m = train_ancestry("fashion_mnist", depth=budget.ancestry_depth, width=budget.ancestry_width,
+                                  heads=budget.ancestry_heads, epochs=budget.ancestry_epochs,
+                                  limit=budget.ancestry_limit, seed=budget.seed, out=ancestry_path, workers=0,
+                                  mlflow_uri=uri, quiet=quiet)
+            state.record("ancestry", anc_key, ancestry_path, test_acc=m["test_acc"])
+            done("ancestry", t0, False, f"{ancestry_path}, test_acc {m['test_acc']:.4f}")
     anc_sha = state.data["ancestry"]["sha256"]
 
     # 2. distill ---------------------------------------------------------------------------------------------
     from pipelines.distill import DistillConfig, run_distill
 
-    t0 = stage(2, f"distill: stage 1, the template bank ({budget.workers} Ray Train workers)")
-    bank_settings = {"epochs": budget.distill_epochs, "limit": budget.distill_limit, "workers": budget.workers,
-                     "n_templates": budget.n_templates, "block": budget.block, "seed": budget.seed,
-                     "ancestry_sha256": anc_sha, "generation": gen}
+    what = "the sweep's template bank" if scratch else "a size-aware bank on a slice (a demonstration)"
+    t0 = stage(2, f"distill: stage 1, {what} ({budget.workers} Ray Train workers)")
+    if scratch:  # the bank the sweep uses: trained over the space's sizes
+        range_args = {"space": str(space_path)}
+        epochs, limit = budget.distill_epochs, budget.distill_limit
+    else:
+        range_args = {"depths": list(budget.demo_depths), "widths": list(budget.demo_widths)}
+        epochs, limit = 1, budget.demo_limit
+    bank_settings = {"epochs": epochs, "limit": limit, "workers": budget.workers, "n_templates": budget.n_templates,
+                     "block": budget.block, "seed": budget.seed, "ancestry_sha256": anc_sha, "generation": gen,
+                     **range_args}
     bank_key = _hash(bank_settings)
-    if state.reusable("bank", bank_key, bank_path):
-        done("distill", t0, True, f"{bank_path} already built from this ancestry with these settings; --fresh to "
-                                  f"rebuild")
+    if state.reusable("bank", bank_key, stage1_path):
+        done("distill", t0, True, f"{stage1_path} already built from this ancestry with these settings; --fresh "
+                                  f"to rebuild")
     else:
         _, m = run_distill(DistillConfig(
-            teacher=str(ancestry_path), dataset="fashion_mnist", limit=budget.distill_limit, epochs=budget.distill_epochs,
-            workers=budget.workers, n_templates=budget.n_templates, block=budget.block, seed=budget.seed,
-            out=str(bank_path), name=f"quickstart-bank-{bank_key}", storage=store, address=address, mlflow_uri=uri,
-            quiet=quiet))
-        state.record("bank", bank_key, bank_path, test_acc=m["test_acc"])
-        done("distill", t0, False, f"{bank_path}, aux test_acc {m['test_acc']:.4f}")
-    bank_sha = state.data["bank"]["sha256"]
+            teacher=str(ancestry_path), dataset="fashion_mnist", limit=limit, epochs=epochs, workers=budget.workers,
+            n_templates=budget.n_templates, block=budget.block, seed=budget.seed, out=str(stage1_path),
+            name=f"quickstart-bank-{bank_key}", storage=store, address=address, mlflow_uri=uri, quiet=quiet,
+            **range_args))
+        state.record("bank", bank_key, stage1_path, test_acc=m["test_acc"])
+        done("distill", t0, False, f"{stage1_path}, aux test_acc {m['test_acc']:.4f}"
+             + ("" if scratch else f" (the sweep uses the shipped {SHIPPED_BANK.name})"))
+    bank_sha = _sha256(bank_path)
 
     # 3. sweep -----------------------------------------------------------------------------------------------
     from pipelines.spaces import load_space
@@ -301,6 +340,9 @@ def quickstart_command(
     out_dir: Annotated[str, typer.Option(help="Where the ancestry, bank, report and state file go.")] = DEFAULT_OUT,
     fresh: Annotated[bool, typer.Option("--fresh", help="Rebuild everything instead of reusing earlier "
                                                         "outputs.")] = False,
+    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Train the ancestry and the sweep's bank "
+                                                                      "here instead of starting from the shipped "
+                                                                      "pair in docs/data.")] = False,
     ancestry_epochs: Annotated[int, typer.Option(help="Ancestry training epochs.")] = QuickstartBudget.ancestry_epochs,
     ancestry_limit: Annotated[int, typer.Option(help="Ancestry training examples.")] = QuickstartBudget.ancestry_limit,
     distill_epochs: Annotated[int, typer.Option(help="Distillation (stage 1) epochs.")] = QuickstartBudget.distill_epochs,
@@ -312,13 +354,14 @@ def quickstart_command(
         help="Ray cluster address (default: start a local Ray; 'auto': the head `ray start` runs here).")] = None,
     mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite ./mlruns.db).")] = None,
 ) -> None:
-    """ancestry -> distill -> sweep -> report on Fashion-MNIST, sized for a laptop (<= 15 min on 2 CPU cores)."""
+    """ancestry -> distill -> sweep -> report on Fashion-MNIST, sized for a laptop (<= 10 min on 2 CPU cores)."""
     space_path = Path(space)
     if not space_path.is_absolute() and not space_path.is_file():
         space_path = REPO / space  # the shipped space, from any working directory
-    budget = QuickstartBudget(ancestry_epochs=ancestry_epochs, ancestry_limit=ancestry_limit,
-                              distill_epochs=distill_epochs, distill_limit=distill_limit, workers=workers)
-    if min(asdict(budget).values()) < 0 or ancestry_epochs < 1 or distill_epochs < 1 or workers < 1:
+    budget = QuickstartBudget(from_scratch=from_scratch, ancestry_epochs=ancestry_epochs,
+                              ancestry_limit=ancestry_limit, distill_epochs=distill_epochs,
+                              distill_limit=distill_limit, workers=workers)
+    if min(ancestry_limit, distill_limit) < 0 or ancestry_epochs < 1 or distill_epochs < 1 or workers < 1:
         raise UserError("--ancestry-epochs, --distill-epochs and --workers must be >= 1")
     run_quickstart(out_dir, fresh=fresh, budget=budget, space=space_path, mlflow_uri=mlflow_uri, address=address,
                    storage=storage)

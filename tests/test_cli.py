@@ -192,25 +192,26 @@ def test_quickstart_without_data_fails_first_in_one_line(no_fashion_mnist, tmp_p
     assert not (tmp_path / "qs").exists() and not (tmp_path / "mlruns.db").exists()
 
 
-def test_quickstart_space_covers_a_dozen_sizes_and_every_control():
-    """The shipped quickstart space: 12 sizes, WAVE + its controls + scratch + baselines that apply to every
-    size (all sizes fit inside the quickstart ancestry, so weight selection never has to grow)."""
-    from pipelines.quickstart import DEFAULT_SPACE, QuickstartBudget
+def test_quickstart_space_covers_the_shipped_pair_and_every_control():
+    """The shipped quickstart space: six sizes inside the shipped bank's range and under the shipped ancestry,
+    WAVE + its controls + scratch + the baselines that copy the ancestry, two learning rates; net2net makes only
+    the ancestry's own size, and the sweep drops its other pairs before any trial."""
+    from pipelines.quickstart import DEFAULT_SPACE, SHIPPED_ANCESTRY, SHIPPED_BANK
     from pipelines.spaces import expand, inspect_tasks, load_space
+    from weit_core.io import load_bank, read_header
     from weit_core.models import ViTSpec
 
     space = load_space(DEFAULT_SPACE)
-    budget = QuickstartBudget()
-    ancestry = ViTSpec(depth=budget.ancestry_depth, width=budget.ancestry_width, heads=budget.ancestry_heads,
-                       patch=4, img_size=28)
-    expansion = expand(space, inspect_tasks(space), bank_block=budget.block, ancestry_spec=ancestry)
-    assert not expansion.pairs_dropped  # every strategy of the space can make every size from that ancestry
+    ancestry = ViTSpec.from_dict(read_header(SHIPPED_ANCESTRY)["spec"])
+    bank = load_bank(SHIPPED_BANK)
+    expansion = expand(space, inspect_tasks(space), bank_block=bank.bank.kinds["qkv"].a, ancestry_spec=ancestry)
     sizes = {(t["depth"], t["width"], t["heads"]) for t in expansion.trials}
-    assert len(sizes) == 12
-    assert {"wave", "wave_random_bank", "scratch", "scratch_fit"} <= set(space.strategies)
-    assert len(space.strategies) > 4
-    assert all(d <= budget.ancestry_depth and w <= budget.ancestry_width for d, w, _ in sizes)
-    assert len(expansion.trials) == 12 * len(space.strategies)
+    assert sizes == {(d, w, w // 32) for d in (2, 4, 6) for w in (64, 96)}
+    trained = {(s["depth"], s["width"], s["heads"]) for s in bank.header["size_range"]}
+    assert sizes <= trained  # every size is one stage 1 trained
+    assert {"wave", "wave_random_bank", "scratch", "scratch_fit", "weight_selection", "net2net"} == set(space.strategies)
+    assert expansion.pairs_dropped == {"smaller_than_ancestry": 5}  # (task, strategy, size) pairs: net2net below 6x96
+    assert len(expansion.trials) == (6 * 5 + 1) * 2
 
 
 TINY_SPACE = """
@@ -230,8 +231,8 @@ def test_quickstart_end_to_end_then_reuses_everything(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.yaml").write_text(TINY_SPACE)
-    budget = QuickstartBudget(ancestry_depth=2, ancestry_width=32, ancestry_heads=1, ancestry_epochs=1,
-                              ancestry_limit=600, distill_epochs=1, distill_limit=600)
+    budget = QuickstartBudget(from_scratch=True, ancestry_depth=2, ancestry_width=32, ancestry_heads=1,
+                              ancestry_epochs=1, ancestry_limit=600, distill_epochs=1, distill_limit=600)
     first = run_quickstart(tmp_path / "qs", budget=budget, space=tmp_path / "tiny.yaml", quiet=True)
     assert first.ancestry.is_file() and first.bank.is_file()
     assert not any(first.reused.values())

@@ -50,7 +50,7 @@ def make_bank(
     ``eval_data`` the metric of each of ``eval_sizes`` (default: the smallest, the reference and the
     largest of the range)."""
     sizes = sorted(set(sizes or [elastic.ref_spec]), key=lambda s: s.num_params())
-    model: nn.Module = Sandwich(elastic, sizes, n_random, seed) if len(sizes) > 1 else elastic
+    model: nn.Module = elastic if sizes == [elastic.ref_spec] else Sandwich(elastic, sizes, n_random, seed)
     model.to(device)
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)

@@ -62,6 +62,9 @@ class ElasticModel(nn.Module):
 
     def parts_for(self, spec: Any, head: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``(scaler grids, free tensors)`` of size ``spec``, in the graph of the reference parameters."""
+        if spec == self.ref_spec:  # the identity maps, without computing them every step
+            free = {k: v for k, v in self.free_tensors().items() if head or not k.startswith("head.")}
+            return dict(self.scalers.grids.items()), free
         maps = self.maps(spec)
         grids = self.family.resize_grids(dict(self.scalers.grids.items()), maps)
         free = self.family.resize_free(self.free_tensors(), self.ref_spec, maps, head=head)
@@ -101,6 +104,10 @@ class Sandwich(nn.Module):
         self.sizes = sorted(set(sizes), key=measure)
         self.n_random = n_random
         self._rng = random.Random(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the size draws (a resumed epoch must draw the sizes the lost one drew)."""
+        self._rng.seed(seed)
 
     def draw(self) -> list[Any]:
         ends = [self.sizes[-1]] + ([self.sizes[0]] if len(self.sizes) > 1 else [])
