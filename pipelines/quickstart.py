@@ -76,6 +76,7 @@ class QuickstartResult:
     plots: list[Path] = field(default_factory=list)
     report_dir: Path | None = None
     mlflow_ui: str = ""
+    mlflow_url: str = ""
     stage_s: dict[str, float] = field(default_factory=dict)
     reused: dict[str, bool] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -296,6 +297,10 @@ def run_quickstart(
     _report(result, out, uri)
     done("report", t0, False, f"{len(result.plots)} plot(s) and the leaderboard in {result.report_dir}")
     result.mlflow_ui = mlflow_ui_command(uri)
+    from pipelines.common import mlflow_ui_url, prepare_mlflow
+    from pipelines.sweep import EXPERIMENT
+
+    result.mlflow_url = mlflow_ui_url(uri, prepare_mlflow(uri, EXPERIMENT)[1], result.sweep)
     result.wall_s = time.perf_counter() - t_start
     if not quiet:
         _print_summary(console, result)
@@ -334,6 +339,7 @@ def _print_summary(console: Any, result: QuickstartResult) -> None:
                   f"(weit report --sweep {result.sweep})", soft_wrap=True)
     console.print("open the comparison in the MLflow UI (experiment weit-sweep, then compare the runs):")
     console.print(f"  {result.mlflow_ui}", soft_wrap=True)
+    console.print(f"  then open {result.mlflow_url}  (this sweep's trials side by side)", soft_wrap=True)
 
 
 def quickstart_command(
