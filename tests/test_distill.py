@@ -75,8 +75,10 @@ def teacher_file(work, digits_ancestry) -> Path:
 
 @pytest.fixture(scope="module")
 def base_config(work, digits_parquet, teacher_file) -> DistillConfig:
-    """2 workers x 0.5 CPU on digits; lr/batch chosen so 3 short epochs learn a lot (40 steps each)."""
+    """2 workers x 0.5 CPU on digits; lr/batch chosen so 3 short epochs learn a lot (40 steps each); N = 4
+    templates (not the default 16) keeps these runs small."""
     return DistillConfig(teacher=str(teacher_file), dataset=str(digits_parquet), epochs=EPOCHS, lr=1e-2,
+                         n_templates=4,
                          warmup_epochs=0.5, batch_size=32, workers=2, cpus_per_worker=0.5,
                          out=str(work / "wave.safetensors"), storage=str(work / "runs"),
                          mlflow_uri=f"sqlite:///{work / 'mlruns.db'}", seed=0, quiet=True)
