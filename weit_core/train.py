@@ -200,9 +200,10 @@ def fit_scalers(
     if steps <= 0:
         return {"loss": math.nan, task.metric: math.nan, "steps": 0}
     stream = cycle_batches(x, y, batch_size, seed)
-    warm = list(warm_params or []) if warm_steps > 0 else []
+    warm = list(warm_params or [])
+    n_warm = min(warm_steps, steps) if warm else 0
     done, last = 0, {}
-    for n, only in ((min(warm_steps, steps) if warm else 0, warm), (steps - (min(warm_steps, steps) if warm else 0), None)):
+    for n, only in ((n_warm, warm), (steps - n_warm, None)):
         if n <= 0:
             continue
         grads = {p: p.requires_grad for p in model.parameters()}
@@ -244,7 +245,7 @@ def train_steps(
         done += stats["steps"]
         if on_checkpoint is not None:
             on_checkpoint(done, stats)
-        if stats["steps"] < mark - (done - stats["steps"]):
+        if done < mark:
             break  # the batches ran out
     return {**stats, "steps": done}
 
