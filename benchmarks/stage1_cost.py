@@ -43,7 +43,6 @@ from pipelines.distill import (  # noqa: E402
     parse_sizes,
     prepare_data,
     run_distill,
-    size_label,
     size_range,
 )
 from weit_core.data import read_parquet_arrays  # noqa: E402
@@ -160,7 +159,7 @@ def main() -> None:
     est = flop_ratio(plan, args.n_random, teacher.spec if teacher else None)
     print(f"\nstage-1 cost of a size range: mode {config.mode}, {data.train_rows} rows x {args.epochs} epochs, batch "
           f"{args.batch_size} (~{steps} steps/epoch), {args.threads} thread(s)")
-    print(f"range {' '.join(size_label(s) for s in plan.sizes)}; reference {size_label(plan.ref)}; "
+    print(f"range {' '.join(s.label for s in plan.sizes)}; reference {plan.ref.label}; "
           f"{plan.draws_per_step(args.n_random)} sizes per step (n_random {args.n_random}); FLOP estimate {est:.2f}x")
     print(f"{'s / epoch':40s} {'reference':>10s} {'range':>10s} {'ratio':>7s} {'steady':>7s}")
     out = {}
@@ -172,7 +171,7 @@ def main() -> None:
                     "ratio": round(mean(b) / mean(a), 3), "steady_ratio": round(steady, 3)}
     print(json.dumps({"ratio": out["in_process"]["ratio"], "goal": 2.0,
                       "ray_ratio": out.get("ray", {}).get("ratio"), "flop_ratio": round(est, 3), "mode": config.mode,
-                      "sizes": [size_label(s) for s in plan.sizes], "reference": size_label(plan.ref),
+                      "sizes": [s.label for s in plan.sizes], "reference": plan.ref.label,
                       "draws_per_step": plan.draws_per_step(args.n_random), "rows": data.train_rows,
                       "epochs": args.epochs, "threads": args.threads, **out}))
 

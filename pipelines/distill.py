@@ -52,7 +52,7 @@ from weit_core.io import (
     save_model,
 )
 from weit_core.models import TIMM_MODEL, ViTSpec, create_vit, vit_kinds, vit_layout
-from weit_core.models.elastic import AtSize, ElasticModel, Sandwich
+from weit_core.models.elastic import AtSize, ElasticModel, Sandwich, range_model
 from weit_core.models.vit import VIT
 from weit_core.resize import RULES
 from weit_core.stage1 import build_elastic, save_elastic
@@ -244,11 +244,6 @@ def aux_spec(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec | 
     return spec
 
 
-def size_label(spec: ViTSpec) -> str:
-    """``depth x width x heads``, the name a size's metrics carry (``test_acc/2x64x2``: MLflow refuses '@')."""
-    return f"{spec.depth}x{spec.width}x{spec.heads}"
-
-
 @dataclass
 class SizeRange:
     """What stage 1 trains: the reference (aux) size that holds the parameters, and the range of sizes the
@@ -272,8 +267,8 @@ class SizeRange:
             return [self.ref]
         picked: dict[str, ViTSpec] = {}
         for s in (self.sizes[0], self.ref, self.sizes[-1]):  # one per label, the reference's own if shared
-            if size_label(s) not in picked or s == self.ref:
-                picked[size_label(s)] = s
+            if s.label not in picked or s == self.ref:
+                picked[s.label] = s
         return list(picked.values())
 
     def draws_per_step(self, n_random: int) -> int:
@@ -484,14 +479,12 @@ def build_model(cfg: dict) -> nn.Module:
     elastic = build_elastic(VIT, spec, n=cfg["n_templates"], block=cfg["block"], order=cfg["order"],
                             width_rule=cfg.get("width_rule", "nested"), depth_rule=cfg.get("depth_rule", "nested"),
                             seed=cfg.get("seed", 0))
-    sizes = [ViTSpec.from_dict(d) for d in cfg.get("sizes") or []]
-    if not sizes or sizes == [spec]:
-        return elastic
     # Every DDP rank must run the same sizes at every step: Sandwich draws them from its own random.Random(seed),
     # the same seed on every rank, one draw per training forward (and every rank takes the same number of
     # steps); train_worker reseeds it from (seed, epoch) at each epoch start, so a resumed epoch draws the
     # sizes the lost one drew.
-    return Sandwich(elastic, sizes, cfg.get("n_random", 1), seed=cfg.get("seed", 0))
+    return range_model(elastic, [ViTSpec.from_dict(d) for d in cfg.get("sizes") or []], cfg.get("n_random", 1),
+                       seed=cfg.get("seed", 0))
 
 
 def reseed_draws(model: nn.Module, seed: int, epoch: int) -> None:
@@ -576,7 +569,7 @@ def _eval_models(cfg: dict, model: nn.Module) -> dict[str, nn.Module]:
     if cfg["kind"] == "plain":
         return {"": model}
     aux = aux_of(model)
-    return {size_label(s): AtSize(aux, s) for s in map(ViTSpec.from_dict, cfg.get("watch") or [cfg["spec"]])}
+    return {s.label: AtSize(aux, s) for s in map(ViTSpec.from_dict, cfg.get("watch") or [cfg["spec"]])}
 
 
 def train_worker(cfg: dict) -> None:
@@ -605,7 +598,7 @@ def train_worker(cfg: dict) -> None:
         return  # a finished job run again: nothing to redo
     teacher = _rebuild_teacher(ray.get(cfg["teacher"][0]), device) if cfg["teacher"] else None
     evals = _eval_models(cfg, model)
-    ref_label = "" if cfg["kind"] == "plain" else size_label(ViTSpec.from_dict(cfg["spec"]))
+    ref_label = "" if cfg["kind"] == "plain" else ViTSpec.from_dict(cfg["spec"]).label
     ref_eval = evals[ref_label]
     per_size = cfg.get("sizes") is not None and cfg["kind"] != "plain"
     copies = cfg.get("draws_per_step", 1)  # a Sandwich stacks this many sizes' outputs per batch
@@ -902,7 +895,7 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
     settings = {k: v for k, v in asdict(config).items()
                 if k not in ("out", "storage", "name", "address", "mlflow_uri", "quiet", "fail_at_epoch")}
     settings["aux_spec"] = spec.to_dict()
-    settings["size_range"] = [size_label(s) for s in plan.sizes] or None
+    settings["size_range"] = [s.label for s in plan.sizes] or None
     resumed = _job_guard(job_dir, json.loads(json.dumps(settings, default=str)))
 
     init_ray(config.address)
@@ -932,7 +925,7 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
               "mode": config.mode, "job": name, "out": str(out), "storage": storage, "git": git_revision(),
               "template_numbers": template_numbers, "aux_scalers": scaler_numbers,
               "steps_per_epoch": steps_per_epoch, "per_worker_batch": per_worker, "free_params": "timm_init+trained",
-              "size_range": " ".join(size_label(s) for s in plan.sizes) or "reference", "range_source": plan.source,
+              "size_range": " ".join(s.label for s in plan.sizes) or "reference", "range_source": plan.source,
               "draws_per_step": cfg["draws_per_step"]}
     tags = {"weit.stage": "distill", "weit.mode": config.mode, "weit.task": data.info["name"],
             "weit.task_type": "classification"}
@@ -943,8 +936,8 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
               f"examples, {config.workers} worker(s) x {config.cpus_per_worker} CPU"
               f"{', GPU' if config.use_gpu else ''}{', resuming' if resumed else ''}", flush=True)
         if plan.sizes:
-            print(f"{PREFIX} size range ({plan.source}): {len(plan.sizes)} size(s) {size_label(plan.sizes[0])} .. "
-                  f"{size_label(plan.sizes[-1])}, reference {size_label(spec)}, rule {config.width_rule}/"
+            print(f"{PREFIX} size range ({plan.source}): {len(plan.sizes)} size(s) {plan.sizes[0].label} .. "
+                  f"{plan.sizes[-1].label}, reference {spec.label}, rule {config.width_rule}/"
                   f"{config.depth_rule}, {cfg['draws_per_step']} size(s) per step"
                   + (f"; dropped {sum(plan.dropped.values())} space size(s): {_describe_drops(plan.dropped)}"
                      if plan.dropped else ""), flush=True)

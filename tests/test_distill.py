@@ -193,7 +193,7 @@ def test_range_bank_header_rebuild_and_every_watched_size(range_run, digits):
     aux = aux_of(build_model(_elastic_cfg(DIGITS_ANCESTRY)))
     load_train_state(Path(metrics["checkpoint"]), _elastic_cfg(DIGITS_ANCESTRY), aux)
     for label in ("1x16x1", "2x32x2"):
-        size = next(s for s in RANGE_SIZES if f"{s.depth}x{s.width}x{s.heads}" == label)
+        size = next(s for s in RANGE_SIZES if s.label == label)
         got = evaluate(AtSize(aux, size), iterate_batches(digits.test.x, digits.test.y, 256, shuffle=False))["acc"]
         assert got == pytest.approx(metrics[f"test_acc/{label}"], abs=1e-9), label
         assert got > FAR_ABOVE_CHANCE, (label, got)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from weit_core.models import TIMM_MODEL, ViTSpec
+from weit_core.resize import RESIZE_DEFAULTS
 from weit_core.templates import KindSpec, LayerGroup, Scalers, TemplateBank
 
 BANK_FORMAT = "weit-bank"
@@ -84,7 +85,7 @@ class LoadedBank:
 
     @property
     def resize(self) -> dict:
-        return dict(self.header.get("resize") or {"width_rule": "nested", "depth_rule": "nested"})
+        return dict(self.header.get("resize") or RESIZE_DEFAULTS)
 
 
 def save_bank(path: str | Path, bank: TemplateBank, aux_scalers: Scalers | None = None,

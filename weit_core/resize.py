@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 
 RULES = ("nested", "spread", "interp")
+RESIZE_DEFAULTS = {"width_rule": "nested", "depth_rule": "nested"}
+"""The rule a bank uses when its header names none."""
 
 Axis = tuple[int, str, int]
 """``(dim, role, sections)``: tensor dimension ``dim`` holds ``sections`` consecutive runs of the ``role``

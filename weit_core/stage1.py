@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weit_core.models.elastic import AtSize, ElasticModel, Sandwich
+from weit_core.models.elastic import AtSize, ElasticModel, range_model
 from weit_core.models.family import Family
 from weit_core.templates import TemplateBank
 from weit_core.train import (
@@ -50,7 +50,7 @@ def make_bank(
     ``eval_data`` the metric of each of ``eval_sizes`` (default: the smallest, the reference and the
     largest of the range)."""
     sizes = sorted(set(sizes or [elastic.ref_spec]), key=lambda s: s.num_params())
-    model: nn.Module = elastic if sizes == [elastic.ref_spec] else Sandwich(elastic, sizes, n_random, seed)
+    model = range_model(elastic, sizes, n_random, seed)
     model.to(device)
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
@@ -73,7 +73,7 @@ def make_bank(
         if eval_data is not None:
             for s in watch:
                 ev = evaluate(AtSize(elastic, s), iterate_batches(*eval_data, 512, shuffle=False), device=device)
-                row[f"eval_acc@{_size_name(s)}"] = ev["acc"]
+                row[f"eval_acc@{s.label}"] = ev["acc"]
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         history.append(row)
         if on_epoch is not None:
@@ -91,10 +91,6 @@ def _warmup_cosine(step: int, total: int, warm: int, floor: float = 0.01) -> flo
         return (step + 1) / (warm + 1)
     t = min(1.0, (step - warm) / max(1, total - warm))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def _size_name(spec: Any) -> str:
-    return "x".join(str(getattr(spec, k)) for k in ("depth", "width", "heads"))
 
 
 def save_elastic(path: Any, elastic: ElasticModel, header: dict | None = None,

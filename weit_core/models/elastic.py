@@ -22,11 +22,28 @@ from torch.func import functional_call
 from weit_core.models.family import Family
 from weit_core.templates import Scalers, TemplateBank, materialize_grids
 
-RESIZE_DEFAULTS = {"width_rule": "nested", "depth_rule": "nested"}
-
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
+
+
+def resize_parts(family: Family, ref_spec: Any, spec: Any, grids: dict[str, torch.Tensor],
+                 free: dict[str, torch.Tensor], block: int, rules: dict, head: bool = True
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A size's ``(scaler grids, free tensors)`` from the reference's by the family's rule: what stage 1
+    trains each size through and what stage 2 starts from (the reference itself without computing maps)."""
+    if spec == ref_spec:
+        return dict(grids), {k: v for k, v in free.items() if head or not k.startswith("head.")}
+    maps = family.size_maps(ref_spec, spec, block, **rules)
+    return family.resize_grids(dict(grids), maps), family.resize_free(free, ref_spec, maps, head=head)
+
+
+def range_model(elastic: ElasticModel, sizes: list[Any], n_random: int = 1, seed: int = 0) -> nn.Module:
+    """What stage 1 trains for ``sizes``: the aux model itself when the range is its reference alone (or
+    empty), else a :class:`Sandwich` over the range."""
+    if not sizes or list(sizes) == [elastic.ref_spec]:
+        return elastic
+    return Sandwich(elastic, sizes, n_random, seed)
 
 
 class ElasticModel(nn.Module):
@@ -57,18 +74,10 @@ class ElasticModel(nn.Module):
     def free_tensors(self) -> dict[str, torch.Tensor]:
         return {k.replace("__", "."): v for k, v in self.free.items()}
 
-    def maps(self, spec: Any):
-        return self.family.size_maps(self.ref_spec, spec, self.block, **self.rules)
-
     def parts_for(self, spec: Any, head: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``(scaler grids, free tensors)`` of size ``spec``, in the graph of the reference parameters."""
-        if spec == self.ref_spec:  # the identity maps, without computing them every step
-            free = {k: v for k, v in self.free_tensors().items() if head or not k.startswith("head.")}
-            return dict(self.scalers.grids.items()), free
-        maps = self.maps(spec)
-        grids = self.family.resize_grids(dict(self.scalers.grids.items()), maps)
-        free = self.family.resize_free(self.free_tensors(), self.ref_spec, maps, head=head)
-        return grids, free
+        return resize_parts(self.family, self.ref_spec, spec, dict(self.scalers.grids.items()), self.free_tensors(),
+                            self.block, self.rules, head=head)
 
     def state_for(self, spec: Any, head: bool = True) -> dict[str, torch.Tensor]:
         """The full parameter dict of an ordinary model of size ``spec`` (differentiable)."""

@@ -50,6 +50,11 @@ class ViTSpec:
         return round(self.width * self.mlp_ratio)
 
     @property
+    def label(self) -> str:
+        """``depth x width x heads`` (``2x64x2``): how runs, logs and metric names call a size."""
+        return f"{self.depth}x{self.width}x{self.heads}"
+
+    @property
     def tokens(self) -> int:
         return (self.img_size // self.patch) ** 2 + 1
 

@@ -21,7 +21,9 @@ from torch import nn
 
 from weit_core.io import LoadedBank
 from weit_core.models import TemplatedModel, ViTSpec, create_vit, vit_layout
+from weit_core.models.elastic import resize_parts
 from weit_core.models.vit import VIT
+from weit_core.resize import RESIZE_DEFAULTS
 from weit_core.strategies import InitResult, register
 from weit_core.templates import Scalers, TemplateBank, resample_scalers
 from weit_core.train import fit_scalers, seed_everything
@@ -55,11 +57,10 @@ def _start(spec: ViTSpec, bank: TemplateBank, aux: Scalers | None, free: dict | 
         raise ValueError("scaler_init='resample' needs the bank's aux scalers; use scaler_init='random'")
     elif free is not None and inherit == "all":
         ref = ViTSpec.from_dict(header["aux_spec"])
-        rules = dict(header.get("resize") or {})
-        maps = VIT.size_maps(ref, spec, bank.kinds["qkv"].a, **rules)
+        rules = dict(header.get("resize") or RESIZE_DEFAULTS)
         with torch.no_grad():
-            grids = VIT.resize_grids(dict(aux.grids.items()), maps)
-            made = VIT.resize_free(free, ref, maps, head=False)
+            grids, made = resize_parts(VIT, ref, spec, dict(aux.grids.items()), free, bank.kinds["qkv"].a, rules,
+                                       head=False)
             scalers = Scalers(layout, bank.kinds)
             for k, g in grids.items():
                 scalers.grids[k].copy_(g)
@@ -68,8 +69,7 @@ def _start(spec: ViTSpec, bank: TemplateBank, aux: Scalers | None, free: dict | 
                 own[k].copy_(v)
         shape = ("depth", "width", "heads", "mlp_ratio")
         trained = {tuple(s[k] for k in shape) for s in header.get("size_range") or [header["aux_spec"]]}
-        info.update(free_params="bank", scalers="bank_rule", resize=rules or "nested/nested",
-                    reference=f"{ref.depth}x{ref.width}x{ref.heads}", in_stage1_range=tuple(getattr(spec, k) for k in shape) in trained)
+        info.update(free_params="bank", scalers="bank_rule", resize=rules, reference=ref.label, in_stage1_range=tuple(getattr(spec, k) for k in shape) in trained)
     else:
         scalers = resample_scalers(aux, layout)
         info.update(scalers="resampled (first design)",
