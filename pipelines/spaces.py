@@ -556,18 +556,16 @@ def size_points(space: Space) -> list[dict]:
 
 def check_size(size: dict, shape: TaskShape, patch: int, cons: Constraints, block: int | None) -> str | None:
     """The first constraint ``size`` violates (a key of DROP_REASONS), or None when it can be built."""
-    from weit_core.models import ViTSpec
+    from weit_core.models import VIT, ViTSpec
 
     d, w, h, r = size["depth"], size["width"], size["heads"], size["mlp_ratio"]
-    if w % h:
-        return "heads_not_dividing_width"
-    hidden = w * r
-    if abs(hidden - round(hidden)) > 1e-9:
-        return "mlp_hidden_not_integer"
+    reason = VIT.check_size(size, None)  # what the family cannot build at all, then the space's own multiple,
+    if reason:  # then what the bank's blocks cannot tile: the order DROP_REASONS counts them in
+        return reason
     if isinstance(cons.width_multiple, int) and w % cons.width_multiple:
         return "width_not_multiple"
-    if block and (w % block or round(hidden) % block):
-        return "not_multiple_of_block"
+    if block and (reason := VIT.check_size(size, block)):
+        return reason
     hd = w // h
     if (cons.min_head_dim and hd < cons.min_head_dim) or (cons.max_head_dim and hd > cons.max_head_dim):
         return "head_dim_out_of_range"
