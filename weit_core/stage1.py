@@ -1,12 +1,11 @@
 """Stage 1 in one process: make a template bank over a size range, with a teacher (WAVE) or without (WeiT).
 
 The same pieces run inside Ray Train's workers (``pipelines/distill.py``); this in-process form serves the
-tests, the benchmarks and anyone without a cluster. The loop is :func:`weit_core.train.distill_epoch`.
+tests, the benchmarks and anyone without a cluster. The loop is :func:`weit_core.train.fit`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,11 +17,12 @@ from weit_core.models.elastic import AtSize, ElasticModel, range_model
 from weit_core.models.family import Family
 from weit_core.templates import TemplateBank
 from weit_core.train import (
-    distill_epoch,
     evaluate,
+    fit,
     iterate_batches,
     make_optimizer,
     seed_everything,
+    warmup_cosine,
 )
 
 
@@ -58,18 +58,18 @@ def make_bank(
     if max_steps:
         steps_per_epoch = min(steps_per_epoch, max_steps)
     opt = make_optimizer(model, lr, weight_decay)
-    plan = {"total": steps_per_epoch * epochs, "warm": round(steps_per_epoch * warmup_epochs)}
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _warmup_cosine(step, **plan))
+    sched = warmup_cosine(opt, steps_per_epoch * epochs, round(steps_per_epoch * warmup_epochs))
     watch = eval_sizes or list(dict.fromkeys([sizes[0], elastic.ref_spec, sizes[-1]]))
-    history = []
+    history: list[dict] = []
     t0 = time.perf_counter()
-    epoch = 0
-    while epoch < epochs:
-        epoch += 1
-        batches = iterate_batches(x, y, batch_size, seed=seed * 1000 + epoch, drop_last=len(x) > batch_size)
-        row = {"epoch": epoch, **{f"train_{k}": v for k, v in distill_epoch(
-            model, batches, opt, teacher=teacher, tau=tau, device=device, max_steps=steps_per_epoch,
-            scheduler=sched).items()}}
+    planned = epochs
+
+    def batches(epoch: int):
+        return iterate_batches(x, y, batch_size, seed=seed * 1000 + epoch, drop_last=len(x) > batch_size)
+
+    def after(epoch: int, stats: dict) -> bool:
+        nonlocal planned
+        row = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items() if k not in ("epoch", "train_s")}}
         if eval_data is not None:
             for s in watch:
                 ev = evaluate(AtSize(elastic, s), iterate_batches(*eval_data, 512, shuffle=False), device=device)
@@ -78,19 +78,14 @@ def make_bank(
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
-        if time_budget_s is not None and epoch == 1:
-            epochs = max(1, min(epochs, int(time_budget_s // max(row["wall_s"], 1e-9))))
-            plan["total"] = steps_per_epoch * epochs
+        if time_budget_s is not None and epoch == 1:  # re-plan the cosine over the epochs that fit
+            planned = max(1, min(epochs, int(time_budget_s // max(row["wall_s"], 1e-9))))
+            sched.lr_lambdas[0].total = steps_per_epoch * planned
+        return epoch < planned
+
+    fit(model, batches, opt, epochs=epochs, on_epoch=after, teacher=teacher, tau=tau, device=device,
+        max_steps=steps_per_epoch, scheduler=sched)
     return history
-
-
-def _warmup_cosine(step: int, total: int, warm: int, floor: float = 0.01) -> float:
-    """LR factor: linear warm-up over ``warm`` steps, then cosine to ``floor`` at ``total``
-    (:func:`weit_core.train.warmup_cosine`'s shape, with a total that may be set after the first epoch)."""
-    if step < warm:
-        return (step + 1) / (warm + 1)
-    t = min(1.0, (step - warm) / max(1, total - warm))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def save_elastic(path: Any, elastic: ElasticModel, header: dict | None = None,

@@ -8,12 +8,13 @@ import contextlib
 import itertools
 import math
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from torch.optim.lr_scheduler import LambdaLR
 
 from weit_core.tasks import CLASSIFICATION, Task
 
@@ -66,18 +67,28 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> t
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
+class WarmupCosine:
+    """LR factor of the one schedule: linear warm-up over ``warm`` steps, then cosine to ``floor`` at
+    ``total``. A callable object, so ``LambdaLR.state_dict`` saves it and a run may re-plan ``total`` (stage
+    1's time budget) after it started."""
+
+    def __init__(self, total: int, warm: int, floor: float = 0.01) -> None:
+        self.total, self.warm, self.floor = max(total, 1), warm, floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warm:
+            return (step + 1) / (self.warm + 1)
+        t = min(1.0, (step - self.warm) / max(1, self.total - self.warm))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                  floor: float = 0.01) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up then cosine decay to ``floor * lr`` (torch's own schedulers, resumable by
-    ``state_dict``)."""
+                  floor: float = 0.01) -> LambdaLR:
+    """Linear warm-up then cosine decay to ``floor * lr``; resumable by ``state_dict``, re-plannable through
+    ``scheduler.lr_lambdas[0]`` (a :class:`WarmupCosine`)."""
     total_steps = max(total_steps, 1)
     warmup_steps = min(max(warmup_steps, 0), total_steps - 1)
-    base = optimizer.param_groups[0]["lr"]
-    cosine = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1), eta_min=base * floor)
-    if warmup_steps == 0:
-        return cosine
-    warm = LinearLR(optimizer, start_factor=1.0 / (warmup_steps + 1), total_iters=warmup_steps)
-    return SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
+    return LambdaLR(optimizer, WarmupCosine(total_steps, warmup_steps, floor))
 
 
 def _copies(out: torch.Tensor, y: torch.Tensor) -> int:
@@ -169,6 +180,33 @@ def distill_epoch(
     if teacher is not None:
         stats["agreement"] = tot_agree / max(n, 1)
     return stats
+
+
+EpochBatches = Callable[[int], Batches]
+
+
+def fit(
+    model: nn.Module, batches: EpochBatches, optimizer: torch.optim.Optimizer, *, epochs: int,
+    start_epoch: int = 1, on_epoch: Callable[[int, dict], bool | None] | None = None,
+    teacher: nn.Module | None = None, tau: float = 2.0, task: Task = CLASSIFICATION,
+    device: torch.device | str = "cpu", max_steps: int | None = None, grad_clip: float | None = 1.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> list[dict]:
+    """THE epoch loop, for ancestry training, stage 1 (in-process and in Ray Train workers), stage 3 trials
+    and the benchmarks: epochs ``start_epoch..epochs`` of :func:`distill_epoch` over ``batches(epoch)``.
+
+    ``on_epoch(epoch, stats)`` runs after each epoch (evaluate, report, checkpoint); returning False ends
+    the run there (a time budget, early stopping). Returns each epoch's training stats."""
+    history = []
+    for epoch in range(start_epoch, epochs + 1):
+        t0 = time.perf_counter()
+        stats = distill_epoch(model, batches(epoch), optimizer, teacher=teacher, tau=tau, task=task,
+                              device=device, max_steps=max_steps, grad_clip=grad_clip, scheduler=scheduler)
+        stats = {"epoch": epoch, **stats, "train_s": time.perf_counter() - t0}
+        history.append(stats)
+        if on_epoch is not None and on_epoch(epoch, stats) is False:
+            break
+    return history
 
 
 def cycle_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
