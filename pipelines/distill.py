@@ -42,7 +42,8 @@ import typer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipelines.common import UserError, git_revision, init_ray, prepare_mlflow, storage_path
+from pipelines.common import UserError, git_revision, init_ray, storage_path
+from pipelines.tracking import Tracker
 from weit_core.io import (
     WeitFileError,
     load_bank,
@@ -669,57 +670,6 @@ class _ReportQueue(ray.train.UserCallback):
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         if metrics and metrics[0]:
             self.q.put(dict(metrics[0]))
-
-
-class Tracker:
-    """One MLflow run per job, found again by its job name on resume (so a rerun continues the run)."""
-
-    def __init__(self, uri: str | None, experiment: str, job: str, params: dict, tags: dict) -> None:
-        import logging
-
-        import mlflow
-        from mlflow.entities import Param, RunTag
-
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no alembic chatter on the terminal
-        self.uri, exp_id = prepare_mlflow(uri, experiment)
-        self.client = mlflow.MlflowClient(self.uri)
-        found = self.client.search_runs([exp_id], f"tags.`weit.job` = '{job}'", max_results=1,
-                                        order_by=["attributes.start_time DESC"])
-        if found:
-            self.run_id = found[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-            self.logged = {int(m.step) for m in self.client.get_metric_history(self.run_id, "loss")}
-        else:
-            run = self.client.create_run(exp_id, tags={"weit.job": job, **tags}, run_name=job)
-            self.run_id, self.logged = run.info.run_id, set()
-            items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, params=items[i:i + 100])
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_epoch(self, metrics: dict) -> None:
-        from mlflow.entities import Metric
-
-        epoch = int(metrics["epoch"])
-        if epoch in self.logged:
-            return
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(k, float(v), now, epoch) for k, v in metrics.items()
-            if k != "epoch" and isinstance(v, int | float) and math.isfinite(v)])
-        self.logged.add(epoch)
-
-    def finish(self, metrics: dict, artifacts: list[Path], status: str = "FINISHED") -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=[
-                Metric(k, float(v), now, 0) for k, v in metrics.items()
-                if isinstance(v, int | float) and math.isfinite(v)])
-        for a in artifacts:
-            self.client.log_artifact(self.run_id, str(a))
-        self.client.set_terminated(self.run_id, status)
 
 
 def _print_epoch(stage: str, epochs: int, m: dict) -> None:

@@ -1,0 +1,229 @@
+"""The one MLflow writer: where runs are stored, how weit's experiments look in the MLflow UI, how metrics
+are named, and the run of a Ray Train job (ancestry, distill). Every pipeline writes to MLflow through here, so
+the embedded default (a sqlite file) and a tracking server differ only by the URI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.common import UserError
+
+DEFAULT_DB = "mlruns.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """``--mlflow-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs>/mlruns.db`` in the cwd.
+    Relative sqlite paths are made absolute (Ray workers run in other directories)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    elif "://" not in uri:  # a bare path: treat as a sqlite file
+        uri = f"sqlite:///{Path(uri).resolve()}"
+    return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """For the embedded sqlite store keep artifacts beside the database (``./mlartifacts``)."""
+    if uri.startswith("sqlite:"):
+        return Path(uri[len("sqlite:///"):]).resolve().parent.joinpath(DEFAULT_ARTIFACTS).as_uri()
+    return None
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_RUNS = "custom_model_development"
+"""The experiment kind of training runs (the value MLflow 3's UI writes itself when a user switches an
+experiment to that view). MLflow 3.17.2's UI reads the kind from the browser's GenAI / Model training switch
+instead (default GenAI: the overview page), so links must also say ``workflowType=machine_learning``
+(:func:`mlflow_ui_path`); the tag keeps the experiment's kind where the tag is read (other MLflow versions,
+API clients)."""
+NOTE_TAG = "mlflow.note.content"
+"""The markdown description the MLflow UI shows for an experiment or a run (and edits in place)."""
+EXPERIMENT_NOTES = {
+    "weit-sweep": "**weit sweeps** (`weit sweep`). One parent run per sweep, `sweep-NAME`: its description "
+                  "states the space, the trial counts and the `weit report` command. One child run per trial, "
+                  "named `task/strategy/size/sSEED/lrLR`, tagged `weit.strategy`, `weit.size`, `weit.seed`, "
+                  "`weit.lr`, with `num_params` and `val_acc` per stage-3 epoch (`val_acc_e0`: right after "
+                  "initialization). One sweep's trials side by side: the **Views** menu, `weit sweep NAME: "
+                  "compare trials`. Rank a sweep with `weit report --sweep NAME`.",
+    "weit-distill": "**weit stage 1** (`weit distill`). One run per distillation job: a template bank learned "
+                    "from an ancestry model (or from the task alone), its loss and accuracies per epoch; the "
+                    "bank file is the job's output and what `weit sweep --bank` reads.",
+    "weit-ancestry": "**weit ancestry models** (`weit ancestry`). One run per ViT trained on a task with the "
+                     "standard recipe; the model file is what `weit distill --teacher` and `weit sweep "
+                     "--ancestry` read.",
+}
+"""What the runs of each experiment weit creates are: the experiment's description in the MLflow UI."""
+
+
+def experiment_note(experiment: str) -> str:
+    """The description an experiment gets when weit creates it (a generic one for a name given with
+    ``--experiment``)."""
+    return EXPERIMENT_NOTES.get(experiment, f"Runs recorded by **weit** (template-based initialization of ViTs) "
+                                            f"in experiment `{experiment}`.")
+
+
+def prepare_mlflow(uri: str | None, experiment: str, description: str | None = None) -> tuple[str, str]:
+    """Create the store and experiment *in the driver* before any worker logs (parallel first use of a
+    sqlite store races on its schema migrations). Returns (absolute tracking URI, experiment id).
+
+    The experiment carries ``mlflow.experimentKind`` = ``custom_model_development`` (training runs, not a
+    GenAI app: see :data:`TRAINING_RUNS`) and a description (``description``, else :func:`experiment_note`);
+    an existing experiment that lacks either gets it, a description a user wrote is kept."""
+    import mlflow
+
+    uri = tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as e:  # unreachable server, bad URI
+        raise UserError(f"cannot reach MLflow at {uri} ({type(e).__name__}: {e}); check --mlflow-uri") from e
+    tags = {EXPERIMENT_KIND_TAG: TRAINING_RUNS, NOTE_TAG: description or experiment_note(experiment)}
+    if exp is None:
+        return uri, client.create_experiment(experiment, artifact_location(uri), tags=tags)
+    if exp.lifecycle_stage == "active":  # a deleted one cannot be tagged (nor logged to)
+        for key, value in tags.items():
+            if not exp.tags.get(key):
+                client.set_experiment_tag(exp.experiment_id, key, value)
+    return uri, exp.experiment_id
+
+
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+"""Prefix of the experiment tag holding a runs-table view (filter, sort, columns) that the MLflow UI opens
+from ``#/experiments/ID/runs?viewStateShareKey=KEY`` (its "Share" button writes the same tag)."""
+UI_PORT = 5000
+
+
+def comparison_view_key(sweep: str) -> str:
+    """The share key of a sweep's comparison view: ``weit-<sweep>`` (other characters than letters, digits,
+    ``-``, ``_`` and ``.`` become ``_``, with a short hash so two names never share a key)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", sweep)
+    if safe != sweep:
+        safe += "-" + hashlib.sha256(sweep.encode()).hexdigest()[:8]
+    return f"weit-{safe}"
+
+
+def comparison_view(sweep: str, tasks: int = 1) -> dict:
+    """The runs-table view where a sweep's trials are compared: only its trial runs (a filter, which also
+    lists them flat instead of folded under the parent row), best final ``val_acc`` first, and the columns a
+    user compares by, narrow enough that the first ones fit beside the UI's side panels: run name, strategy,
+    size, val accuracy after the last stage-3 epoch (``val_acc``) and right after initialization
+    (``val_acc_e0``), parameter count, seed, lr, duration."""
+    columns = {  # column id (as the UI names it) -> width in pixels
+        "attributes.`Run Name`": 310, **({"tags.`weit.task`": 100} if tasks > 1 else {}),
+        "tags.`weit.strategy`": 150, "tags.`weit.size`": 90, "metrics.`val_acc`": 100, "metrics.`val_acc_e0`": 100,
+        "metrics.`num_params`": 100, "tags.`weit.seed`": 80, "tags.`weit.lr`": 80, "duration": 90}
+    return {"searchFilter": f"tags.`weit.sweep` = '{sweep}' and tags.`weit.kind` = 'trial'",
+            "orderByKey": "metrics.`val_acc`", "orderByAsc": False,
+            "selectedColumns": [c for c in columns if c.startswith(("tags.", "metrics."))],  # the others always show
+            "columnOrder": list(columns), "columnWidths": columns, "runsHiddenMode": "SHOW_ALL"}
+
+
+def publish_comparison_view(client: Any, experiment_id: str, sweep: str, tasks: int = 1) -> str:
+    """Store a sweep's :func:`comparison_view` on its experiment as a saved view named ``weit sweep NAME:
+    compare trials`` (the UI lists it under "Views" and opens it from a share link); returns its key.
+
+    The tag's value is the UI's saved-view envelope, ``{name, createdAt, updatedAt, state}`` with the view as
+    a JSON string in ``state`` (MLflow 3.17's ``mlflow.sharedViewState.`` tags; a plain view JSON would still
+    open from the link but not be listed)."""
+    key = comparison_view_key(sweep)
+    now = int(time.time() * 1000)
+    envelope = {"name": f"weit sweep {sweep}: compare trials", "createdAt": now, "updatedAt": now,
+                "state": json.dumps(comparison_view(sweep, tasks))}
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(envelope))
+    return key
+
+
+def mlflow_ui_path(experiment_id: str, sweep: str | None = None) -> str:
+    """The UI route (``#/...``, relative to the UI's address) of an experiment's runs table, or with ``sweep``
+    (one that published its view, as ``weit sweep`` does) of that sweep's trials side by side: flat, sorted
+    by final val accuracy, under its saved view. ``workflowType=machine_learning`` is what makes MLflow 3.17's
+    UI show the runs table and its model-training navigation: it decides an experiment's kind by the
+    browser's GenAI / Model training switch (default GenAI: the GenAI overview), not by the experiment's
+    ``mlflow.experimentKind`` tag."""
+    query = f"viewStateShareKey={comparison_view_key(sweep)}&" if sweep else ""
+    return f"#/experiments/{experiment_id}/runs?{query}workflowType=machine_learning"
+
+
+def mlflow_ui_url(uri: str, experiment_id: str, sweep: str | None = None, *, host: str = "127.0.0.1",
+                  port: int = UI_PORT) -> str:
+    """The browser address of :func:`mlflow_ui_path`: on the tracking server itself for an http(s) ``uri``,
+    else on ``mlflow ui --backend-store-uri URI --host HOST --port PORT`` (default 127.0.0.1:5000)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://{host}:{port}"
+    return f"{base}/{mlflow_ui_path(experiment_id, sweep)}"
+
+
+# ------------------------------------------------------------------------------------------- metric names
+
+_BUDGET = re.compile(r"(.+)_e(\d+)")
+
+
+def budget_metric(name: str, epoch: int) -> str:
+    """A metric at a stage-3 budget, one column per budget for ``search_runs``: ``val_acc`` after 2 epochs
+    is ``val_acc_e2`` (``_e0``: right after initialization)."""
+    return f"{name}_e{epoch}"
+
+
+def parse_budget(col: str) -> tuple[str, int] | None:
+    """Inverse of :func:`budget_metric`: ``"val_acc_e2"`` -> ``("val_acc", 2)``; None for other names."""
+    m = _BUDGET.fullmatch(col)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+# ---------------------------------------------------------------------------------------- a training job
+
+
+class Tracker:
+    """One MLflow run per Ray Train job, found again by its job name on resume (so a rerun continues the
+    run and logs no epoch twice)."""
+
+    def __init__(self, uri: str | None, experiment: str, job: str, params: dict, tags: dict) -> None:
+        import mlflow
+        from mlflow.entities import Param, RunTag
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no alembic chatter on the terminal
+        self.uri, exp_id = prepare_mlflow(uri, experiment)
+        self.client = mlflow.MlflowClient(self.uri)
+        found = self.client.search_runs([exp_id], f"tags.`weit.job` = '{job}'", max_results=1,
+                                        order_by=["attributes.start_time DESC"])
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.logged = {int(m.step) for m in self.client.get_metric_history(self.run_id, "loss")}
+        else:
+            run = self.client.create_run(exp_id, tags={"weit.job": job, **tags}, run_name=job)
+            self.run_id, self.logged = run.info.run_id, set()
+            items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_epoch(self, metrics: dict) -> None:
+        epoch = int(metrics["epoch"])
+        if epoch not in self.logged:
+            self._log({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
+            self.logged.add(epoch)
+
+    def finish(self, metrics: dict, artifacts: list[Path], status: str = "FINISHED") -> None:
+        if metrics:
+            self._log(metrics, 0)
+        for a in artifacts:
+            self.client.log_artifact(self.run_id, str(a))
+        self.client.set_terminated(self.run_id, status)
+
+    def _log(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(k, float(v), now, step) for k, v in metrics.items()
+            if isinstance(v, int | float) and math.isfinite(v)])
