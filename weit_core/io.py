@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -15,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from weit_core.models import TIMM_MODEL, ViTSpec
+from weit_core.models import TIMM_MODEL, ViTSpec, family_of, get_family
 from weit_core.resize import RESIZE_DEFAULTS
 from weit_core.templates import KindSpec, LayerGroup, Scalers, TemplateBank
 
@@ -166,13 +167,16 @@ def check_bank_kinds(have: dict[str, KindSpec], need: dict[str, KindSpec], where
             )
 
 
-def save_model(path: str | Path, model: nn.Module, spec: ViTSpec, info: dict | None = None) -> Path:
-    """An ordinary timm state_dict plus the spec needed to rebuild it with ``timm.create_model``."""
+def save_model(path: str | Path, model: nn.Module, spec: Any, info: dict | None = None) -> Path:
+    """An ordinary state_dict plus the family and spec that rebuild it (for a ViT also the timm name and
+    kwargs, so ``timm.create_model`` alone can)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": MODEL_FORMAT, "version": VERSION, "timm_model": TIMM_MODEL, "spec": spec.to_dict(),
-            "timm_kwargs": spec.timm_kwargs(), "info": info or {}}
+    meta = {"format": MODEL_FORMAT, "version": VERSION, "family": family_of(spec).name, "spec": spec.to_dict(),
+            "info": info or {}}
+    if isinstance(spec, ViTSpec):
+        meta.update(timm_model=TIMM_MODEL, timm_kwargs=spec.timm_kwargs())
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata={"weit": json.dumps(meta, default=str)})
     tmp.replace(path)
@@ -180,14 +184,22 @@ def save_model(path: str | Path, model: nn.Module, spec: ViTSpec, info: dict | N
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """``timm.create_model`` from the header's spec, weights loaded strictly; returns (model, header)."""
+    """The header's family builds its spec, weights loaded strictly; returns (model, header). Files written
+    before models named their family are ViTs."""
     path = Path(path)
     header = read_header(path, MODEL_FORMAT)
     try:
-        spec = ViTSpec.from_dict(header["spec"])
+        family = get_family(header.get("family", "vit"))
+    except ValueError as e:
+        raise WeitFileError(f"{path}: {e} (set WEIT_PLUGINS to the module that registers it)") from e
+    try:
+        spec = family.spec_from_dict(header["spec"])
     except (KeyError, TypeError, ValueError) as e:
         raise WeitFileError(f"{path}: model header has no valid spec ({e})") from e
-    model = timm.create_model(header.get("timm_model", TIMM_MODEL), pretrained=False, **spec.timm_kwargs())
+    if family.name == "vit":
+        model = timm.create_model(header.get("timm_model", TIMM_MODEL), pretrained=False, **spec.timm_kwargs())
+    else:
+        model = family.build(spec)
     try:
         model.load_state_dict(_load_tensors(path), strict=True)
     except RuntimeError as e:

@@ -4,7 +4,8 @@ A family builds an ordinary model from a size spec, says which sizes it can buil
 weights are templated (layout, bank kinds), and how a reference size's scalers and free tensors become
 another size's (the resize rule stage 1 trains through and stage 2 starts from). Strategies, stage 1, the
 spaces and the pipelines ask the family, never the model. Families live in one registry, as timm registers
-models: a family module ends with ``register_family(...)``.
+models: a family module ends with ``register_family(...)``; a user's own module joins through
+``$WEIT_PLUGINS`` (``weit_core.plugins``).
 """
 
 from __future__ import annotations
@@ -69,24 +70,29 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def get_family(name: str) -> Family:
-    from weit_core import models  # noqa: F401  (importing the package registers the built-in families)
+def _load() -> None:
+    """Register the built-in families (importing the package) and the user's (``$WEIT_PLUGINS``)."""
+    from weit_core import models  # noqa: F401
+    from weit_core.plugins import load_plugins
 
+    load_plugins()
+
+
+def get_family(name: str) -> Family:
+    _load()
     if name not in _FAMILIES:
         raise ValueError(f"unknown architecture family {name!r}; available: {', '.join(sorted(_FAMILIES))}")
     return _FAMILIES[name]
 
 
 def family_names() -> list[str]:
-    from weit_core import models  # noqa: F401
-
+    _load()
     return sorted(_FAMILIES)
 
 
 def family_of(spec: Any) -> Family:
     """The registered family whose spec type ``spec`` is."""
-    from weit_core import models  # noqa: F401
-
+    _load()
     for fam in _FAMILIES.values():
         if isinstance(spec, fam.spec_type):
             return fam

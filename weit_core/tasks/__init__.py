@@ -68,6 +68,9 @@ def _load_all() -> None:
         _loaded = True
         for mod in pkgutil.iter_modules(__path__):
             importlib.import_module(f"{__name__}.{mod.name}")
+    from weit_core.plugins import load_plugins
+
+    load_plugins()  # a user's own task modules ($WEIT_PLUGINS)
 
 
 def get_task(name: str) -> Task:
