@@ -146,8 +146,9 @@ def distill_epoch(
     # islice, not a check inside the loop: a shared batch stream must not lose a batch at the cut
     for x, y in itertools.islice(batches, max_steps):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        args, y = task.inputs(x, y)
         with _autocast(device):
-            out = model(x)
+            out = model(*args)
             k = _copies(out, y)
             if k > 1:  # a model that runs several sizes per batch (stage 1's sandwich) stacks their outputs
                 y = _tile(y, k)
@@ -157,7 +158,7 @@ def distill_epoch(
                 if task.distill_loss is None:
                     raise ValueError(f"task {task.name!r} has no distillation loss; train without a teacher")
                 with torch.no_grad():
-                    t_out = _tile(teacher(x).float(), k)
+                    t_out = _tile(teacher(*args).float(), k)
                 loss = loss + task.distill_loss(out.float(), t_out, tau)
                 if task.agreement is not None:
                     agree = task.agreement(out, t_out)
@@ -302,8 +303,9 @@ def evaluate(
     n = 0
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        args, y = task.inputs(x, y)
         with _autocast(device):
-            out = model(x).float()
+            out = model(*args).float()
         b = len(y)
         tot += torch.stack([task.loss(out, y).double() * b, task.score(out, y).double()])
         n += b

@@ -26,7 +26,11 @@ class Task:
     over uneven batches and data-parallel shards stay exact; ``distill_loss(outputs, teacher_outputs, tau)``
     is the stage-1 (and optional stage-2) term against a teacher; ``agreement`` counts outputs that agree with
     the teacher's (a sum), when that means something; ``evaluate(model, batches, device)``, when given,
-    replaces the batch-sum evaluation (samplers, rollouts) and returns ``{metric: value, ...}``."""
+    replaces the batch-sum evaluation (samplers, rollouts) and returns ``{metric: value, ...}``.
+
+    ``prepare(x, y)`` is the task's training step up to the model: a batch of its data becomes the model's
+    inputs and the targets of ``loss`` (a denoiser's noised image, timestep and class with the noise as target;
+    by default ``((x,), y)``). Student and teacher see the same prepared inputs."""
 
     name: str
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,10 +40,15 @@ class Task:
     distill_loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
     agreement: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     evaluate: Callable[..., dict[str, float]] | None = None
+    prepare: Callable[[torch.Tensor, torch.Tensor], tuple[tuple, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"task {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
+
+    def inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+        """The model's inputs and the loss's targets for a batch (see ``prepare``)."""
+        return ((x,), y) if self.prepare is None else self.prepare(x, y)
 
     def better(self, a: float, b: float) -> bool:
         """Whether metric value ``a`` beats ``b`` in this task's direction."""
