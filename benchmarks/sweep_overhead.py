@@ -1,9 +1,9 @@
 """What does Ray Tune cost a sweep? K short fixed-work trials through the sweep's own Tune path vs the
 same trials in plain loops at the same concurrency.
 
-The work is the real trial body (``pipelines.sweep.run_trial``: scratch init + a fixed number of training
+The work is the real trial body (``pipelines.trial.run_trial``: scratch init + a fixed number of training
 steps + a small evaluation, one thread), calibrated to about ``--work-s`` seconds. The Tune arm is the
-sweep's code path: ``tune.with_parameters(_tune_trial)`` (wrapped to read the trial thread's schedstat) +
+sweep's code path: ``tune.with_parameters(tune_trial)`` (wrapped to read the trial thread's schedstat) +
 ``with_resources``, the task data shared through the object store, the trial list as the sweep hands it to
 Tune (``trial_param_space``), ``reuse_actors=True``, per-trial result files off, ``verbose=0``, one Tune
 report per trial as the sweep does without ASHA (``--report-each-epoch``: a report after every epoch, as
@@ -84,7 +84,7 @@ def calibrate(work_s: float) -> int:
     evaluation) plus a per-step part, so two step counts are timed (median of 3 each) and the line
     through them is solved for ``work_s``; dividing one timing by its steps would count the fixed part
     as steps and give trials far shorter than asked."""
-    from pipelines.sweep import run_trial
+    from pipelines.trial import run_trial
 
     def timed(steps: int) -> float:
         (cfg,) = configs(1, steps)
@@ -124,7 +124,8 @@ def timed(call: Callable[[], object]) -> list[float]:
 
 def plain_loop(cfgs: list[dict], tracking: tuple | None) -> list[list[float]]:
     """Every trial's [wall, CPU run, run-queue wait] seconds."""
-    from pipelines.sweep import TrialTracker, run_trial
+    from pipelines.tracking import TrialTracker
+    from pipelines.trial import run_trial
 
     rows = []
     for cfg in cfgs:
@@ -158,7 +159,7 @@ def plain_worker(job: str) -> None:
 
     torch.set_num_threads(1)
     spec = json.loads(Path(job).read_text())
-    from pipelines.sweep import run_trial
+    from pipelines.trial import run_trial
 
     run_trial({**spec["cfgs"][0], "epochs": 1}, threads=1)  # warm-up (imports, data) outside the timed work
     rows = plain_loop(spec["cfgs"], tuple(spec["tracking"]) if spec["tracking"] else None)
@@ -166,11 +167,11 @@ def plain_worker(job: str) -> None:
 
 
 def _sched_tune_trial(config: dict, ctx=None, sched_dir: str = "") -> None:
-    """The sweep's ``_tune_trial``, with the trial thread's CPU run and run-queue wait around it appended to
+    """The sweep's ``tune_trial``, with the trial thread's CPU run and run-queue wait around it appended to
     a file per worker (two reads of /proc and one small write per trial)."""
-    from pipelines.sweep import _tune_trial
+    from pipelines.trial import tune_trial
 
-    row = timed(lambda: _tune_trial(config, ctx))
+    row = timed(lambda: tune_trial(config, ctx))
     with open(Path(sched_dir) / f"{os.getpid()}.txt", "a") as f:
         f.write(" ".join(map(str, row)) + "\n")
 
@@ -186,7 +187,8 @@ def tune_arm(cfgs: list[dict], slots: int, tracking: tuple | None, storage: str,
 
     from ray import tune
 
-    from pipelines.sweep import SweepContext, _trial_dirname, share_task_data, trial_param_space
+    from pipelines.sweep import _trial_dirname
+    from pipelines.trial import SweepContext, share_task_data, trial_param_space
 
     done: list[float] = []
     inside: dict[str, float] = {}
@@ -230,7 +232,7 @@ def variant_costs(counts: list[int], steps: int) -> None:
     from ray import tune
     from ray.tune.search.variant_generator import generate_variants
 
-    from pipelines.sweep import trial_param_space
+    from pipelines.trial import trial_param_space
 
     def timed(space: dict) -> float:
         t0 = time.perf_counter()

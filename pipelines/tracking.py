@@ -4,13 +4,16 @@ the embedded default (a sqlite file) and a tracking server differ only by the UR
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +230,214 @@ class Tracker:
         self.client.log_batch(self.run_id, metrics=[
             Metric(k, float(v), now, step) for k, v in metrics.items()
             if isinstance(v, int | float) and math.isfinite(v)])
+
+
+# ------------------------------------------------------------------------------------- a sweep and its trials
+
+_CLIENTS: dict[str, Any] = {}
+
+
+def client_for(uri: str) -> Any:
+    """One ``MlflowClient`` per tracking URI per process (a Tune worker reuses it across trials)."""
+    if uri not in _CLIENTS:
+        import mlflow
+
+        _CLIENTS[uri] = mlflow.MlflowClient(uri)
+    return _CLIENTS[uri]
+
+
+def log_params(client: Any, run_id: str, params: dict, metrics: list | None = None) -> None:
+    """Params as text (None as empty), in the store's batches of 100; ``metrics`` go with the first."""
+    from mlflow.entities import Param
+
+    items = [Param(k, ("" if v is None else str(v))[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, max(len(items), 1), 100):
+        client.log_batch(run_id, params=items[i:i + 100], metrics=(metrics or []) if i == 0 else [])
+
+
+def _finite(metrics: dict, step: int) -> list:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()
+            if isinstance(v, int | float) and math.isfinite(v)]
+
+
+SORT_METRICS = ("num_params", "flops")
+"""Trial params also logged as metrics (step 0): the runs table sorts params as text, metrics as numbers."""
+
+
+def find_sweep(client: Any, experiment_id: str, name: str) -> Any:
+    """A sweep's parent run by its name (the newest, if a name was reused), or None."""
+    runs = client.search_runs([experiment_id], f"tags.`weit.sweep` = '{name}' and tags.`weit.kind` = 'sweep'",
+                              max_results=5, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+@dataclass
+class TrialTracker:
+    """The MLflow child run of one sweep trial, found again by its trial key (exactly one per trial)."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep: str
+    save_models: bool = True
+    run_id: str | None = None
+
+    @property
+    def client(self) -> Any:
+        return client_for(self.tracking_uri)
+
+    def find(self, key: str) -> list:
+        from mlflow.entities import ViewType
+
+        return self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`weit.trial_key` = '{key}'",
+            run_view_type=ViewType.ACTIVE_ONLY, max_results=10)
+
+    def start(self, config: dict, size: str, metric: str = "val_acc", mode: str = "max") -> dict | None:
+        """Open the run of trial ``config`` of size ``size`` (its family's name for it), ranked by ``metric``
+        in direction ``mode``. Returns the metrics of a run of it that FINISHED before (replay them, do not
+        retrain); raises NonFiniteLossError again for a trial whose loss went NaN before (deterministic);
+        deletes a half-written run of a killed attempt."""
+        from weit_core.train import NonFiniteLossError
+
+        for run in self.find(config["key"]):
+            status, tags = run.info.status, run.data.tags
+            if status == "FINISHED":
+                self.run_id = run.info.run_id
+                return dict(run.data.metrics)
+            if status == "FAILED" and tags.get("weit.failure_kind") == "non_finite_loss":
+                self.run_id = run.info.run_id
+                raise NonFiniteLossError(tags.get("weit.failure", "loss was not finite (earlier attempt)"))
+            self.client.delete_run(run.info.run_id)  # an interrupted attempt: replaced, never duplicated
+        tags = {"mlflow.parentRunId": self.parent_run_id, "weit.trial_key": config["key"], "weit.sweep": self.sweep,
+                "weit.kind": "trial", "weit.task": config["task"], "weit.strategy": config["strategy"],
+                "weit.size": size, "weit.seed": str(config["seed"]), "weit.lr": f"{config['lr']:g}",
+                "weit.metric": metric, "weit.mode": mode}
+        name = f"{config['task']}/{config['strategy']}/{size}/s{config['seed']}/lr{config['lr']:g}"
+        self.run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        return None
+
+    def log_params(self, params: dict) -> None:
+        """The trial's params, and :data:`SORT_METRICS` also as metrics."""
+        log_params(self.client, self.run_id, params, _finite({k: params[k] for k in SORT_METRICS if k in params}, 0))
+
+    def log_model(self, model: Any, spec: Any, info: dict) -> None:
+        from weit_core.io import save_model
+
+        with tempfile.TemporaryDirectory(prefix="weit-trial-") as d:
+            path = save_model(Path(d) / "model.safetensors", model, spec, info)
+            self.client.log_artifact(self.run_id, str(path), "model")
+
+    def log_epoch(self, epoch: int, metrics: dict) -> None:
+        """A curve per metric (step = epoch) and one column per budget (:func:`budget_metric`)."""
+        self.client.log_batch(self.run_id, metrics=_finite(metrics, epoch) + _finite(
+            {budget_metric(k, epoch): v for k, v in metrics.items()}, 0))
+
+    def finish(self, epochs_done: int, stopped_early: bool = False) -> None:
+        self.client.set_tag(self.run_id, "weit.epochs_done", str(epochs_done))
+        if stopped_early:
+            self.client.set_tag(self.run_id, "weit.stopped_early", "true")
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self, exc: BaseException, kind: str) -> None:
+        if self.run_id is None:
+            return
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]
+        self.client.set_tag(self.run_id, "weit.failure", reason)
+        self.client.set_tag(self.run_id, "weit.failure_kind", kind)
+        self.client.set_terminated(self.run_id, "FAILED")
+
+
+SWEEP_EXPERIMENT = "weit-sweep"
+
+
+def open_sweep(client: Any, experiment_id: str, name: str, tags: dict, params: dict, files: dict[str, Any], *,
+               resume: bool, exists_in_tune: bool) -> tuple[str, bool]:
+    """The sweep's parent run: created with ``tags``, ``params`` and ``files`` (artifact path -> a local
+    file, a text or a dict logged as JSON), or found again by name on ``resume`` when its space and bank (the
+    ``weit.space_hash`` and ``weit.bank_sha256`` of ``tags``) are the ones it ran with. Returns (run id,
+    resumed)."""
+    parent = find_sweep(client, experiment_id, name)
+    if not resume:
+        if parent is not None or exists_in_tune:
+            where = f"MLflow run {parent.info.run_id}" if parent is not None else "Tune storage"
+            raise UserError(f"sweep {name!r} already exists ({where}); pass --resume to continue it, or --name NEW "
+                            f"for a fresh sweep (see its results with `weit report --sweep {name}`)")
+    elif parent is None:
+        if exists_in_tune:
+            raise UserError(f"sweep {name!r} has Tune state but no MLflow parent run in this tracking store; "
+                            f"pass the --mlflow-uri it was run with")
+        raise UserError(f"nothing to resume: no sweep named {name!r} in MLflow or Tune storage; run it without "
+                        f"--resume first (or pass the --name/--storage/--mlflow-uri it used)")
+    if parent is not None:
+        had = parent.data.tags
+        if had.get("weit.space_hash") != tags["weit.space_hash"]:
+            raise UserError(f"sweep {name!r} was run with a different space file (content changed); resume needs "
+                            f"the same file, or start a new sweep with --name")
+        if had.get("weit.bank_sha256", "") != tags["weit.bank_sha256"]:
+            raise UserError(f"sweep {name!r} was run with bank {had.get('weit.bank_path') or 'none'} (sha256 "
+                            f"{had.get('weit.bank_sha256', '')[:12] or '-'}); --bank now differs")
+        client.update_run(parent.info.run_id, status="RUNNING")
+        return parent.info.run_id, True
+    run_id = client.create_run(experiment_id, run_name=f"sweep-{name}", tags=tags).info.run_id
+    log_params(client, run_id, params)
+    for path, what in files.items():
+        if isinstance(what, dict):
+            client.log_dict(run_id, what, path)
+        elif isinstance(what, str):
+            client.log_text(run_id, what, path)
+        else:
+            client.log_artifact(run_id, str(what), path)
+    return run_id, False
+
+
+def sweep_note(name: str, space: Any, expansion: Any, trials: list[dict], *, experiment: str, exp_id: str,
+               uri: str, parent_id: str, counts: dict[str, Any] | None = None, metric: str = "val_acc") -> str:
+    """The parent run's description (``mlflow.note.content``, markdown): the space, sizes x strategies x
+    seeds x lrs per task, the trials that ran (``counts``: finished, failed, tune_errors and the failed
+    runs' ``failure_kinds`` once the sweep ended; None while it runs) and the ones dropped with their
+    reasons, where the comparison and the leaderboard are, and the exact ``weit report`` command."""
+    from weit_core.models import get_family
+
+    size_name = get_family(getattr(space, "family", "vit")).size_name
+
+    def fmt(values: set) -> str:
+        shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted(values))
+        return f"{len(values)} ({shown})" if len(values) <= 6 else str(len(values))
+
+    lines = [f"### Sweep `{name}`", "",
+             f"Space **{space.name}** (`{space.path or 'inline'}`, content hash `{space.content_hash()}`)"
+             + (f": {space.description}" if space.description else "."), "",
+             "| task | sizes | strategies | seeds | stage-3 lrs | trials |", "|---|---|---|---|---|---|"]
+    for task in space.tasks:
+        rows = [t for t in trials if t["task"] == task.name]
+        axes = [{size_name(t) for t in rows}, {t["strategy"] for t in rows}, {t["seed"] for t in rows},
+                {float(t["lr"]) for t in rows}]
+        product = math.prod(len(a) for a in axes)
+        lines.append(f"| {task.name} | " + " | ".join(fmt(a) for a in axes) + f" | {len(rows)}"
+                     + (f" of the {product} combinations" if product != len(rows) else "") + " |")
+    n_all = len(expansion.trials)
+    lines += ["", f"**Trials:** {len(trials)}" + (f" (the first {len(trials)} of {n_all}: `--limit-trials`)"
+                                                  if len(trials) < n_all else "") + "; "]
+    if counts is None:
+        lines[-1] += "running (the counts are written here when the sweep ends)."
+    else:
+        kinds = collections.Counter(counts.get("failure_kinds", []))
+        errors = counts.get("tune_errors", 0)
+        lines[-1] += (f"{counts['finished']} finished, {counts['failed']} failed"
+                      + (f", {errors} Tune error{'s' * (errors != 1)}" if errors else "")
+                      + (f" ({', '.join(f'{n} {k}' for k, n in kinds.most_common()) or 'no kind recorded'}; each "
+                         f"failed run's reason is its `weit.failure` tag)." if counts["failed"] else "."))
+    report = f"weit report --sweep {name}" if experiment == SWEEP_EXPERIMENT else f"weit report --parent-run {parent_id}"
+    lines += ["", f"**Dropped before any trial:** {expansion.describe_drops()}.",
+              "", f"**Compare the trials:** the child runs of this run, one per trial, named "
+                  f"`task/strategy/size/sSEED/lrLR`; [open them side by side]({mlflow_ui_path(exp_id, name)}) (only "
+                  f"this sweep's trials, best final `{metric}` first, with strategy, size, seed, lr and `num_params` "
+                  f"columns).",
+              "", f"**Leaderboard:** `{report} --mlflow-uri {uri}` ranks every init at its best lr, writes "
+                  f"`reports/{name}/leaderboard.md` (with plots) and logs it to this run under `report/`."]
+    return "\n".join(lines)

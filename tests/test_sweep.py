@@ -232,7 +232,7 @@ def test_stage3_lr_follows_warmup_then_cosine_over_the_trials_steps(monkeypatch,
     import torch
 
     from pipelines.spaces import load_task_data
-    from pipelines.sweep import run_trial
+    from pipelines.trial import run_trial
 
     cap = "null" if steps_per_epoch is None else steps_per_epoch
     space = parse_space(MINIMAL + f"training: {{epochs: 3, batch_size: 128, lr: 0.004, schedule: {schedule}, "
@@ -292,7 +292,7 @@ def test_tune_makes_every_trial_of_a_space_once_in_order():
     deep copies); what Tune generates must still be exactly the trial list, each once, in order."""
     from ray.tune.search.variant_generator import generate_variants
 
-    from pipelines.sweep import trial_config, trial_param_space
+    from pipelines.trial import trial_config, trial_param_space
 
     fm = load_space(ROOT / "tune_spaces" / "fmnist_sizes.yaml")
     trials = expand(fm, {"fashion_mnist": TaskShape(1, 28, 10)}, bank_block=16).trials[:300]
@@ -320,7 +320,7 @@ def test_progress_line_names_the_best_finished_trial_per_task_decoding_each_conf
         line = progress._line(fake, fake[2], "TERMINATED")
     best = trials[1]
     assert line.startswith(f"{sweep.PREFIX} 4/4 trials done (1 failed)")
-    assert f"best {best['task']}: {best['strategy']} {best['depth']}x{best['width']}x{best['heads']} " in line
+    assert f"best {best['task']}: {best['strategy']} {best['depth']}x{best['width']}x{best['heads']}x2 " in line
     assert "val_acc=0.9000" in line
     assert len(decoded) == 3  # the three finished trials with a result, once each over three scans
 
@@ -345,7 +345,7 @@ training: {epochs: 2, fit_steps: 10, fit_examples: 128, lr: 0.003}
 def test_user_parquet_task_runs_as_a_plain_function(tmp_path, digits):
     """A task given as the user's own parquet (relative to the space file) runs through ``run_trial``
     without Ray or MLflow, and learns."""
-    from pipelines.sweep import run_trial
+    from pipelines.trial import run_trial
 
     _, space = _user_parquet_space(tmp_path, digits)
     shapes = inspect_tasks(space)
@@ -368,7 +368,7 @@ def test_workers_train_on_the_drivers_data_without_the_files(ray_session, tmp_pa
     whose files are gone (a node without the user's data); without the shared copy the same trial fails."""
     import ray
 
-    from pipelines.sweep import SweepContext, run_trial, share_task_data, take_shared_data
+    from pipelines.trial import SweepContext, run_trial, share_task_data, take_shared_data
 
     files, space = _user_parquet_space(tmp_path, digits)
     (config,) = expand(space, inspect_tasks(space)).trials
@@ -608,7 +608,9 @@ def test_restarted_trial_replays_a_finished_run_and_replaces_a_killed_one(mlflow
     import mlflow
 
     from pipelines.common import prepare_mlflow
-    from pipelines.sweep import EXPERIMENT, TrialTracker, run_trial
+    from pipelines.sweep import EXPERIMENT
+    from pipelines.tracking import TrialTracker
+    from pipelines.trial import run_trial
 
     uri, exp_id = prepare_mlflow(mlflow_uri, EXPERIMENT)
     client = mlflow.MlflowClient(uri)
