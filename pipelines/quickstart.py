@@ -28,7 +28,16 @@ from typing import Annotated, Any
 
 import typer
 
-from pipelines.common import UserError, storage_path, tracking_uri
+from pipelines.common import UserError, storage_path
+from pipelines.sweep import file_sha256
+from pipelines.tracking import (
+    SWEEP_EXPERIMENT,
+    client_for,
+    find_sweep,
+    mlflow_ui_url,
+    prepare_mlflow,
+    tracking_uri,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SPACE = REPO / "tune_spaces" / "quickstart.yaml"
@@ -86,12 +95,10 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _test_metric(metrics: dict) -> str:
+    """``, test_<metric> X`` from a stage's metrics (its task names the metric), or nothing."""
+    name = next((k for k in metrics if k.startswith("test_") and k != "test_s"), None)
+    return f", {name} {metrics[name]:.4f}" if name is not None else ""
 
 
 class _State:
@@ -109,12 +116,10 @@ class _State:
         rec = self.data.get(stage, {})
         if rec.get("key") != key:
             return False
-        if path is None:
-            return bool(rec.get("done"))
-        return path.is_file() and rec.get("sha256") == _sha256(path)
+        return bool(rec.get("done")) if path is None else path.is_file() and rec.get("sha256") == file_sha256(path)
 
     def record(self, stage: str, key: str, path: Path | None = None, **extra: Any) -> None:
-        self.data[stage] = {"key": key, **({"sha256": _sha256(path)} if path is not None else {}), **extra}
+        self.data[stage] = {"key": key, **({"sha256": file_sha256(path)} if path is not None else {}), **extra}
         self.save()
 
     def save(self) -> None:
@@ -122,26 +127,13 @@ class _State:
         self.path.write_text(json.dumps(self.data, indent=1, default=str))
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False)
-
-
 def _sweep_exists(name: str, uri: str, store: str) -> bool:
     """Whether ``weit sweep --name NAME`` ran before (MLflow parent run or Tune state): then we resume it."""
-    import mlflow
-
-    from pipelines.sweep import EXPERIMENT
-
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is not None and client.search_runs(
-            [exp.experiment_id], f"tags.`weit.sweep` = '{name}' and tags.`weit.kind` = 'sweep'", max_results=1):
-        return True
     from ray import tune
 
-    return tune.Tuner.can_restore(f"{store.rstrip('/')}/{name}")
+    exp = client_for(uri).get_experiment_by_name(SWEEP_EXPERIMENT)
+    return (exp is not None and find_sweep(client_for(uri), exp.experiment_id, name) is not None) or \
+        tune.Tuner.can_restore(f"{store.rstrip('/')}/{name}")
 
 
 def mlflow_ui_command(uri: str) -> str:
@@ -168,7 +160,9 @@ def run_quickstart(
 
     t_start = time.perf_counter()
     budget = budget or QuickstartBudget()
-    console = _console()
+    from rich.console import Console
+
+    console = Console(highlight=False)
     say = (lambda *_a, **_k: None) if quiet else console.print
     data_dir = find_fashion_mnist()  # DataNotFoundError (exit 2, with the install line) before any work
     space_path = Path(space) if space else DEFAULT_SPACE
@@ -221,9 +215,8 @@ def run_quickstart(
     if not scratch:
         t0 = stage(1, "ancestry: the shipped teacher ViT (docs/data)")
         info = read_header(ancestry_path).get("info", {})
-        acc = info.get("test_acc", info.get("metrics", {}).get("test_acc"))
         state.record("ancestry", "shipped", ancestry_path)
-        done("ancestry", t0, True, f"{ancestry_path}" + (f", test_acc {acc:.4f}" if acc is not None else ""))
+        done("ancestry", t0, True, f"{ancestry_path}{_test_metric({**info.get('metrics', {}), **info})}")
     else:
         t0 = stage(1, "ancestry: train the teacher ViT (in-process)")
         anc_settings = {"dataset": "fashion_mnist", "depth": budget.ancestry_depth, "width": budget.ancestry_width,
@@ -231,16 +224,16 @@ def run_quickstart(
                         "limit": budget.ancestry_limit, "seed": budget.seed, "generation": gen}
         anc_key = _hash(anc_settings)
         if state.reusable("ancestry", anc_key, ancestry_path):
-            acc = read_header(ancestry_path).get("info", {}).get("metrics", {}).get("test_acc")
-            done("ancestry", t0, True, f"{ancestry_path} already built with these settings (test_acc {acc:.4f}); "
-                                       f"--fresh to retrain" if acc is not None else f"{ancestry_path} reused")
+            metrics = read_header(ancestry_path).get("info", {}).get("metrics", {})
+            done("ancestry", t0, True, f"{ancestry_path} already built with these settings{_test_metric(metrics)}; "
+                                       f"--fresh to retrain")
         else:
             _, m = train_ancestry("fashion_mnist", depth=budget.ancestry_depth, width=budget.ancestry_width,
                                   heads=budget.ancestry_heads, epochs=budget.ancestry_epochs,
                                   limit=budget.ancestry_limit, seed=budget.seed, out=ancestry_path, workers=0,
                                   mlflow_uri=uri, quiet=quiet)
-            state.record("ancestry", anc_key, ancestry_path, test_acc=m["test_acc"])
-            done("ancestry", t0, False, f"{ancestry_path}, test_acc {m['test_acc']:.4f}")
+            state.record("ancestry", anc_key, ancestry_path)
+            done("ancestry", t0, False, f"{ancestry_path}{_test_metric(m)}")
     anc_sha = state.data["ancestry"]["sha256"]
 
     # 2. distill ---------------------------------------------------------------------------------------------
@@ -267,10 +260,10 @@ def run_quickstart(
             n_templates=budget.n_templates, block=budget.block, seed=budget.seed, out=str(stage1_path),
             name=f"quickstart-bank-{bank_key}", storage=store, address=address, mlflow_uri=uri, quiet=quiet,
             **range_args))
-        state.record("bank", bank_key, stage1_path, test_acc=m["test_acc"])
-        done("distill", t0, False, f"{stage1_path}, aux test_acc {m['test_acc']:.4f}"
+        state.record("bank", bank_key, stage1_path)
+        done("distill", t0, False, f"{stage1_path} (aux model{_test_metric(m)})"
              + ("" if scratch else f" (the sweep uses the shipped {SHIPPED_BANK.name})"))
-    bank_sha = _sha256(bank_path)
+    bank_sha = file_sha256(bank_path)
 
     # 3. sweep -----------------------------------------------------------------------------------------------
     from pipelines.spaces import load_space
@@ -297,10 +290,7 @@ def run_quickstart(
     _report(result, out, uri)
     done("report", t0, False, f"{len(result.plots)} plot(s) and the leaderboard in {result.report_dir}")
     result.mlflow_ui = mlflow_ui_command(uri)
-    from pipelines.common import mlflow_ui_url, prepare_mlflow
-    from pipelines.sweep import EXPERIMENT
-
-    result.mlflow_url = mlflow_ui_url(uri, prepare_mlflow(uri, EXPERIMENT)[1], result.sweep)
+    result.mlflow_url = mlflow_ui_url(uri, prepare_mlflow(uri, SWEEP_EXPERIMENT)[1], result.sweep)
     result.wall_s = time.perf_counter() - t_start
     if not quiet:
         _print_summary(console, result)

@@ -1,14 +1,17 @@
 """Which initialization wins, per task: read a sweep back from MLflow (never from Tune's files), rank it,
 plot it, and register each task's winning *initialized* model as ``weit-<task>@champion``.
 
-Definitions (they are what the tests recompute with pandas):
-- a group is (task, strategy, depth, width, heads, mlp_ratio); at each of its stage-3 learning rates its
-  score at budget ``e`` is the mean over seeds of ``val_acc`` after ``e`` stage-3 epochs (``e = 0``: right
-  after initialization);
-- each group is reported at its own best learning rate: the lr with the highest score at the task's final
+Each trial run names the metric it is judged by and its direction (tags ``weit.metric``, ``weit.mode``: its
+task's ``val_<metric>``, ``max`` or ``min``); "better" below is that direction. Definitions (what the tests
+recompute with pandas):
+- a group is (task, strategy, size); at each of its stage-3 learning rates its score at budget ``e`` is the
+  mean over seeds of the metric after ``e`` stage-3 epochs (``e = 0``: right after initialization);
+- each group is reported at its own best learning rate: the lr with the best score at the task's final
   budget (an lr none of whose trials FAILED before one that lost a trial; ties: the smaller lr), so no init is
   judged by a recipe tuned for another; its row (val per budget, test where logged) is that lr's;
-- the winner of a task is the group with the highest score at the task's final budget (ties: fewer
+- only runs that reached a budget count at it: a group none of whose runs reached the final budget (ASHA
+  stopped them all) has no score and is not ranked;
+- the winner of a task is the group with the best score at the task's final budget (ties: fewer
   parameters, then strategy name); it names the best strategy and the best size together;
 - the strategy ranking averages each strategy's final-budget score over the sizes it ran on;
 - the champion model is the winner's best seed (its initialized model, logged before stage 3).
@@ -19,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -28,10 +30,11 @@ from typing import Annotated, Any
 
 import typer
 
-from pipelines.common import UserError, tracking_uri
+from pipelines.common import UserError
+from pipelines.tracking import SWEEP_EXPERIMENT, find_sweep, parse_budget, tracking_uri
 
-EXPERIMENT = "weit-sweep"
-GROUP = ["task", "strategy", "depth", "width", "heads", "mlp_ratio"]
+EXPERIMENT = SWEEP_EXPERIMENT
+GROUP = ["task", "strategy", "size"]
 MODEL_ARTIFACT = "model/model.safetensors"
 CHAMPION = "champion"
 
@@ -40,24 +43,23 @@ CHAMPION = "champion"
 class Winner:
     task: str
     strategy: str
-    depth: int
-    width: int
-    heads: int
-    mlp_ratio: float
+    size: str  # the family's name for it: depth x width x heads x mlp_ratio for a ViT
+    metric: str  # what the score is: the task's val_<metric>
+    mode: str  # max or min: which way is better
     budget: int  # epochs of stage 3 the score is taken at
-    acc_mean: float
-    acc_std: float
+    mean: float
+    std: float
     n_seeds: int
     num_params: int
     run_id: str  # the best seed's child run (its initialized model is the champion)
-    best_strategy: str  # argmax of the strategy ranking (mean over sizes)
+    best_strategy: str  # the best of the strategy ranking (mean over sizes)
     lr: float  # the stage-3 learning rate the score is taken at (the group's best)
     n_lrs: int  # how many learning rates the group tried
     registered: str | None = None  # "weit-<task>/<version>" when registered
 
-    @property
-    def size(self) -> str:
-        return f"{self.depth}x{self.width}x{self.heads}x{self.mlp_ratio:g}"
+    def line(self) -> str:
+        return (f"{self.metric} {self.mean:.4f} ± {self.std:.4f} after {self.budget} epochs over {self.n_seeds} "
+                f"seed(s) at lr {self.lr:g}")
 
 
 @dataclass
@@ -87,18 +89,17 @@ def find_parent(client: Any, sweep: str | None = None, parent_run_id: str | None
     if not sweep:
         raise UserError("name the sweep: --sweep NAME or --parent-run RUN_ID")
     exp = client.get_experiment_by_name(experiment)
-    runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], f"tags.`weit.sweep` = '{sweep}' and tags.`weit.kind` = 'sweep'", max_results=5,
-        order_by=["attributes.start_time DESC"])
-    if not runs:
+    parent = None if exp is None else find_sweep(client, exp.experiment_id, sweep)
+    if parent is None:
         raise UserError(f"no sweep named {sweep!r} in MLflow at {client.tracking_uri} (experiment {experiment!r}); "
                         f"run `weit sweep` first or pass the --mlflow-uri it used")
-    return runs[0]
+    return parent
 
 
 def load_runs(parent: Any) -> Any:
-    """Every child run of the sweep as a tidy DataFrame (``mlflow.search_runs``): group columns, seed,
-    status, run id, parameter count and ``val_acc_e<k>`` per budget."""
+    """Every child run of the sweep as a tidy DataFrame (``mlflow.search_runs``): group columns, lr, seed,
+    status, run id, parameter count, the metric and direction it is judged by, ``val_e<k>`` (that metric
+    after ``k`` epochs) and ``test`` (its test value, where logged)."""
     import mlflow
     import pandas as pd
 
@@ -107,51 +108,54 @@ def load_runs(parent: Any) -> Any:
                             max_results=100_000)
     if df.empty:
         return pd.DataFrame(columns=[*GROUP, "lr", "seed", "status", "run_id"])
-    # a trial that failed before logging its params (in init) has only its tags: read the size and lr there
-    size = df["tags.weit.size"].str.split("x", expand=True) if "tags.weit.size" in df else None
 
-    def param(name: str, i: int | None = None, tag: str | None = None) -> Any:
-        col = pd.to_numeric(df[f"params.{name}"], errors="coerce") if f"params.{name}" in df else \
-            pd.Series(float("nan"), index=df.index)
-        if i is not None and size is not None:
-            col = col.fillna(pd.to_numeric(size[i], errors="coerce"))
-        if tag is not None and f"tags.{tag}" in df:
-            col = col.fillna(pd.to_numeric(df[f"tags.{tag}"], errors="coerce"))
-        return col
+    def col(name: str, fill: Any = float("nan")) -> Any:
+        return df[name] if name in df else pd.Series(fill, index=df.index)
+
+    def number(param: str, tag: str | None = None) -> Any:  # a trial failed in init has only its tags
+        value = pd.to_numeric(col(f"params.{param}"), errors="coerce")
+        return value.fillna(pd.to_numeric(col(f"tags.{tag}"), errors="coerce")) if tag else value
 
     out = pd.DataFrame({
-        "task": df["tags.weit.task"], "strategy": df["tags.weit.strategy"],
-        "depth": param("depth", 0).astype(int), "width": param("width", 1).astype(int),
-        "heads": param("heads", 2).astype(int), "mlp_ratio": param("mlp_ratio", 3).astype(float),
-        "lr": param("lr", tag="weit.lr"),
-        "seed": param("seed", tag="weit.seed").astype(int), "status": df["status"],
-        "run_id": df["run_id"], "artifact_uri": df["artifact_uri"],
-        "num_params": pd.to_numeric(df.get("params.num_params"), errors="coerce"),
-        "epochs": pd.to_numeric(df.get("params.epochs"), errors="coerce"),
-        "init_s": pd.to_numeric(df.get("params.init_s"), errors="coerce"),
-        "test_acc": df.get("metrics.test_acc"),
-        "failure": df.get("tags.weit.failure"),
+        "task": df["tags.weit.task"], "strategy": df["tags.weit.strategy"], "size": df["tags.weit.size"],
+        "lr": number("lr", "weit.lr"), "seed": number("seed", "weit.seed").astype(int), "status": df["status"],
+        "run_id": df["run_id"], "artifact_uri": df["artifact_uri"], "num_params": number("num_params"),
+        "epochs": number("epochs"), "init_s": number("init_s"), "failure": col("tags.weit.failure", None),
+        "metric": col("tags.weit.metric", None).fillna("val_acc"), "mode": col("tags.weit.mode", None).fillna("max"),
     })
-    for col in sorted((c for c in df.columns if re.fullmatch(r"metrics\.val_acc_e\d+", c)), key=_budget):
-        out[col[len("metrics."):]] = df[col]
+    out["test"] = float("nan")
+    budgets: dict[int, Any] = {}
+    for metric in out["metric"].unique():
+        mine = out["metric"] == metric
+        out.loc[mine, "test"] = col(f"metrics.test_{metric.removeprefix('val_')}")[mine]
+        for name in df.columns:
+            parsed = parse_budget(name.removeprefix("metrics."))
+            if name.startswith("metrics.") and parsed and parsed[0] == metric:
+                budgets.setdefault(parsed[1], pd.Series(float("nan"), index=df.index))[mine] = df[name][mine]
+    for e in sorted(budgets):
+        out[f"val_e{e}"] = budgets[e]
     return out
 
 
-def _budget(col: str) -> int:
-    return int(col.rsplit("_e", 1)[1])
+def budgets(frame: Any, prefix: str = "val_e", suffix: str = "") -> list[int]:
+    """The budgets (epochs) that have a column ``<prefix><e><suffix>`` with a value in ``frame``."""
+    return sorted(int(c[len(prefix):len(c) - len(suffix)]) for c in frame.columns
+                  if c.startswith(prefix) and c.endswith(suffix) and c[len(prefix):len(c) - len(suffix)].isdigit()
+                  and frame[c].notna().any())
 
 
-def budgets(runs: Any) -> list[int]:
-    return sorted(_budget(c) for c in runs.columns if re.fullmatch(r"val_acc_e\d+", c))
+def _better_first(frame: Any, col: str) -> Any:
+    """``col`` signed so that sorting ascending puts the better value first under each row's ``mode``."""
+    return frame[col].where(frame["mode"] == "min", -frame[col])
 
 
 # ------------------------------------------------------------------------------------------------ ranking
 
 
 def leaderboard_by_lr(runs: Any) -> Any:
-    """Mean / std / count over seeds of val accuracy at every budget, per group and stage-3 learning rate
-    (FINISHED runs only), with ``score`` (the mean at the task's final budget) and ``n_failed`` (FAILED
-    trials at that lr)."""
+    """Mean / std / count over seeds of the metric at every budget (``e<k>_mean`` ...), per group and stage-3
+    learning rate (FINISHED runs only), with ``score`` (the mean at the task's final budget) and ``n_failed``
+    (FAILED trials at that lr)."""
     import pandas as pd
 
     keys = [*GROUP, "lr"]
@@ -159,54 +163,47 @@ def leaderboard_by_lr(runs: Any) -> Any:
     if ok.empty:
         return pd.DataFrame(columns=keys)
     g = ok.groupby(keys, sort=False)
-    board = g.agg(num_params=("num_params", "first"), n_seeds=("seed", "nunique"),
-                  init_s=("init_s", "mean"), test_acc_mean=("test_acc", "mean"), test_acc_std=("test_acc", "std"))
+    board = g.agg(metric=("metric", "first"), mode=("mode", "first"), num_params=("num_params", "first"),
+                  n_seeds=("seed", "nunique"), init_s=("init_s", "mean"), test_mean=("test", "mean"),
+                  test_std=("test", "std"))
     for e in budgets(ok):
-        col = f"val_acc_e{e}"
-        board[f"acc_e{e}_mean"] = g[col].mean()
-        board[f"acc_e{e}_std"] = g[col].std()
-        board[f"acc_e{e}_n"] = g[col].count()
+        board[f"e{e}_mean"], board[f"e{e}_std"], board[f"e{e}_n"] = (g[f"val_e{e}"].mean(), g[f"val_e{e}"].std(),
+                                                                     g[f"val_e{e}"].count())
     failed = runs[runs["status"] == "FAILED"].groupby(keys).size()
     board["n_failed"] = failed.reindex(board.index).fillna(0).astype(int)
     board = board.reset_index()
-    board["final_budget"] = board["task"].map(_final_budgets(ok))
-    board["score"] = [r[f"acc_e{int(r['final_budget'])}_mean"] for _, r in board.iterrows()]
+    final = {task: max(budgets(rows), default=0) for task, rows in ok.groupby("task")}
+    board["final_budget"] = board["task"].map(final)
+    board["score"] = [r.get(f"e{int(r['final_budget'])}_mean", float("nan")) for _, r in board.iterrows()]
+    board["rank_key"] = _better_first(board, "score")
     return board
 
 
 def leaderboard(runs: Any) -> Any:
     """One row per group at its best stage-3 learning rate (see the module's definitions): that lr's
     statistics (:func:`leaderboard_by_lr`), the chosen ``lr``, ``n_lrs`` (how many the group tried) and
-    ``n_failed`` (its FAILED trials over all its lrs); sorted by score within each task."""
+    ``n_failed`` (its FAILED trials over all its lrs); best first within each task."""
     by_lr = leaderboard_by_lr(runs)
     if by_lr.empty:
         return by_lr.assign(n_lrs=[])
     by_lr["clean"] = by_lr["n_failed"] == 0
-    best = (by_lr.sort_values(["clean", "score", "lr"], ascending=[False, False, True], na_position="last")
+    best = (by_lr.sort_values(["clean", "rank_key", "lr"], ascending=[False, True, True], na_position="last")
             .groupby(GROUP, sort=False).head(1).drop(columns="clean"))
-    tried = runs.groupby(GROUP)["lr"].nunique()
-    failed = runs[runs["status"] == "FAILED"].groupby(GROUP).size()
     index = best.set_index(GROUP).index
-    best["n_lrs"] = tried.reindex(index).fillna(1).astype(int).to_numpy()
-    best["n_failed"] = failed.reindex(index).fillna(0).astype(int).to_numpy()
-    return best.sort_values(["task", "score", "num_params", "strategy"], ascending=[True, False, True, True],
-                            na_position="last").reset_index(drop=True)
-
-
-def _final_budgets(ok: Any) -> dict[str, int]:
-    """Per task: the largest budget any finished run of it reached."""
-    out = {}
-    for task, rows in ok.groupby("task"):
-        have = [e for e in budgets(rows) if rows[f"val_acc_e{e}"].notna().any()]
-        out[task] = max(have) if have else 0
-    return out
+    best["n_lrs"] = runs.groupby(GROUP)["lr"].nunique().reindex(index).fillna(1).astype(int).to_numpy()
+    best["n_failed"] = runs[runs["status"] == "FAILED"].groupby(GROUP).size().reindex(index).fillna(0).astype(
+        int).to_numpy()
+    return best.sort_values(["task", "rank_key", "num_params", "strategy"], na_position="last").reset_index(drop=True)
 
 
 def strategy_ranking(board: Any) -> Any:
-    """Per task and strategy: the final-budget score averaged over the sizes it ran on."""
-    r = board.groupby(["task", "strategy"])["score"].agg(mean_over_sizes="mean", best_size_score="max",
-                                                          sizes="count").reset_index()
-    return r.sort_values(["task", "mean_over_sizes"], ascending=[True, False]).reset_index(drop=True)
+    """Per task and strategy: the final-budget score averaged over the sizes it ran on, and its best size's."""
+    g = board.groupby(["task", "strategy"])
+    r = g.agg(mode=("mode", "first"), mean_over_sizes=("score", "mean"), sizes=("score", "count"),
+              best_size_key=("rank_key", "min")).reset_index()
+    r["best_size_score"] = r["best_size_key"].where(r["mode"] == "min", -r["best_size_key"])
+    r["rank_key"] = _better_first(r, "mean_over_sizes")
+    return r.sort_values(["task", "rank_key"]).drop(columns="best_size_key").reset_index(drop=True)
 
 
 def pick_winners(runs: Any, board: Any, ranking: Any) -> dict[str, Winner]:
@@ -215,57 +212,57 @@ def pick_winners(runs: Any, board: Any, ranking: Any) -> dict[str, Winner]:
         rows = rows.dropna(subset=["score"])
         if rows.empty:
             continue
-        top = rows.iloc[0]  # the board is sorted by score desc, then fewer params, then name
+        top = rows.iloc[0]  # the board is sorted best first, then fewer params, then name
         e = int(top["final_budget"])
-        mask = (runs["status"] == "FINISHED")
+        mask = runs["status"] == "FINISHED"
         for k in [*GROUP, "lr"]:
             mask &= runs[k] == top[k]
-        seeds = runs[mask].sort_values([f"val_acc_e{e}", "seed"], ascending=[False, True])
-        strat = ranking[ranking["task"] == task].iloc[0]["strategy"]
-        std = float(top[f"acc_e{e}_std"])
+        seeds = runs[mask].assign(key=lambda f: _better_first(f, f"val_e{e}")).sort_values(["key", "seed"])
+        std = float(top[f"e{e}_std"])
         winners[task] = Winner(
-            task=task, strategy=top["strategy"], depth=int(top["depth"]), width=int(top["width"]),
-            heads=int(top["heads"]), mlp_ratio=float(top["mlp_ratio"]), budget=e, acc_mean=float(top["score"]),
-            acc_std=0.0 if math.isnan(std) else std, n_seeds=int(top["n_seeds"]), num_params=int(top["num_params"]),
-            run_id=seeds.iloc[0]["run_id"], best_strategy=strat, lr=float(top["lr"]), n_lrs=int(top["n_lrs"]))
+            task=task, strategy=top["strategy"], size=top["size"], metric=top["metric"], mode=top["mode"], budget=e,
+            mean=float(top["score"]), std=0.0 if math.isnan(std) else std, n_seeds=int(top["n_seeds"]),
+            num_params=int(top["num_params"]), run_id=seeds.iloc[0]["run_id"], lr=float(top["lr"]),
+            best_strategy=ranking[ranking["task"] == task].iloc[0]["strategy"], n_lrs=int(top["n_lrs"]))
     return winners
 
 
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def _cell(mean: float, std: float, n: int) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+def _cell(row: Any, stat: str) -> str:
+    """``<stat>_mean ± <stat>_std`` of a leaderboard row (``-`` where nothing reached it)."""
+    mean, std = row.get(f"{stat}_mean"), row.get(f"{stat}_std")
+    if mean is None or math.isnan(mean):
         return "-"
-    if n > 1 and not math.isnan(std):
-        return f"{mean:.4f} ± {std:.4f}"
-    return f"{mean:.4f}"
+    return f"{mean:.4f} ± {std:.4f}" if row["n_seeds"] > 1 and not math.isnan(std) else f"{mean:.4f}"
+
+
+def _table(rows: Any) -> tuple[list[str], list[list[str]]]:
+    """A task's leaderboard as a header and rows of text (every budget any group reached)."""
+    m = rows["metric"].iloc[0]
+    es = budgets(rows, "e", "_mean")
+    head = ["strategy", "size", "params", "seeds", "lr", "lrs", *[f"{m}@{e}ep" for e in es],
+            f"test {m.removeprefix('val_')}", "failed"]
+    cells = [[r["strategy"], r["size"], f"{int(r['num_params']):,}", str(int(r["n_seeds"])), f"{r['lr']:g}",
+              str(int(r["n_lrs"])), *[_cell(r, f"e{e}") for e in es], _cell(r, "test"), str(int(r["n_failed"]))]
+             for _, r in rows.iterrows()]
+    return head, cells
 
 
 def leaderboard_markdown(board: Any, winners: dict[str, Winner], ranking: Any) -> str:
     lines = []
     for task, rows in board.groupby("task", sort=True):
-        es = sorted(int(c[len("acc_e"):-len("_mean")]) for c in rows.columns
-                    if re.fullmatch(r"acc_e\d+_mean", c) and rows[c].notna().any())
-        w = winners.get(task)
         lines.append(f"## {task}\n")
-        if w:
-            lines.append(f"Winner: **{w.strategy}** at size **{w.size}** (depth x width x heads x mlp_ratio), "
-                         f"val acc {w.acc_mean:.4f} ± {w.acc_std:.4f} after {w.budget} epochs over {w.n_seeds} "
-                         f"seed(s) at lr {w.lr:g}; best strategy over all sizes: **{w.best_strategy}**.\n")
+        if w := winners.get(task):
+            lines.append(f"Winner: **{w.strategy}** at size **{w.size}**, {w.line()}; best strategy over all "
+                         f"sizes: **{w.best_strategy}**.\n")
         lines.append("Each strategy x size at its own best stage-3 learning rate (`lr`, of the `lrs` it tried), "
-                     "chosen on the final-budget val mean; test is that lr's.\n")
-        head = ["strategy", "size", "params", "seeds", "lr", "lrs", *[f"acc@{e}ep" for e in es], "test acc",
-                "failed"]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
-        for _, r in rows.iterrows():
-            cells = [r["strategy"], f"{r['depth']}x{r['width']}x{r['heads']}x{r['mlp_ratio']:g}",
-                     f"{int(r['num_params']):,}", str(int(r["n_seeds"])), f"{r['lr']:g}", str(int(r["n_lrs"]))]
-            cells += [_cell(r[f"acc_e{e}_mean"], r[f"acc_e{e}_std"], int(r[f"acc_e{e}_n"])) for e in es]
-            cells += [_cell(r["test_acc_mean"], r["test_acc_std"], int(r["n_seeds"])), str(int(r["n_failed"]))]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("\nStrategy ranking (final-budget val acc averaged over sizes):\n")
+                     f"chosen on the final-budget val mean ({rows['mode'].iloc[0]} is better); test is that lr's.\n")
+        head, cells = _table(rows)
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(c) + " |"
+                                                                             for c in cells]]
+        lines.append(f"\nStrategy ranking (final-budget {rows['metric'].iloc[0]} averaged over sizes):\n")
         lines.append("| strategy | mean over sizes | best size | sizes |\n|---|---|---|---|")
         for _, r in ranking[ranking["task"] == task].iterrows():
             lines.append(f"| {r['strategy']} | {r['mean_over_sizes']:.4f} | {r['best_size_score']:.4f} | "
@@ -274,65 +271,62 @@ def leaderboard_markdown(board: Any, winners: dict[str, Winner], ranking: Any) -
     return "\n".join(lines)
 
 
-def plot_acc_vs_params(board: Any, task: str, path: Path) -> Path:
-    """Final-budget val accuracy against parameter count, one series per strategy."""
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, draw: Any) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = board[board["task"] == task].dropna(subset=["score"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for strategy, s in rows.groupby("strategy", sort=True):
-        e = int(s["final_budget"].iloc[0])
-        bars = ax.errorbar(s["num_params"], s["score"], yerr=s[f"acc_e{e}_std"].fillna(0), fmt="o", ms=4,
-                           capsize=2, alpha=0.6, label=strategy)
-        front = s.groupby("num_params")["score"].max().sort_index()  # several shapes share a parameter count
-        ax.plot(front.index, front.values, lw=1.2, color=bars[0].get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel(f"val accuracy after {int(rows['final_budget'].max()) if len(rows) else 0} epochs")
-    ax.set_title(f"{task}: accuracy vs size per init strategy")
+    draw(ax)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_score_vs_params(board: Any, task: str, path: Path) -> Path:
+    """Final-budget score against parameter count, one series per strategy."""
+    rows = board[board["task"] == task].dropna(subset=["score"])
+
+    def draw(ax: Any) -> None:
+        for strategy, s in rows.groupby("strategy", sort=True):
+            e = int(s["final_budget"].iloc[0])
+            bars = ax.errorbar(s["num_params"], s["score"], yerr=s[f"e{e}_std"].fillna(0), fmt="o", ms=4,
+                               capsize=2, alpha=0.6, label=strategy)
+            best = (s.groupby("num_params")["score"].min() if rows["mode"].iloc[0] == "min"
+                    else s.groupby("num_params")["score"].max()).sort_index()  # shapes sharing a parameter count
+            ax.plot(best.index, best.values, lw=1.2, color=bars[0].get_color())
+        ax.set_xscale("log")
+
+    return _plot(path, f"{task}: score vs size per init strategy", "parameters",
+                 f"{rows['metric'].iloc[0]} after {int(rows['final_budget'].max())} epochs", draw)
 
 
 def plot_convergence(board: Any, winner: Winner, path: Path) -> Path:
-    """Val accuracy per stage-3 epoch at the winner's size: the winner against scratch (and the others)."""
-    import matplotlib
+    """The metric per stage-3 epoch at the winner's size: the winner against scratch (and the others)."""
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    rows = board[(board["task"] == winner.task) & (board["size"] == winner.size)]
 
-    rows = board[(board["task"] == winner.task) & (board["depth"] == winner.depth) & (board["width"] == winner.width)
-                 & (board["heads"] == winner.heads) & (board["mlp_ratio"] == winner.mlp_ratio)]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for _, r in rows.sort_values("strategy").iterrows():
-        es = sorted(int(c[len("acc_e"):-len("_mean")]) for c in rows.columns
-                    if re.fullmatch(r"acc_e\d+_mean", c) and not math.isnan(r[c]))
-        mean = [r[f"acc_e{e}_mean"] for e in es]
-        std = [0.0 if math.isnan(r[f"acc_e{e}_std"]) else r[f"acc_e{e}_std"] for e in es]
-        is_w, is_s = r["strategy"] == winner.strategy, r["strategy"] == "scratch"
-        style = dict(lw=2.5, zorder=3) if is_w else dict(lw=2, ls="--") if is_s else dict(lw=1, alpha=0.6)
-        label = f"{r['strategy']} (lr {r['lr']:g})" + (" (winner)" if is_w else "")
-        ax.plot(es, mean, marker="o", ms=4, label=label, **style)
-        ax.fill_between(es, [m - s for m, s in zip(mean, std, strict=True)],
-                        [m + s for m, s in zip(mean, std, strict=True)], alpha=0.15)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("stage-3 epochs (0 = right after initialization)")
-    ax.set_ylabel("val accuracy")
-    ax.set_title(f"{winner.task}: convergence at size {winner.size}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    def draw(ax: Any) -> None:
+        for _, r in rows.sort_values("strategy").iterrows():
+            es = [e for e in budgets(rows, "e", "_mean") if not math.isnan(r[f"e{e}_mean"])]
+            mean = [r[f"e{e}_mean"] for e in es]
+            std = [0.0 if math.isnan(r[f"e{e}_std"]) else r[f"e{e}_std"] for e in es]
+            is_w, is_s = r["strategy"] == winner.strategy, r["strategy"] == "scratch"
+            style = dict(lw=2.5, zorder=3) if is_w else dict(lw=2, ls="--") if is_s else dict(lw=1, alpha=0.6)
+            ax.plot(es, mean, marker="o", ms=4, label=f"{r['strategy']} (lr {r['lr']:g})" + " (winner)" * is_w,
+                    **style)
+            ax.fill_between(es, [m - s for m, s in zip(mean, std, strict=True)],
+                            [m + s for m, s in zip(mean, std, strict=True)], alpha=0.15)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+
+    return _plot(path, f"{winner.task}: convergence at size {winner.size}",
+                 "stage-3 epochs (0 = right after initialization)", winner.metric, draw)
 
 
 def print_report(report: Report) -> None:
@@ -340,27 +334,21 @@ def print_report(report: Report) -> None:
     from rich.table import Table
 
     console = Console()
-    board = report.leaderboard
-    for task, rows in board.groupby("task", sort=True):
-        es = sorted(int(c[len("acc_e"):-len("_mean")]) for c in rows.columns
-                    if re.fullmatch(r"acc_e\d+_mean", c) and rows[c].notna().any())
-        table = Table(title=f"{report.sweep}: {task} (val accuracy, mean ± std over seeds)")
-        for col in ["strategy", "size", "params", "lr", "lrs", *[f"@{e}ep" for e in es]]:
-            table.add_column(col, justify="left" if col in ("strategy", "size") else "right")
-        for _, r in rows.head(15).iterrows():
-            table.add_row(r["strategy"], f"{r['depth']}x{r['width']}x{r['heads']}x{r['mlp_ratio']:g}",
-                          f"{int(r['num_params']):,}", f"{r['lr']:g}", str(int(r["n_lrs"])),
-                          *[_cell(r[f"acc_e{e}_mean"], r[f"acc_e{e}_std"], int(r[f"acc_e{e}_n"])) for e in es])
+    for task, rows in report.leaderboard.groupby("task", sort=True):
+        head, cells = _table(rows)
+        keep = [i for i, h in enumerate(head) if h not in ("seeds", "failed") and not h.startswith("test")]
+        table = Table(title=f"{report.sweep}: {task} ({rows['metric'].iloc[0]}, mean ± std over seeds)")
+        for i in keep:
+            table.add_column(head[i], justify="left" if i < 2 else "right")
+        for row in cells[:15]:
+            table.add_row(*[row[i] for i in keep])
         console.print(table)
         if len(rows) > 15:
             console.print(f"  ... {len(rows) - 15} more rows in leaderboard.md")
-        w = report.winners.get(task)
-        if w:
+        if w := report.winners.get(task):
             reg = f"; registered as {w.registered}" if w.registered else ""
             console.print(f"[bold]{task}[/bold]: winner {w.strategy} at {w.size} ({w.num_params:,} params), "
-                          f"{w.acc_mean:.4f} ± {w.acc_std:.4f} after {w.budget} epochs at lr {w.lr:g} (best of "
-                          f"{w.n_lrs}); best strategy over sizes: "
-                          f"{w.best_strategy}{reg}")
+                          f"{w.line()} (best of {w.n_lrs} lrs); best strategy over sizes: {w.best_strategy}{reg}")
     if report.n_failed:
         console.print(f"{report.n_failed} trial(s) FAILED (see their weit.failure tag); not ranked")
 
@@ -390,12 +378,11 @@ def register_champion(client: Any, report: Report, winner: Winner) -> str | None
         current = None
     if current is not None and current.run_id == winner.run_id:
         return f"{name}/{current.version}"
-    tags = {"task": winner.task, "strategy": winner.strategy, "size": winner.size, "depth": winner.depth,
-            "width": winner.width, "heads": winner.heads, "mlp_ratio": winner.mlp_ratio,
-            "num_params": winner.num_params, "budget_epochs": winner.budget, "val_acc_mean": f"{winner.acc_mean:.6f}",
-            "val_acc_std": f"{winner.acc_std:.6f}", "n_seeds": winner.n_seeds, "best_strategy": winner.best_strategy,
-            "lr": f"{winner.lr:g}", "n_lrs": winner.n_lrs,
-            "sweep": report.sweep, "parent_run_id": report.parent_run_id}
+    tags = {"task": winner.task, "strategy": winner.strategy, "size": winner.size, "num_params": winner.num_params,
+            "budget_epochs": winner.budget, "metric": winner.metric, "mode": winner.mode,
+            f"{winner.metric}_mean": f"{winner.mean:.6f}", f"{winner.metric}_std": f"{winner.std:.6f}",
+            "n_seeds": winner.n_seeds, "best_strategy": winner.best_strategy, "lr": f"{winner.lr:g}",
+            "n_lrs": winner.n_lrs, "sweep": report.sweep, "parent_run_id": report.parent_run_id}
     mv = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=winner.run_id,
                                      tags={k: str(v) for k, v in tags.items()},
                                      description=f"{winner.strategy} {winner.size} from sweep {report.sweep}")
@@ -430,22 +417,22 @@ def build_report(
                     n_failed=int((runs["status"] == "FAILED").sum()))
     out_dir = Path(out) if out else Path("reports") / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    board.to_csv(out_dir / "leaderboard.csv", index=False)
-    leaderboard_by_lr(runs).to_csv(out_dir / "leaderboard_by_lr.csv", index=False)
-    ranking.to_csv(out_dir / "strategy_ranking.csv", index=False)
+    tables = {"leaderboard.csv": board, "leaderboard_by_lr.csv": leaderboard_by_lr(runs),
+              "strategy_ranking.csv": ranking}
+    for file, table in tables.items():
+        table.drop(columns="rank_key").to_csv(out_dir / file, index=False)
     (out_dir / "leaderboard.md").write_text(f"# Sweep {name}\n\n" + leaderboard_markdown(board, report.winners,
                                                                                           ranking))
-    files = [out_dir / "leaderboard.csv", out_dir / "leaderboard_by_lr.csv", out_dir / "strategy_ranking.csv",
-             out_dir / "leaderboard.md"]
+    files = [out_dir / f for f in (*tables, "leaderboard.md")]
     for task, w in report.winners.items():
-        files.append(plot_acc_vs_params(board, task, out_dir / f"acc_vs_params_{task}.png"))
+        files.append(plot_score_vs_params(board, task, out_dir / f"acc_vs_params_{task}.png"))
         files.append(plot_convergence(board, w, out_dir / f"convergence_{task}.png"))
     if register:
         for w in report.winners.values():
             w.registered = register_champion(client, report, w)
-    summary = {t: {"strategy": w.strategy, "size": w.size, "val_acc_mean": w.acc_mean, "val_acc_std": w.acc_std,
-                   "budget": w.budget, "lr": w.lr, "n_lrs": w.n_lrs, "run_id": w.run_id,
-                   "best_strategy": w.best_strategy,
+    summary = {t: {"strategy": w.strategy, "size": w.size, "metric": w.metric, "mode": w.mode,
+                   f"{w.metric}_mean": w.mean, f"{w.metric}_std": w.std, "budget": w.budget, "lr": w.lr,
+                   "n_lrs": w.n_lrs, "run_id": w.run_id, "best_strategy": w.best_strategy,
                    "registered": w.registered} for t, w in report.winners.items()}
     (out_dir / "winners.json").write_text(json.dumps(summary, indent=1))
     files.append(out_dir / "winners.json")
@@ -457,8 +444,6 @@ def build_report(
         print(f"[weit report] wrote {out_dir}/ (leaderboard.csv, leaderboard.md, plots); logged to run "
               f"{parent.info.run_id}")
     return report
-
-
 def resolve_run(client: Any, run: str) -> str:
     """A run id, or a registry reference ``models:/weit-<task>@champion`` / ``models:/NAME/VERSION``."""
     from mlflow.exceptions import MlflowException
@@ -527,10 +512,11 @@ def export_command(
 ) -> None:
     """Export a trial's initialized model as a timm-loadable safetensors file (+ weit header)."""
     path, header = export_run(run, out, mlflow_uri=mlflow_uri)
-    spec = header.get("spec", {})
-    print(f"wrote {path}: {header.get('info', {}).get('strategy', '?')} ViT depth {spec.get('depth')} width "
-          f"{spec.get('width')} heads {spec.get('heads')} (timm {header.get('timm_model')}); load with "
-          f"weit_core.io.load_model")
+    from weit_core.models import get_family
+
+    family = get_family(header.get("family", "vit"))
+    print(f"wrote {path}: {header.get('info', {}).get('strategy', '?')} {family.name} of size "
+          f"{family.size_name(header.get('spec', {}))}; load with weit_core.io.load_model")
 
 
 __all__ = ["Report", "Winner", "build_report", "export_run", "leaderboard"]

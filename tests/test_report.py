@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch.nn.functional as F
 
 from pipelines.common import UserError, prepare_mlflow
 from pipelines.spaces import TaskShape, expand, parse_space, trial_key
-from pipelines.sweep import EXPERIMENT, TrialTracker, run_trial
+from pipelines.sweep import EXPERIMENT
+from pipelines.tracking import TrialTracker
+from pipelines.trial import run_trial
+from weit_core.tasks import Task
+
+ERROR_RATE = Task("digits_error", F.cross_entropy, lambda out, y: (out.argmax(-1) != y).sum(), metric="err",
+                  mode="min")
+"""A task judged lower-is-better: the share of misclassified images."""
 
 SPACE = """
 name: unit
@@ -52,23 +60,24 @@ def test_leaderboard_and_winner_equal_a_pandas_computation_over_mlflow(sweep_sto
     report = build_report("unit", out=tmp_path / "out", mlflow_uri=uri, register=False, show=False)
     df = _search(uri, exp_id, parent_id)
     assert len(df) == len(trials) and len(report.runs) == len(trials)
-    keys = ["tags.weit.strategy", "params.width"]
+    keys = ["tags.weit.strategy", "tags.weit.size"]
     g = df.groupby(keys)
-    board = report.leaderboard.assign(w=lambda b: b["width"].astype(str)).set_index(["strategy", "w"])
+    board = report.leaderboard.set_index(["strategy", "size"])
     assert len(board) == g.ngroups == 4
     for e in (0, 1, 2):
         mean, std = g[f"metrics.val_acc_e{e}"].mean(), g[f"metrics.val_acc_e{e}"].std()
         for idx in mean.index:
-            assert board.loc[idx, f"acc_e{e}_mean"] == pytest.approx(mean[idx])
-            assert board.loc[idx, f"acc_e{e}_std"] == pytest.approx(std[idx])
-            assert board.loc[idx, f"acc_e{e}_n"] == 2
+            assert board.loc[idx, f"e{e}_mean"] == pytest.approx(mean[idx])
+            assert board.loc[idx, f"e{e}_std"] == pytest.approx(std[idx])
+            assert board.loc[idx, f"e{e}_n"] == 2
     final = g["metrics.val_acc_e2"].mean()
     w = report.winners["digits"]
-    assert (w.strategy, str(w.width)) == final.idxmax() and w.acc_mean == pytest.approx(final.max())
+    assert (w.strategy, w.size) == final.idxmax() and w.mean == pytest.approx(final.max())
+    assert (w.metric, w.mode) == ("val_acc", "max")
     # its champion run is the better of its two seeds
-    mine = df[(df["tags.weit.strategy"] == w.strategy) & (df["params.width"] == str(w.width))]
+    mine = df[(df["tags.weit.strategy"] == w.strategy) & (df["tags.weit.size"] == w.size)]
     assert w.run_id == mine.loc[mine["metrics.val_acc_e2"].idxmax(), "run_id"]
-    per_strategy = df.groupby(["tags.weit.strategy", "params.width"])["metrics.val_acc_e2"].mean().groupby(
+    per_strategy = df.groupby(["tags.weit.strategy", "tags.weit.size"])["metrics.val_acc_e2"].mean().groupby(
         level=0).mean()
     assert w.best_strategy == per_strategy.idxmax()
 
@@ -82,7 +91,7 @@ def test_report_files_land_on_the_parent_run(sweep_store, tmp_path):
     out = tmp_path / "out"
     report = build_report(parent_run_id=parent_id, out=out, mlflow_uri=uri, register=False, show=False)
     csv = pd.read_csv(out / "leaderboard.csv")
-    assert len(csv) == len(report.leaderboard) and {"acc_e2_mean", "acc_e2_std", "num_params"} <= set(csv.columns)
+    assert len(csv) == len(report.leaderboard) and {"e2_mean", "e2_std", "num_params", "metric", "mode"} <= set(csv.columns)
     md = (out / "leaderboard.md").read_text()
     assert "±" in md and "scratch_fit" in md and "Winner:" in md
     for png in ("acc_vs_params_digits.png", "convergence_digits.png"):
@@ -105,7 +114,7 @@ def test_champion_registered_once_and_export_recovers_the_initialized_model(swee
     mv = client.get_model_version_by_alias("weit-digits", "champion")
     assert mv.run_id == first.run_id and first.registered == f"weit-digits/{mv.version}"
     assert mv.tags["strategy"] == first.strategy and mv.tags["lr"] == f"{first.lr:g}"
-    assert float(mv.tags["val_acc_mean"]) == pytest.approx(first.acc_mean, abs=1e-6)  # the tag has 6 decimals
+    assert float(mv.tags["val_acc_mean"]) == pytest.approx(first.mean, abs=1e-6)  # the tag has 6 decimals
     build_report("unit", out=tmp_path / "b", mlflow_uri=uri, show=False)  # unchanged champion: no new version
     assert len(client.search_model_versions("name = 'weit-digits'")) == 1
 
@@ -154,4 +163,43 @@ def test_a_trial_that_failed_before_logging_params_is_counted_not_a_crash(tmp_pa
     report = build_report("early", out=tmp_path / "out", mlflow_uri=uri, register=False, show=False)
     assert report.n_failed == 1 and list(report.leaderboard["strategy"]) == ["scratch"]
     failed = report.runs[report.runs["status"] == "FAILED"].iloc[0]
-    assert (failed["strategy"], failed["depth"], failed["width"], failed["lr"]) == ("weight_selection", 1, 16, 0.003)
+    assert (failed["strategy"], failed["size"], failed["lr"]) == ("weight_selection", "1x16x2x2", 0.003)
+
+
+def test_a_min_task_ranks_and_crowns_lowest_first(tmp_path):
+    """A task whose metric is better lower (a test-registered error rate, ``mode: min``) decides the whole
+    chain: each trial is tagged with ``val_err`` and ``min``, the board, the lr choice, the strategy ranking
+    and the champion seed go lowest first, recomputed here with pandas from real runs on digits."""
+    import mlflow
+
+    from pipelines.report import build_report
+    from weit_core.tasks import register
+
+    register(ERROR_RATE)
+    uri, exp_id = prepare_mlflow(f"sqlite:///{tmp_path / 'mlruns.db'}", EXPERIMENT)
+    parent = mlflow.MlflowClient(uri).create_run(exp_id, tags={"weit.kind": "sweep", "weit.sweep": "err"})
+    space = SPACE.replace("lr: 0.003", "lr: [0.001, 0.003]").replace("epochs: 2", "epochs: 1")
+    for config in expand(parse_space(space), {"digits": TaskShape(1, 8, 10)}).trials:
+        config = {**config, "kind": "digits_error"}
+        run_trial({**config, "key": trial_key(config)}, tracker=TrialTracker(uri, exp_id, parent.info.run_id, "err"))
+    report = build_report("err", out=tmp_path / "out", mlflow_uri=uri, register=False, show=False)
+
+    df = _search(uri, exp_id, parent.info.run_id)
+    assert set(df["tags.weit.metric"]) == {"val_err"} and set(df["tags.weit.mode"]) == {"min"}
+    assert "metrics.val_acc_e1" not in df and (df["metrics.val_err_e1"] < df["metrics.val_err_e0"]).mean() > 0.5
+    means = df.assign(lr=df["params.lr"].astype(float)).groupby(
+        ["tags.weit.strategy", "tags.weit.size", "lr"])["metrics.val_err_e1"].mean()
+    best_lr = means.groupby(level=[0, 1]).min()  # each group at its lowest-error lr
+    board = report.leaderboard
+    assert list(board["score"]) == sorted(best_lr) and board["score"].iloc[0] < board["score"].iloc[-1]
+    for _, row in board.iterrows():
+        mine = means.loc[(row["strategy"], row["size"])]
+        assert row["lr"] == mine.idxmin() and row["score"] == pytest.approx(mine.min())
+    w = report.winners["digits"]
+    assert (w.strategy, w.size) == best_lr.idxmin() and w.mean == pytest.approx(best_lr.min())
+    assert (w.metric, w.mode) == ("val_err", "min")
+    seeds = df[(df["tags.weit.strategy"] == w.strategy) & (df["tags.weit.size"] == w.size)
+               & (df["params.lr"].astype(float) == w.lr)]
+    assert w.run_id == seeds.loc[seeds["metrics.val_err_e1"].idxmin(), "run_id"]  # the lowest seed
+    assert list(report.strategy_ranking["mean_over_sizes"]) == sorted(best_lr.groupby(level=0).mean())
+    assert w.best_strategy == best_lr.groupby(level=0).mean().idxmin()
