@@ -33,8 +33,9 @@ import torch  # noqa: E402
 from weit_core.data import load_dataset  # noqa: E402
 from weit_core.io import load_bank, load_model  # noqa: E402
 from weit_core.models import ViTSpec  # noqa: E402
-from weit_core.strategies import available, can_make, init_model, strategy_info  # noqa: E402
-from weit_core.train import cycle_batches, evaluate, iterate_batches, seed_everything, train_steps  # noqa: E402
+from weit_core.stage3 import Recipe, init_target, score, train_target  # noqa: E402
+from weit_core.strategies import available, can_make, strategy_info  # noqa: E402
+from weit_core.train import cycle_batches  # noqa: E402
 
 # 12 sizes: depth 2-12 at widths 64 / 96 / 128; 8x96x3, 12x96x3, 2x128x4 and 4x128x4 are deeper or wider
 # than the 6x96x3 ancestry.
@@ -80,44 +81,35 @@ def base_name(label: str) -> str:
 
 
 def run_job(size, label, seed, *, data, banks, ancestry, args) -> dict:
+    """One (size, strategy, seed): the init once (``weit_core.stage3.init_target``, as a sweep trial makes
+    it), then a copy of it trained by ``train_target`` for each lr x budget (``budget`` steps over an endless
+    shuffled stream, the schedule over exactly those steps) and scored on the fixed val and test subsets."""
     depth, width, heads = size
     c, h, _ = data.input_shape
     spec = ViTSpec(depth=depth, width=width, heads=heads, patch=args.patch, img_size=h, in_chans=c,
                    num_classes=data.num_classes)
     name, opts = parse_label(label)
-    fit = data.train.subset(args.fit_examples, seed=1000 + seed)
-    sources = dict(seed=seed, fit_data=(fit.x, fit.y), fit_steps=args.fit_steps, fit_lr=args.fit_lr,
-                   device=args.device)
     bank_name = opts.pop("bank", "default")
-    if banks:
-        if bank_name not in banks:
-            raise SystemExit(f"{label}: no bank {bank_name!r}; give it with --extra-bank {bank_name}=PATH")
-        sources["bank"] = banks[bank_name]
-    if ancestry is not None:
-        sources.update(ancestry=ancestry[0], ancestry_spec=ancestry[1])
-    sources.update(opts)
-    t0 = time.perf_counter()
-    res = init_model(name, spec, **sources)
-    init_s = time.perf_counter() - t0
+    if banks and bank_name not in banks:
+        raise SystemExit(f"{label}: no bank {bank_name!r}; give it with --extra-bank {bank_name}=PATH")
+    res = init_target(name, spec, data.train, seed=seed, fit_examples=args.fit_examples,
+                      bank=banks.get(bank_name), ancestry=ancestry,
+                      **{"fit_steps": args.fit_steps, "fit_lr": args.fit_lr, "device": args.device, **opts})
     vs = data.val.subset(args.val_examples, seed=54321)  # the same images for every job
     ts = data.test.subset(args.test_examples, seed=12345)
-
-    def score(model) -> dict:
-        return {split: evaluate(model, iterate_batches(d.x, d.y, 512, shuffle=False), device=args.device)["acc"]
-                for split, d in (("val", vs), ("test", ts))}
-
     model0 = res.model.to(args.device)
+    init = {split: score(model0, d, device=args.device)["acc"] for split, d in (("val", vs), ("test", ts))}
     runs = []
     for lr in args.lrs:
         for budget in args.budgets:
-            model = copy.deepcopy(model0)
-            seed_everything(seed)
+            recipe = Recipe(lr, batch_size=args.batch_size, weight_decay=args.weight_decay, schedule=args.schedule,
+                            warmup=args.warmup, seed=seed)
             stream = cycle_batches(data.train.x, data.train.y, args.batch_size, seed=seed * 1000)
-            train_steps(model, stream, steps=budget, lr=lr, weight_decay=args.weight_decay, warmup=args.warmup,
-                        schedule=args.schedule, device=args.device)
-            runs.append({"lr": lr, "budget": budget, **score(model)})
+            (last,) = train_target(copy.deepcopy(model0), data.train, vs, recipe, test=ts, device=args.device,
+                                   score_init=False, batches=lambda _epoch, s=stream: s, steps_per_epoch=budget)
+            runs.append({"lr": lr, "budget": budget, "val": last["val_acc"], "test": last["test_acc"]})
     return {"size": f"{depth}x{width}x{heads}", "strategy": label, "seed": seed, "data": data.name,
-            "init": score(model0), "runs": runs, "init_seconds": round(init_s, 2), "params": spec.num_params(),
+            "init": init, "runs": runs, "init_seconds": round(res.info["init_seconds"], 2), "params": spec.num_params(),
             "info": {k: v for k, v in res.info.items() if isinstance(v, str | int | float | bool)},
             "steps_per_epoch": len(data.train) // args.batch_size, "recipe": {
                 "schedule": args.schedule, "warmup": args.warmup, "batch_size": args.batch_size,

@@ -75,8 +75,9 @@ def test_controls_run_with_the_same_budget(digits, digits_bank):
     assert rb.info["bank"] == "random" and sc.info["init_mode"] == "jax" and sc.info["fit_steps"] == 0
     # the random bank really is a different bank of the same shape
     assert rb.info["template_count"] == bank.num_numbers()
-    # fitting helps: both fitted controls beat the untouched scratch model
-    assert val_acc(sf.model, digits) > val_acc(sc.model, digits)
+    # fitting helps: both fitted controls beat the untouched scratch model, by a margin
+    untouched = val_acc(sc.model, digits)
+    assert val_acc(sf.model, digits) > untouched + 0.05 and val_acc(rb.model, digits) > untouched + 0.05, untouched
 
 
 def test_strategies_are_deterministic_under_a_seed(digits, digits_bank):
