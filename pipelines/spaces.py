@@ -1,17 +1,15 @@
-"""Declarative search spaces (``tune_spaces/*.yaml``): parse, validate, expand into trial configs.
+"""Search spaces (``tune_spaces/*.yaml``): a validated space, and its expansion into trial configs.
 
-A space is checked completely before anything runs, so a typo costs a second, not a cluster hour: every
-key is known, every value has the right type, and size combinations that cannot be built (heads not
-dividing width, width off the template block, over the parameter budget, ...) are dropped *here* and
-counted by reason, instead of failing as trials. The schema is documented in ``tune_spaces/README.md``.
-
-Nothing here imports Ray or MLflow; the only heavy import (the dataset loaders, for the shape of a task's
-images) happens in :func:`inspect_tasks`.
+A space is checked completely before anything runs (the schema and its one-line errors:
+:mod:`pipelines.space_schema`), so a typo costs a second, not a cluster hour. Its sizes are an architecture
+family's (``family:``, default ``vit``); combinations the family cannot build or tile, or that break the
+space's constraints, are dropped *here* and counted by reason, instead of failing as trials. The schema is
+documented in ``tune_spaces/README.md``. Nothing here imports Ray or MLflow.
 """
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -25,96 +23,38 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipelines.common import UserError
+from pipelines.space_schema import (
+    BUILTIN_DATA,
+    DATA_KEYS,
+    DEFAULT_FAMILY,
+    Axis,
+    Constraints,
+    SpaceError,
+    TaskSpec,
+    get_family,
+    read_space,
+)
 
-BUILTIN_DATA = ("fashion_mnist", "digits")
-SIZE_AXES = ("depth", "width", "heads", "mlp_ratio")
-TOP_KEYS = ("name", "description", "tasks", "strategies", "sizes", "constraints", "training", "samples",
-            "sample_seed")
-TASK_KEYS = ("name", "data", "patch", "img_size", "val_fraction", "test_fraction", "data_seed", "limit",
-             "val_limit", "training")
-CONSTRAINT_KEYS = ("width_multiple", "min_head_dim", "max_head_dim", "min_params", "max_params", "max_flops")
-TRAINING_DEFAULTS: dict[str, Any] = {
-    "epochs": 3, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "steps_per_epoch": None,
-    "fit_steps": 100, "fit_examples": 512, "fit_lr": 1e-3, "fit_batch_size": 64, "seeds": [0],
-    "init_mode": "", "eval_batch_size": 512, "test_eval": True, "schedule": "cosine", "warmup": 0.1,
-}
-"""Stage-2 (``fit_*``) and stage-3 settings; a space's ``training`` block and a task's ``training``
-block override them in that order. ``lr`` may be a list (a grid: one trial per value, like ``seeds``);
-``schedule`` is the stage-3 recipe every strategy gets: ``cosine`` = linear warm-up over ``warmup`` (a
-fraction of the trial's stage-3 optimizer steps) then cosine decay, ``constant`` = a fixed ``lr``."""
-SCHEDULES = ("cosine", "constant")
-
-DROP_REASONS = {
-    "heads_not_dividing_width": "heads do not divide width",
-    "mlp_hidden_not_integer": "width x mlp_ratio is not an integer",
+SPACE_DROP_REASONS = {
     "width_not_multiple": "width is not a multiple of constraints.width_multiple",
-    "not_multiple_of_block": "width or MLP hidden size is not a multiple of the bank's template block",
     "head_dim_out_of_range": "width / heads outside [min_head_dim, max_head_dim]",
     "params_below_min": "fewer parameters than constraints.min_params",
     "params_above_max": "more parameters than constraints.max_params",
     "flops_above_max": "more FLOPs than constraints.max_flops",
 }
-"""Why a size combination was dropped; a combination is counted once, under the first reason it fails
-(checked in this order), so the counts add up to the number dropped."""
+"""The space's own reasons to drop a size (its ``constraints``), beside what its family cannot build."""
 
 
-class SpaceError(UserError, ValueError):
-    """A malformed search space: the message names the file and the key."""
+def drop_reasons(family: Any = DEFAULT_FAMILY) -> dict[str, str]:
+    """Every reason a size of this family can be dropped, in words (a size counts under the first it fails,
+    in :func:`check_size`'s order)."""
+    return {**get_family(family).drop_reasons, **SPACE_DROP_REASONS}
 
 
-# --------------------------------------------------------------------------------------------- model
-
-
-# what decides which arrays a trial sees: the per-process data cache key
-DATA_KEYS = ("data", "val_fraction", "test_fraction", "data_seed", "limit", "val_limit")
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One task of a space: data (a built-in name or an absolute parquet path) and its model I/O."""
-
-    name: str
-    data: str
-    patch: int = 4
-    img_size: int | None = None  # None: the data's image size
-    val_fraction: float | None = None  # parquet only
-    test_fraction: float | None = None  # parquet only
-    data_seed: int = 0
-    limit: int | None = None  # cap on training examples
-    val_limit: int | None = None  # cap on validation examples
-    training: dict = field(default_factory=dict)  # resolved settings for this task
-
-    @property
-    def is_builtin(self) -> bool:
-        return self.data in BUILTIN_DATA
-
-    def data_key(self) -> dict:
-        """Everything that decides which arrays a trial sees (the per-process data cache key)."""
-        return {k: getattr(self, k) for k in DATA_KEYS}
-
-
-@dataclass(frozen=True)
-class Axis:
-    """A size axis: a grid (``values``) or a sampler (``sampler`` = kind, args) drawn in the driver."""
-
-    name: str
-    values: tuple = ()
-    sampler: tuple[str, tuple, float | None] | None = None
-
-    @property
-    def is_grid(self) -> bool:
-        return self.sampler is None
-
-
-@dataclass(frozen=True)
-class Constraints:
-    width_multiple: int | str | None = "block"
-    min_head_dim: int | None = None
-    max_head_dim: int | None = None
-    min_params: int | None = None
-    max_params: int | None = None
-    max_flops: int | None = None
+def __getattr__(name: str) -> Any:
+    if name == "DROP_REASONS":  # the default family's, for callers written before families
+        return drop_reasons()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -126,11 +66,12 @@ class Space:
     description: str
     tasks: list[TaskSpec]
     strategies: list[str]
-    axes: dict[str, Axis]
+    axes: dict[str, Axis]  # the family's size axes, in its order
     constraints: Constraints
     samples: int | None
     sample_seed: int
     text: str  # the file as written, logged as the parent run's artifact
+    family: str = DEFAULT_FAMILY  # the architecture family its sizes are
 
     def content_hash(self) -> str:
         """Identity of the space's content (a resumed sweep must run the same space)."""
@@ -156,6 +97,7 @@ class Expansion:
     sizes_total: int  # size combinations looked at, summed over tasks
     sizes_valid: dict[str, int]  # per task
     pairs_dropped: Counter = field(default_factory=Counter)  # (task, strategy, size) triples, by reason
+    reasons: dict[str, str] = field(default_factory=drop_reasons)  # each ``dropped`` key in words
 
     @property
     def n_dropped(self) -> int:
@@ -169,7 +111,7 @@ class Expansion:
         if not self.dropped:
             text = "no size combination dropped"
         else:
-            parts = ", ".join(f"{n} {DROP_REASONS[r]}" for r, n in self.dropped.most_common())
+            parts = ", ".join(f"{n} {self.reasons.get(r, r)}" for r, n in self.dropped.most_common())
             text = f"dropped {self.n_dropped} of {self.sizes_total} size combinations: {parts}"
         if self.pairs_dropped:
             from weit_core.strategies import CANNOT_MAKE
@@ -179,53 +121,6 @@ class Expansion:
         return text
 
 
-# --------------------------------------------------------------------------------------------- parsing
-
-
-class _Ctx:
-    """Where we are in the file, so every message names the file and the key."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, key: str, problem: str) -> SpaceError:
-        return SpaceError(f"{self.source}: {key}: {problem}")
-
-    def mapping(self, value: Any, key: str) -> dict:
-        if not isinstance(value, dict):
-            raise self.fail(key, f"expected a mapping (key: value lines), got {_show(value)}")
-        return value
-
-    def known(self, d: dict, known: tuple[str, ...], where: str) -> None:
-        for k in d:
-            if k not in known:
-                close = difflib.get_close_matches(str(k), known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise SpaceError(f"{self.source}: unknown key {k!r} in {where}{hint} (known keys: "
-                                 f"{', '.join(known)})")
-
-    def integer(self, value: Any, key: str, minimum: int | None = 1, allow_none: bool = False) -> int | None:
-        if value is None and allow_none:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"expected an integer, got {_show(value)}")
-        if minimum is not None and value < minimum:
-            raise self.fail(key, f"must be >= {minimum}, got {value}")
-        return value
-
-    def number(self, value: Any, key: str, positive: bool = True) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(key, f"expected a number, got {_show(value)}")
-        if positive and not value > 0:
-            raise self.fail(key, f"must be > 0, got {value}")
-        return float(value)
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
 def load_space(path: str | Path) -> Space:
     """Read and validate a space file; every problem is a :class:`SpaceError` naming the key."""
     path = Path(path)
@@ -233,255 +128,19 @@ def load_space(path: str | Path) -> Space:
         shipped = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "tune_spaces").glob("*.yaml"))
         raise SpaceError(f"search space {path} not found; pass a YAML file (shipped: tune_spaces/"
                          f"{{{','.join(shipped)}}})")
-    text = path.read_text()
-    return parse_space(text, source=str(path), base_dir=path.resolve().parent, default_name=path.stem)
+    return parse_space(path.read_text(), source=str(path), base_dir=path.resolve().parent, default_name=path.stem)
 
 
 def parse_space(text: str, source: str = "<space>", base_dir: Path | None = None,
                 default_name: str = "sweep") -> Space:
     """Validate a space given as YAML text; relative parquet paths are resolved against ``base_dir``."""
-    c = _Ctx(source)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpaceError(f"{source}: not valid YAML ({' '.join(str(e).split())})") from e
-    raw = c.mapping(raw, "top level")
-    c.known(raw, TOP_KEYS, "the top level")
-    for required in ("tasks", "strategies", "sizes"):
-        if required not in raw:
-            raise SpaceError(f"{source}: missing required key {required!r} (a space needs tasks, strategies "
-                             f"and sizes)")
-    name = raw.get("name", default_name)
-    if not isinstance(name, str) or not name.strip() or any(ch in name for ch in "/\\ '\""):
-        raise c.fail("name", f"expected a name without spaces, quotes or slashes, got {_show(name)}")
-    description = raw.get("description", "")
-    if not isinstance(description, str):
-        raise c.fail("description", f"expected text, got {_show(description)}")
-
-    training = _parse_training(c, raw.get("training") or {}, "training", dict(TRAINING_DEFAULTS))
-    tasks = _parse_tasks(c, raw["tasks"], training, base_dir or Path.cwd())
-    strategies = _parse_strategies(c, raw["strategies"])
-    sizes = c.mapping(raw["sizes"], "sizes")
-    c.known(sizes, SIZE_AXES, "sizes")
-    for axis in ("depth", "width", "heads"):
-        if axis not in sizes:
-            raise SpaceError(f"{source}: sizes: missing required axis {axis!r} (sizes need depth, width, heads; "
-                             f"mlp_ratio defaults to 4)")
-    axes = {a: _parse_axis(c, a, sizes.get(a, 4.0)) for a in SIZE_AXES}
-    has_sampler = any(not ax.is_grid for ax in axes.values())
-    samples = raw.get("samples")
-    if has_sampler:
-        if samples is None:
-            raise c.fail("samples", "a size axis is a sampler, so the space needs `samples: N` (how many size "
-                                    "points to draw)")
-        samples = c.integer(samples, "samples")
-    elif samples is not None:
-        raise c.fail("samples", "only meaningful when a size axis is a sampler (randint/choice/uniform); remove it")
-    sample_seed = c.integer(raw.get("sample_seed", 0), "sample_seed", minimum=0)
-    constraints = _parse_constraints(c, raw.get("constraints") or {})
-    return Space(None if source.startswith("<") else Path(source), name.strip(), description, tasks, strategies,
-                 axes, constraints, samples, sample_seed, text)
-
-
-def _parse_training(c: _Ctx, raw: Any, where: str, base: dict) -> dict:
-    raw = c.mapping(raw, where)
-    c.known(raw, tuple(TRAINING_DEFAULTS), where)
-    out = dict(base)
-    for k, v in raw.items():
-        key = f"{where}.{k}"
-        if k in ("epochs", "batch_size", "fit_batch_size", "eval_batch_size"):
-            out[k] = c.integer(v, key)
-        elif k in ("fit_steps", "fit_examples"):
-            out[k] = c.integer(v, key, minimum=0)
-        elif k == "steps_per_epoch":
-            out[k] = c.integer(v, key, allow_none=True)
-        elif k == "lr":
-            if isinstance(v, list):
-                if not v:
-                    raise c.fail(key, "empty list; give at least one learning rate")
-                lrs = [c.number(x, key) for x in v]
-                if len(set(lrs)) != len(lrs):
-                    raise c.fail(key, f"repeated learning rates {v}")
-                out[k] = lrs
-            else:
-                out[k] = c.number(v, key)
-        elif k == "fit_lr":
-            out[k] = c.number(v, key)
-        elif k == "schedule":
-            if v not in SCHEDULES:
-                raise c.fail(key, f"expected one of {', '.join(SCHEDULES)}, got {_show(v)}")
-            out[k] = v
-        elif k == "warmup":
-            out[k] = c.number(v, key, positive=False)
-            if not 0 <= out[k] < 1:
-                raise c.fail(key, f"a fraction of the stage-3 steps, in [0, 1), got {v}")
-        elif k == "weight_decay":
-            out[k] = c.number(v, key, positive=False)
-            if out[k] < 0:
-                raise c.fail(key, f"must be >= 0, got {v}")
-        elif k == "seeds":
-            seeds = v if isinstance(v, list) else [v]
-            if not seeds:
-                raise c.fail(key, "empty list; give at least one seed")
-            out[k] = [c.integer(s, key, minimum=0) for s in seeds]
-            if len(set(out[k])) != len(out[k]):
-                raise c.fail(key, f"repeated seeds {out[k]}")
-        elif k == "init_mode":
-            if v is None:
-                v = ""
-            if v not in ("", "jax", "moco"):
-                raise c.fail(key, f"timm init mode must be '' (timm default), 'jax' or 'moco', got {_show(v)}")
-            out[k] = v
-        elif k == "test_eval":
-            if not isinstance(v, bool):
-                raise c.fail(key, f"expected true or false, got {_show(v)}")
-            out[k] = v
-    if out["fit_steps"] > 0 and out["fit_examples"] == 0:
-        raise c.fail(f"{where}.fit_examples", "is 0 but fit_steps > 0; stage 2 needs examples to fit on")
-    return out
-
-
-def _parse_tasks(c: _Ctx, raw: Any, training: dict, base_dir: Path) -> list[TaskSpec]:
-    if isinstance(raw, str | dict):
-        raw = [raw]
-    if not isinstance(raw, list) or not raw:
-        raise c.fail("tasks", f"expected a non-empty list of tasks, got {_show(raw)}")
-    tasks, names = [], set()
-    for i, item in enumerate(raw):
-        where = f"tasks[{i}]"
-        if isinstance(item, str):
-            item = {"data": item}
-        item = c.mapping(item, where)
-        c.known(item, TASK_KEYS, where)
-        if "data" not in item:
-            raise c.fail(where, f"missing `data` ({' or '.join(BUILTIN_DATA)}, or a parquet file/folder path)")
-        data = item["data"]
-        if not isinstance(data, str) or not data.strip():
-            raise c.fail(f"{where}.data", f"expected a dataset name or a path, got {_show(data)}")
-        key = data.strip().lower().replace("-", "_")
-        if key in BUILTIN_DATA:
-            data = key
-        else:
-            p = Path(data).expanduser()
-            p = p if p.is_absolute() else (base_dir / p)
-            if not p.exists():
-                raise c.fail(f"{where}.data", f"{data!r} is not a built-in dataset ({', '.join(BUILTIN_DATA)}) and "
-                                              f"{p} does not exist; give a parquet file or folder with `image` and "
-                                              f"`label` columns")
-            data = str(p.resolve())
-        name = item.get("name", key if key in BUILTIN_DATA else Path(data).stem)
-        if not isinstance(name, str) or not name or any(ch in name for ch in "/\\ '\"@"):
-            raise c.fail(f"{where}.name", f"expected a short name without spaces, quotes, slashes or @, got "
-                                          f"{_show(name)}")
-        if name in names:
-            raise c.fail(f"{where}.name", f"task name {name!r} used twice; give each task its own `name`")
-        names.add(name)
-        fractions = {}
-        for k in ("val_fraction", "test_fraction"):
-            if k in item:
-                if data in BUILTIN_DATA:
-                    raise c.fail(f"{where}.{k}", f"applies to parquet data only; {data} has fixed splits")
-                v = c.number(item[k], f"{where}.{k}", positive=False)
-                if not 0 <= v < 1:
-                    raise c.fail(f"{where}.{k}", f"must be in [0, 1), got {v}")
-                fractions[k] = v
-        tasks.append(TaskSpec(
-            name=name, data=data, patch=c.integer(item.get("patch", 4), f"{where}.patch"),
-            img_size=c.integer(item.get("img_size"), f"{where}.img_size", allow_none=True),
-            data_seed=c.integer(item.get("data_seed", 0), f"{where}.data_seed", minimum=0),
-            limit=c.integer(item.get("limit"), f"{where}.limit", allow_none=True),
-            val_limit=c.integer(item.get("val_limit"), f"{where}.val_limit", allow_none=True),
-            training=_parse_training(c, item.get("training") or {}, f"{where}.training", training),
-            **fractions,
-        ))
-    return tasks
-
-
-def _parse_strategies(c: _Ctx, raw: Any) -> list[str]:
-    if isinstance(raw, str):
-        raw = [raw]
-    if not isinstance(raw, list) or not raw:
-        raise c.fail("strategies", f"expected a non-empty list of strategy names, got {_show(raw)}")
-    from weit_core.strategies import available
-
-    known = available()
-    out = []
-    for i, s in enumerate(raw):
-        if not isinstance(s, str):
-            raise c.fail(f"strategies[{i}]", f"expected a strategy name, got {_show(s)}")
-        if s not in known:
-            close = difflib.get_close_matches(s, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise c.fail(f"strategies[{i}]", f"unknown strategy {s!r}{hint}; available: {', '.join(known)}")
-        if s in out:
-            raise c.fail(f"strategies[{i}]", f"{s!r} listed twice")
-        out.append(s)
-    return out
-
-
-def _parse_axis(c: _Ctx, name: str, raw: Any) -> Axis:
-    key = f"sizes.{name}"
-    is_int = name != "mlp_ratio"
-    check = (lambda v, k: c.integer(v, k)) if is_int else (lambda v, k: c.number(v, k))
-    if isinstance(raw, bool):
-        raise c.fail(key, f"expected a list, a number, {{range: ...}} or a sampler, got {_show(raw)}")
-    if isinstance(raw, int | float):
-        return Axis(name, (check(raw, key),))
-    if isinstance(raw, list):
-        if not raw:
-            raise c.fail(key, "empty grid; list at least one value")
-        values = [check(v, f"{key}[{i}]") for i, v in enumerate(raw)]
-        return Axis(name, tuple(dict.fromkeys(values)))
-    if isinstance(raw, dict):
-        kinds = [k for k in raw if k in ("range", "randint", "choice", "uniform")]
-        if len(kinds) != 1:
-            raise c.fail(key, f"expected exactly one of range / randint / choice / uniform, got keys {sorted(raw)}")
-        kind = kinds[0]
-        allowed = {"range": ("range",), "randint": ("randint", "step"), "choice": ("choice",),
-                   "uniform": ("uniform", "step")}[kind]
-        c.known(raw, allowed, key)
-        arg = raw[kind]
-        if kind == "choice":
-            if not isinstance(arg, list) or not arg:
-                raise c.fail(f"{key}.choice", f"expected a non-empty list, got {_show(arg)}")
-            return Axis(name, sampler=("choice", tuple(check(v, f"{key}.choice") for v in arg), None))
-        if not isinstance(arg, list) or len(arg) != (3 if kind == "range" else 2):
-            shape = "[start, stop, step]" if kind == "range" else "[low, high]"
-            raise c.fail(f"{key}.{kind}", f"expected {shape}, got {_show(arg)}")
-        if kind == "range":
-            if not is_int:
-                raise c.fail(f"{key}.range", "mlp_ratio takes a list or a sampler, not a range")
-            start, stop, step = (c.integer(v, f"{key}.range") for v in arg)
-            values = tuple(range(start, stop + 1, step))
-            if not values:
-                raise c.fail(f"{key}.range", f"empty grid: no value from {start} to {stop} step {step}")
-            return Axis(name, values)
-        if kind == "randint" and not is_int:
-            raise c.fail(key, "mlp_ratio takes `uniform`, not `randint`")
-        if kind == "uniform" and is_int:
-            raise c.fail(key, f"{name} is an integer axis; use `randint`, not `uniform`")
-        low, high = (check(v, f"{key}.{kind}") for v in arg)
-        if low > high:
-            raise c.fail(f"{key}.{kind}", f"low {low} > high {high}")
-        step = raw.get("step")
-        if step is not None:
-            step = check(step, f"{key}.step")
-        return Axis(name, sampler=(kind, (low, high), step))
-    raise c.fail(key, f"expected a list, a number, {{range: ...}} or a sampler, got {_show(raw)}")
-
-
-def _parse_constraints(c: _Ctx, raw: Any) -> Constraints:
-    raw = c.mapping(raw, "constraints")
-    c.known(raw, CONSTRAINT_KEYS, "constraints")
-    wm = raw.get("width_multiple", "block")
-    if wm is not None and wm != "block":
-        wm = c.integer(wm, "constraints.width_multiple")
-    out = {"width_multiple": wm}
-    for k in CONSTRAINT_KEYS[1:]:
-        out[k] = c.integer(raw.get(k), f"constraints.{k}", allow_none=True)
-    if out["min_params"] and out["max_params"] and out["min_params"] > out["max_params"]:
-        raise c.fail("constraints", f"min_params {out['min_params']} > max_params {out['max_params']}")
-    return Constraints(**out)
+    doc = read_space(raw, source, base_dir or Path.cwd(), default_name)
+    return Space(None if source.startswith("<") else Path(source), doc.name.strip(), doc.description, doc.tasks,
+                 doc.strategies, doc.sizes, doc.constraints, doc.samples, doc.sample_seed, text, doc.family)
 
 
 # --------------------------------------------------------------------------------------------- expansion
@@ -494,28 +153,25 @@ def inspect_tasks(space: Space) -> dict[str, TaskShape]:
 
     shapes = {}
     for t in space.tasks:
+        where = f"{space.path or space.name}: task {t.name!r}"
         try:
             splits = load_task_data(t.data_key())
         except DataNotFoundError as e:
-            raise SpaceError(f"{_where(space)}: task {t.name!r}: {e}") from e
+            raise SpaceError(f"{where}: {e}") from e
         except ValueError as e:
-            raise SpaceError(f"{_where(space)}: task {t.name!r}: data {t.data}: {e}") from e
+            raise SpaceError(f"{where}: data {t.data}: {e}") from e
         c, h, w = splits.input_shape
         if h != w:
-            raise SpaceError(f"{_where(space)}: task {t.name!r}: images are {h}x{w}; ViT sizes here need square "
-                             f"images (resize them when writing the parquet)")
+            raise SpaceError(f"{where}: images are {h}x{w}; sizes here need square images (resize them when "
+                             f"writing the parquet)")
         if t.img_size is not None and t.img_size != h:
-            raise SpaceError(f"{_where(space)}: task {t.name!r}: img_size {t.img_size} but the data's images are "
-                             f"{h}x{w}; drop img_size or resize the data")
+            raise SpaceError(f"{where}: img_size {t.img_size} but the data's images are {h}x{w}; drop img_size or "
+                             f"resize the data")
         if h % t.patch:
-            raise SpaceError(f"{_where(space)}: task {t.name!r}: patch {t.patch} does not divide the image size {h}; "
-                             f"use one of {[p for p in range(1, h + 1) if h % p == 0]}")
+            raise SpaceError(f"{where}: patch {t.patch} does not divide the image size {h}; use one of "
+                             f"{[p for p in range(1, h + 1) if h % p == 0]}")
         shapes[t.name] = TaskShape(int(c), int(h), int(splits.num_classes))
     return shapes
-
-
-def _where(space: Space) -> str:
-    return str(space.path) if space.path else space.name
 
 
 def _draw(axis: Axis, rng: np.random.Generator) -> int | float:
@@ -531,46 +187,46 @@ def _draw(axis: Axis, rng: np.random.Generator) -> int | float:
 
 
 def size_points(space: Space) -> list[dict]:
-    """Every (depth, width, heads, mlp_ratio) combination before constraints: the grid product, or
-    ``samples`` draws of the sampler axes (seeded, drawn here in the driver) crossed with the grid axes;
-    duplicates removed, order kept."""
-    grid_axes = [a for a in SIZE_AXES if space.axes[a].is_grid]
-    sampled = [a for a in SIZE_AXES if not space.axes[a].is_grid]
-    grid = [dict(zip(grid_axes, combo, strict=True))
-            for combo in itertools.product(*(space.axes[a].values for a in grid_axes))]
-    if not sampled:
+    """Every combination of the size axes before constraints: the grid product, or ``samples`` draws of the
+    sampler axes (seeded, drawn here in the driver) crossed with the grid axes; duplicates removed, order
+    kept."""
+    axes = space.axes
+    grid_axes = [a for a in axes if axes[a].is_grid]
+    grid = [dict(zip(grid_axes, combo, strict=True)) for combo in itertools.product(*(axes[a].values for a in grid_axes))]
+    if len(grid_axes) == len(axes):
         points = grid
     else:
         rng = np.random.default_rng(space.sample_seed)
-        draws = [{a: _draw(space.axes[a], rng) for a in sampled} for _ in range(space.samples)]
+        draws = [{a: _draw(axes[a], rng) for a in axes if not axes[a].is_grid} for _ in range(space.samples)]
         points = [{**g, **d} for d in draws for g in grid]
     seen, out = set(), []
     for p in points:
-        p = {a: (float(p[a]) if a == "mlp_ratio" else int(p[a])) for a in SIZE_AXES}
-        key = tuple(p[a] for a in SIZE_AXES)
-        if key not in seen:
+        p = {a: axes[a].kind(p[a]) for a in axes}
+        if (key := tuple(p.values())) not in seen:
             seen.add(key)
             out.append(p)
     return out
 
 
-def check_size(size: dict, shape: TaskShape, patch: int, cons: Constraints, block: int | None) -> str | None:
-    """The first constraint ``size`` violates (a key of DROP_REASONS), or None when it can be built."""
-    from weit_core.models import VIT, ViTSpec
-
-    d, w, h, r = size["depth"], size["width"], size["heads"], size["mlp_ratio"]
-    reason = VIT.check_size(size, None)  # what the family cannot build at all, then the space's own multiple,
-    if reason:  # then what the bank's blocks cannot tile: the order DROP_REASONS counts them in
+def check_size(size: dict, shape: TaskShape, patch: int, cons: Constraints, block: int | None,
+               family: Any = DEFAULT_FAMILY) -> str | None:
+    """The first reason ``size`` is dropped (a key of :func:`drop_reasons`), or None when it can be built:
+    what the family cannot build, the space's width multiple, what the bank's blocks cannot tile, then the
+    head width and the budgets (parameters, FLOPs of the family's spec for this task)."""
+    fam = get_family(family)
+    can_build = fam.check_size or (lambda size, block: None)
+    io = {"patch": patch, **dataclasses.asdict(shape)}
+    if reason := can_build({**io, **size}, None):  # a family may test the size against the task's images
         return reason
-    if isinstance(cons.width_multiple, int) and w % cons.width_multiple:
+    if isinstance(cons.width_multiple, int) and size["width"] % cons.width_multiple:
         return "width_not_multiple"
-    if block and (reason := VIT.check_size(size, block)):
+    if block and (reason := can_build(size, block)):
         return reason
-    hd = w // h
-    if (cons.min_head_dim and hd < cons.min_head_dim) or (cons.max_head_dim and hd > cons.max_head_dim):
-        return "head_dim_out_of_range"
-    spec = ViTSpec(depth=d, width=w, heads=h, mlp_ratio=r, patch=patch, img_size=shape.img_size,
-                   in_chans=shape.in_chans, num_classes=shape.num_classes)
+    if cons.min_head_dim or cons.max_head_dim:
+        hd = size["width"] // size["heads"]
+        if (cons.min_head_dim and hd < cons.min_head_dim) or (cons.max_head_dim and hd > cons.max_head_dim):
+            return "head_dim_out_of_range"
+    spec = fam.make_spec(size, io)
     n = spec.num_params()
     if cons.min_params and n < cons.min_params:
         return "params_below_min"
@@ -599,33 +255,29 @@ def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = 
     """All trials: per task, every valid size x seed x lr x strategy (strategy innermost, so a truncated
     list still compares strategies on the same sizes). ``bank_block`` is the bank's template block when a
     strategy of the space uses the bank; ``width_multiple: block`` then means that block. A (strategy,
-    size) pair the strategy cannot make (``can_make``, against ``ancestry_spec``, the ancestry's ViTSpec) is
+    size) pair the strategy cannot make (``can_make``, against ``ancestry_spec``, the ancestry's spec) is
     dropped and counted by reason, never a trial; without ``ancestry_spec`` the strategies that need an
-    ancestry are not judged (nothing to judge them by: a sweep refuses them without ``--ancestry`` first)."""
+    ancestry are not judged (nothing to judge them by: a sweep refuses them without ``--ancestry`` first).
+    A config names its ``family`` unless it is the default (so ViT trial keys stay what they were)."""
     from weit_core.strategies import can_make, strategy_info
 
     judged = [s for s in space.strategies if ancestry_spec is not None or "ancestry" not in strategy_info(s).needs]
-
-    cons = space.constraints
-    block = bank_block
-    if cons.width_multiple == "block" and bank_block is None:
-        block = None  # no bank in play: nothing to tile
+    fam = get_family(space.family)
+    named = {} if space.family == DEFAULT_FAMILY else {"family": space.family}
     points = size_points(space)
     dropped: Counter = Counter()
     pairs_dropped: Counter = Counter()
     trials, valid = [], {}
     for task in space.tasks:
-        shape = shapes[task.name]
-        tr = task.training
-        n_valid = 0
+        shape, tr = shapes[task.name], task.training
+        valid[task.name] = 0
         for size in points:
-            reason = check_size(size, shape, task.patch, cons, block)
-            if reason:
+            if reason := check_size(size, shape, task.patch, space.constraints, bank_block, fam):
                 dropped[reason] += 1
                 continue
-            n_valid += 1
-            base = {"task": task.name, **task.data_key(), **size, "patch": task.patch, "img_size": shape.img_size,
-                    "in_chans": shape.in_chans, "num_classes": shape.num_classes}
+            valid[task.name] += 1
+            base = {"task": task.name, **named, **task.data_key(), **size, "patch": task.patch,
+                    "img_size": shape.img_size, "in_chans": shape.in_chans, "num_classes": shape.num_classes}
             spec = spec_of(base)
             strategies = []
             for strategy in space.strategies:
@@ -641,17 +293,13 @@ def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = 
                                **{k: v for k, v in tr.items() if k != "seeds"}, "lr": lr}
                         cfg["key"] = trial_key(cfg)
                         trials.append(cfg)
-        valid[task.name] = n_valid
-    return Expansion(trials, dropped, len(points) * len(space.tasks), valid, pairs_dropped)
+    return Expansion(trials, dropped, len(points) * len(space.tasks), valid, pairs_dropped, drop_reasons(fam))
 
 
-def spec_of(config: dict):
-    """The ViTSpec a trial config describes."""
-    from weit_core.models import ViTSpec
-
-    return ViTSpec(depth=config["depth"], width=config["width"], heads=config["heads"],
-                   mlp_ratio=config["mlp_ratio"], patch=config["patch"], img_size=config["img_size"],
-                   in_chans=config["in_chans"], num_classes=config["num_classes"])
+def spec_of(config: dict, family: Any = None) -> Any:
+    """The spec a trial config describes, made by its family (``config["family"]``, else the default)."""
+    fam = get_family(family or config.get("family", DEFAULT_FAMILY))
+    return fam.make_spec({a: config[a] for a in fam.size_axes}, config)
 
 
 # --------------------------------------------------------------------------------------------- data

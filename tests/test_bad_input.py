@@ -86,6 +86,10 @@ CASES = {
         lambda d, bank: ["sweep", "--bank", str(bank), "--space",
                          str(write_space(d / "typo.yaml", "{data: digits, patch: 2}", extra="constraint: {}\n"))],
         r"unknown key 'constraint' in the top level; did you mean 'constraints'"),
+    "space_with_unknown_family": (
+        lambda d, bank: ["sweep", "--bank", str(bank), "--space",
+                         str(write_space(d / "fam.yaml", "{data: digits, patch: 2}", extra="family: vitt\n"))],
+        r"fam\.yaml: family: unknown architecture family 'vitt'; available: (\w+, )*vit\b"),
     "parquet_without_label_column": (
         lambda d, bank: ["sweep", "--space", str(write_space(d / "nolabel.yaml",
                                                              f"{{data: {no_label_parquet(d)}, patch: 2}}",

@@ -1,0 +1,124 @@
+"""Search spaces from a typed schema: a space's sizes are its family's (axes, types, defaults, drop reasons and
+specs come from the registry), every error is one line naming the key, and the trial keys of the shipped
+spaces are what they were before the schema (a resumed sweep finds its finished trials)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipelines.spaces import SpaceError, TaskShape, expand, load_space, parse_space, size_points, spec_of
+from weit_core.models.family import Family, register_family
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = TaskShape(in_chans=1, img_size=8, num_classes=10)
+TASK = "tasks: [{data: digits, patch: 2}]\nstrategies: [scratch]\n"
+
+
+# a family only these tests use: a float axis with a default, an int axis without, its own drop reason
+
+
+@dataclass(frozen=True)
+class BoxSpec:
+    side: int
+    ratio: float = 1.5
+    in_chans: int = 1
+    num_classes: int = 10
+
+    def num_params(self) -> int:
+        return round(self.side * self.side * self.ratio) * self.in_chans + self.num_classes
+
+    def flops(self) -> int:
+        return 2 * self.num_params()
+
+
+def _unused(*args, **kwargs):
+    raise AssertionError("a space never builds a model")
+
+
+BOX = register_family(Family(
+    name="spaces_test_box", spec_type=BoxSpec, build=_unused, layout=_unused, kinds=_unused, free_names=_unused,
+    size_maps=_unused, resize_grids=_unused, resize_free=_unused, size_axes=("side", "ratio"),
+    make_spec=lambda size, io: BoxSpec(size["side"], size["ratio"], io["in_chans"], io["num_classes"]),
+    check_size=lambda size, block: "odd_side" if size["side"] % 2 else None,
+    drop_reasons={"odd_side": "the side is odd"}))
+
+
+def test_sizes_are_the_familys_axes_typed_and_defaulted_by_its_spec():
+    space = parse_space(TASK + "family: spaces_test_box\nsizes: {side: {range: [2, 7, 1]}}\n"
+                        "constraints: {max_params: 40}\n")
+    assert space.family == "spaces_test_box" and list(space.axes) == ["side", "ratio"]
+    assert size_points(space) == [{"side": s, "ratio": 1.5} for s in range(2, 8)]  # 1.5: BoxSpec's default
+    assert all(isinstance(p["ratio"], float) for p in size_points(parse_space(
+        TASK + "family: spaces_test_box\nsizes: {side: 2, ratio: [1, 2]}\n")))  # a float axis keeps floats
+
+    exp = expand(space, {"digits": DIGITS})
+    # odd sides: the family's own reason, in its words; 6x6x1.5 + 10 = 64 > 40 and 4x4x1.5 + 10 = 34 <= 40
+    assert dict(exp.dropped) == {"odd_side": 3, "params_above_max": 1}
+    assert "3 the side is odd" in exp.describe_drops()
+    assert [(t["side"], t["family"]) for t in exp.trials] == [(2, "spaces_test_box"), (4, "spaces_test_box")]
+    assert spec_of(exp.trials[1]) == BoxSpec(4, 1.5)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("family: vitt\nsizes: {depth: 1}", r"^s\.yaml: family: unknown architecture family 'vitt'; available: .*vit"),
+    ("family: spaces_test_box\nsizes: {side: 2, width: [8]}",
+     r"unknown key 'width' in sizes \(known keys: side, ratio\)$"),
+    ("family: spaces_test_box\nsizes: {ratio: 2}",
+     r"sizes: missing required key 'side' \(spaces_test_box sizes need side; ratio defaults to 1.5\)$"),
+    ("family: spaces_test_box\nsizes: {side: 2, ratio: {range: [1, 3, 1]}}",
+     r"sizes\.ratio: expected a number, a list, \{uniform: \[low, high\]\} or \{choice: \[\.\.\.\]\}, got dict"),
+    ("family: spaces_test_box\nsizes: {side: 2}\nconstraints: {min_head_dim: 8}",
+     r"constraints\.min_head_dim: reads width and heads, which spaces_test_box sizes do not have"),
+    ("sizes: {depth: {choice: [1, two]}, width: 16, heads: 2}", r"sizes\.depth\.choice\[1\]: expected an integer"),
+    ("sizes: {depth: {randint: [4, 2]}, width: 16, heads: 2}\nsamples: 3", r"sizes\.depth\.randint: low 4 > high 2"),
+    ("sizes: {depth: {range: [1, 4]}, width: 16, heads: 2}", r"sizes\.depth\.range: expected 3 values, got list"),
+    ("sizes: {depth: true, width: 16, heads: 2}", r"sizes\.depth: expected a number, .* got bool True$"),
+    ("sizes: {depth: 1, width: 16, heads: 2, mlp_ratio: 0}", r"sizes\.mlp_ratio: must be > 0, got 0$"),
+    ("sizes: {depth: 1, width: 16, heads: 2}\nsamples: 2", r"samples: only meaningful when a size axis is a"),
+    ("sizes: {depth: 1, width: 16, heads: 2}\ntraining: {seeds: [1, 1]}", r"training\.seeds: repeated seeds"),
+    ("sizes: {depth: 1, width: 16, heads: 2}\ntraining: {test_eval: 1}", r"test_eval: expected true or false"),
+    ("sizes: {depth: 1, width: 16, heads: 2}\ntraining: {fit_examples: 0}",
+     r"training\.fit_examples: is 0 but fit_steps > 0"),
+    ("sizes: {depth: 1, width: 16, heads: 2}\nconstraints: {min_params: 9, max_params: 3}",
+     r"constraints: min_params 9 > max_params 3$"),
+])
+def test_each_problem_is_one_line_naming_the_key(text, match):
+    with pytest.raises(SpaceError, match=match) as e:
+        parse_space(TASK + text + "\n", source="s.yaml")
+    assert "\n" not in str(e.value)
+
+
+def test_task_overrides_and_the_default_name_are_checked_like_the_rest(tmp_path):
+    with pytest.raises(SpaceError, match=r"tasks\[1\]\.name: task name 'digits' used twice"):
+        parse_space(TASK.replace("patch: 2}", "patch: 2}, digits") + "sizes: {depth: 1, width: 16, heads: 2}\n")
+    with pytest.raises(SpaceError, match=r"tasks\[0\]\.training\.fit_examples: is 0 but fit_steps > 0"):
+        parse_space(TASK.replace("patch: 2", "patch: 2, training: {fit_steps: 10}")  # the space's 0 examples
+                    + "sizes: {depth: 1, width: 16, heads: 2}\ntraining: {fit_steps: 0, fit_examples: 0}\n")
+    bad_name = tmp_path / "my space.yaml"  # the file stem is the default name, and must be a name too
+    bad_name.write_text(TASK + "sizes: {depth: 1, width: 16, heads: 2}\n")
+    with pytest.raises(SpaceError, match=r"name: expected a name without spaces"):
+        load_space(bad_name)
+    space = parse_space(TASK.replace("patch: 2", "patch: 2, training: {epochs: 5}")
+                        + "sizes: {depth: 1, width: 16, heads: 2}\ntraining: {epochs: 4, batch_size: 32}\n")
+    settings = space.tasks[0].training
+    assert (settings["epochs"], settings["batch_size"], settings["lr"], settings["weight_decay"]) == (5, 32, 1e-3, 0.05)
+    assert isinstance(parse_space(TASK + "sizes: {depth: 1, width: 16, heads: 2}\ntraining: {weight_decay: 0}\n")
+                      .tasks[0].training["weight_decay"], float)  # 0 and 0.0 hash differently in a trial key
+
+
+@pytest.mark.parametrize("space, bank_block, n, digest", [
+    ("ci.yaml", 16, 16, "7eea95e6e79b5354"),
+    ("fmnist_sizes.yaml", 16, 4104, "49bf1f38bf631f40"),
+])
+def test_shipped_spaces_keep_their_trial_keys_and_order(space, bank_block, n, digest):
+    """The keys (hashes of whole trial configs) and their order, recorded before spaces moved to the schema:
+    a ViT trial names no family, and every setting keeps its type."""
+    shapes = {"digits": DIGITS, "fashion_mnist": TaskShape(1, 28, 10)}
+    trials = expand(load_space(ROOT / "tune_spaces" / space), shapes, bank_block=bank_block).trials
+    assert len(trials) == n and not any("family" in t for t in trials)
+    assert hashlib.sha1(" ".join(t["key"] for t in trials).encode()).hexdigest()[:16] == digest
+
