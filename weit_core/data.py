@@ -400,6 +400,22 @@ def load_dataset(name_or_path: str, **kwargs) -> DatasetSplits:
                      "or a path to a parquet file / folder of parquet files with `image` and `label` columns")
 
 
+def limit_splits(splits: DatasetSplits, limit: int, seed: int = 0) -> DatasetSplits:
+    """At most ``limit`` rows per split (seeded), the rule ``load_fashion_mnist(limit=)`` applies."""
+    from dataclasses import replace
+
+    return replace(splits, train=splits.train.subset(limit, seed), val=splits.val.subset(limit, seed),
+                   test=splits.test.subset(limit, seed))
+
+
+def load_splits(dataset: str, limit: int | None = None, seed: int = 0) -> DatasetSplits:
+    """:func:`load_dataset` with at most ``limit`` rows per split (Fashion-MNIST takes them while loading)."""
+    if str(dataset).replace("-", "_").lower() == "fashion_mnist":
+        return load_fashion_mnist(limit=limit, seed=seed)
+    splits = load_dataset(dataset)
+    return limit_splits(splits, limit, seed) if limit else splits
+
+
 def to_parquet(ds: ArrayDataset, path: str | Path, *, split: str | None = None) -> Path:
     """One split as parquet with a fixed-shape tensor ``image`` column, the form Ray Data's read_parquet turns
     straight into N×C×H×W numpy batches. A ``split`` column is for :func:`load_parquet`; drop it
@@ -449,3 +465,53 @@ def batch_to_tensors(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.
         raise ValueError(f"batch `image` must be B×C×H×W (or B×H×W), got shape {tuple(x.shape)}")
     y = _tensor(batch["label"], np.int64)
     return x, y
+
+
+# Parquet for Ray Data -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedData:
+    """Parquet files Ray Data reads (train, test) plus what a header records about the data."""
+
+    paths: dict[str, str]
+    info: dict
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_rows: int
+
+
+def prepare_parquet(dataset: str, out_dir: Path, limit: int | None = None, seed: int = 0) -> PreparedData:
+    """Parquet files for Ray Data (workers on other nodes read files, never driver memory).
+
+    A folder already holding ``train.parquet`` + ``test.parquet`` (:func:`export_parquet`) is read as it is;
+    anything else is loaded with :func:`load_splits` and exported into ``out_dir`` once."""
+    folder = Path(dataset)
+    if folder.is_dir() and (folder / "train.parquet").is_file() and (folder / "test.parquet").is_file():
+        if limit:
+            raise ValueError(f"--limit does not apply to the ready parquet folder {folder}; export a smaller one")
+        return describe_parquet(folder, dataset)
+    source = {"dataset": str(dataset), "limit": limit, "seed": seed}
+    marker = Path(out_dir) / "source.json"
+    if marker.is_file():  # exported by an earlier run of this job
+        before = json.loads(marker.read_text())
+        if {k: before.get(k) for k in source} == source:
+            return describe_parquet(Path(out_dir), dataset, name=before.get("name"), limit=limit)
+    splits = load_splits(dataset, limit, seed)
+    export_parquet(splits, out_dir)
+    marker.write_text(json.dumps({**source, "name": splits.name}))
+    return describe_parquet(Path(out_dir), dataset, name=splits.name, limit=limit)
+
+
+def describe_parquet(folder: Path, source: str, name: str | None = None, limit: int | None = None) -> PreparedData:
+    """Rows, image shape and classes from parquet metadata and the label column (no image decoding)."""
+    paths = {s: str(folder / f"{s}.parquet") for s in _SPLITS if (folder / f"{s}.parquet").is_file()}
+    typ = pq.read_schema(paths["train"]).field("image").type
+    if not isinstance(typ, pa.FixedShapeTensorType) or len(typ.shape) != 3:
+        raise ValueError(f"{paths['train']}: `image` is {typ}, not a C×H×W tensor column; write the folder with "
+                         f"weit_core.data.export_parquet")
+    labels = {s: pq.read_table(p, columns=["label"]).column("label").to_numpy() for s, p in paths.items()}
+    num_classes = int(max(int(v.max()) for v in labels.values() if len(v)) + 1)
+    info = {"name": name or folder.name, "source": source, "limit": limit, "input_shape": list(typ.shape),
+            "num_classes": num_classes, **{s: len(v) for s, v in labels.items()}}
+    return PreparedData(paths, info, tuple(int(d) for d in typ.shape), num_classes, len(labels["train"]))
