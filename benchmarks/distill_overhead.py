@@ -30,55 +30,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from pipelines.common import init_ray  # noqa: E402
-from pipelines.distill import (  # noqa: E402
-    DistillConfig,
-    aux_spec,
-    build_model,
-    load_teacher,
-    prepare_data,
-    run_distill,
-    save_train_state,
-    worker_config,
-)
-from weit_core.data import read_parquet_arrays  # noqa: E402
-from weit_core.train import (  # noqa: E402
-    distill_epoch,
-    evaluate,
-    iterate_batches,
-    make_optimizer,
-    seed_everything,
-    warmup_cosine,
-)
+from pipelines.distill import DistillConfig, aux_spec, build_aux, run_distill  # noqa: E402
+from pipelines.runner import save_train_state, worker_config  # noqa: E402
+from weit_core.data import prepare_parquet, read_parquet_arrays  # noqa: E402
+from weit_core.teacher import load_teacher  # noqa: E402
+from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything, warmup_cosine  # noqa: E402
 
 
 def plain_loop(config: DistillConfig, data, spec, teacher, work: Path) -> dict:
     """The same job as one process, no Ray: returns per-epoch train seconds and the total."""
     torch.set_num_threads(config.threads)
     train, test = read_parquet_arrays(data.paths["train"]), read_parquet_arrays(data.paths["test"])
-    cfg = worker_config("elastic", spec, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
+    cfg = worker_config(build_aux, spec, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
                         warmup_epochs=config.warmup_epochs, batch_size=config.batch_size, workers=1,
                         train_rows=data.train_rows, seed=config.seed, threads=config.threads,
                         n_templates=config.n_templates, block=config.block, order=config.order)
     t_start = time.perf_counter()
     seed_everything(config.seed)
-    model = build_model(cfg)
-    optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"])
+    built = build_aux(cfg)
+    optimizer = make_optimizer(built.model, cfg["lr"], cfg["weight_decay"])
     scheduler = warmup_cosine(optimizer, cfg["total_steps"], cfg["warmup_steps"])
     t_model = teacher.model.eval() if teacher else None
-    train_s, steps, state = [], 0, {"epoch": 0, "global_step": 0, "history": [], "starts": [1]}
-    for epoch in range(1, config.epochs + 1):
-        t0 = time.perf_counter()
-        st = distill_epoch(model, iterate_batches(train.x, train.y, cfg["batch_size"], seed=config.seed + epoch),
-                           optimizer, teacher=t_model, tau=config.tau, scheduler=scheduler)
-        train_s.append(time.perf_counter() - t0)
-        ev = evaluate(model, iterate_batches(test.x, test.y, 512, shuffle=False))
-        steps += st["steps"]
-        state.update(epoch=epoch, global_step=steps)
+    train_s, state = [], {"epoch": 0, "global_step": 0, "history": [], "starts": [1]}
+
+    def on_epoch(epoch: int, st: dict) -> None:
+        train_s.append(st["train_s"])
+        ev = evaluate(built.evals["test_acc"], iterate_batches(test.x, test.y, 512, shuffle=False))
+        state.update(epoch=epoch, global_step=state["global_step"] + st["steps"])
         state["history"].append({"epoch": epoch, "loss": st["loss"], "test_acc": ev["acc"]})
         d = work / f"plain_epoch_{epoch}"
         d.mkdir(parents=True, exist_ok=True)
-        save_train_state(d, cfg, model, optimizer, scheduler, state)
-    return {"train_s": train_s, "total_s": time.perf_counter() - t_start, "steps": steps,
+        save_train_state(d, built.keep, optimizer, scheduler, state)
+
+    fit(built.model, lambda epoch: iterate_batches(train.x, train.y, cfg["batch_size"], seed=config.seed + epoch),
+        optimizer, epochs=config.epochs, on_epoch=on_epoch, teacher=t_model, tau=config.tau, scheduler=scheduler)
+    return {"train_s": train_s, "total_s": time.perf_counter() - t_start, "steps": state["global_step"],
             "test_acc": state["history"][-1]["test_acc"]}
 
 
@@ -104,7 +90,7 @@ def main() -> None:
             storage=str(work / "runs"), mlflow_uri=f"sqlite:///{work / 'mlruns.db'}", quiet=True,
         )
         teacher = None if config.mode == "weit" else load_teacher(args.teacher)
-        data = prepare_data(config.dataset, work / "data", config.limit, config.seed)
+        data = prepare_parquet(config.dataset, work / "data", config.limit, config.seed)
         spec = aux_spec(config, data, teacher.spec if teacher else None)
 
         plain = plain_loop(config, data, spec, teacher, work)

@@ -47,27 +47,23 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, opts
 
 
-def size_range(depths: list[int], widths: list[int], head_dim: int):
-    from weit_core.models import ViTSpec
-
-    return [ViTSpec(depth=d, width=w, heads=max(1, w // head_dim)) for d in depths for w in widths]
-
-
 def make_one(name: str, opts: dict, args: argparse.Namespace) -> Path:
     import torch
 
     from weit_core.data import load_dataset
     from weit_core.io import load_model
     from weit_core.models.vit import VIT, ViTSpec
+    from weit_core.sizes import grid, largest, size_range
     from weit_core.stage1 import build_elastic, make_bank, save_elastic
 
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data)
     c, h, _ = data.input_shape
-    sizes = [ViTSpec(depth=s.depth, width=s.width, heads=s.heads, patch=args.patch, img_size=h, in_chans=c,
-                     num_classes=data.num_classes)
-             for s in size_range(args.depths, args.widths, args.head_dim)]
-    ref = max(sizes, key=lambda s: (s.depth, s.width))
+    points = grid(args.depths, args.widths, head_dim=args.head_dim)
+    io = {"patch": args.patch, "img_size": h, "in_chans": c, "num_classes": data.num_classes}
+    plan = size_range(VIT, VIT.make_spec(largest(points, args.head_dim), io), points, block=opts["block"],
+                      width_rule=opts["width_rule"], depth_rule=opts["depth_rule"])
+    ref, sizes = plan.ref, plan.sizes
     teacher = None
     if opts["teacher"] == "ancestry":
         teacher, _ = load_model(args.ancestry)

@@ -37,26 +37,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from pipelines.distill import (  # noqa: E402
-    DistillConfig,
-    load_teacher,
-    parse_sizes,
-    prepare_data,
-    run_distill,
-    size_range,
-)
-from weit_core.data import read_parquet_arrays  # noqa: E402
+from pipelines.distill import DistillConfig, parse_sizes, plan_range, run_distill  # noqa: E402
+from weit_core.data import prepare_parquet, read_parquet_arrays  # noqa: E402
 from weit_core.models import TemplatedModel, create_vit, vit_layout  # noqa: E402
 from weit_core.models.vit import VIT  # noqa: E402
 from weit_core.stage1 import build_elastic, make_bank  # noqa: E402
+from weit_core.teacher import load_teacher  # noqa: E402
 from weit_core.templates import Scalers, TemplateBank  # noqa: E402
-from weit_core.train import (  # noqa: E402
-    distill_epoch,
-    iterate_batches,
-    make_optimizer,
-    seed_everything,
-    warmup_cosine,
-)
+from weit_core.train import fit, iterate_batches, make_optimizer, seed_everything, warmup_cosine  # noqa: E402
 
 ANCESTRY = Path(__file__).resolve().parents[1] / "docs" / "data" / "fmnist_ancestry.safetensors"
 
@@ -83,10 +71,9 @@ def templated_in_process(config: DistillConfig, plan, teacher, train) -> list[fl
     steps = len(train.x) // config.batch_size
     sched = warmup_cosine(opt, steps * config.epochs, steps)
     marks = [time.perf_counter()]
-    for epoch in range(1, config.epochs + 1):
-        distill_epoch(model, iterate_batches(train.x, train.y, config.batch_size, seed=config.seed * 1000 + epoch,
-                                             drop_last=True), opt, teacher=teacher, tau=config.tau, scheduler=sched)
-        marks.append(time.perf_counter())
+    fit(model, lambda epoch: iterate_batches(train.x, train.y, config.batch_size, seed=config.seed * 1000 + epoch,
+                                             drop_last=True), opt, epochs=config.epochs,
+        on_epoch=lambda *_: marks.append(time.perf_counter()), teacher=teacher, tau=config.tau, scheduler=sched)
     return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
@@ -139,8 +126,8 @@ def main() -> None:
             head_dim=args.head_dim, n_random=args.n_random, storage=str(work / "runs"),
             mlflow_uri=f"sqlite:///{work / 'mlruns.db'}", quiet=True)
         teacher = None if config.mode == "weit" else load_teacher(args.teacher)
-        data = prepare_data(config.dataset, work / "data", config.limit, config.seed)
-        plan = size_range(config, data, teacher.spec if teacher else None)
+        data = prepare_parquet(config.dataset, work / "data", config.limit, config.seed)
+        plan = plan_range(config, data, teacher.spec if teacher else None)
         train = read_parquet_arrays(data.paths["train"])
         t_model = teacher.model.eval() if teacher else None
 

@@ -3,13 +3,13 @@
 A bank can only carry what its ancestry knows, so the default recipe is the one that gets a 6x96 ViT
 (patch 4) to >= 88% Fashion-MNIST test accuracy on 2 CPU cores: AdamW, peak lr 1e-3, one warm-up epoch
 then cosine, batch 128, 12 epochs. ``workers=0`` trains in this process (fastest on one small machine);
-``workers>0`` runs the same loop on Ray Train (DDP, checkpoints, resume) through ``pipelines.distill``.
-The result is a weit model file (``weit_core.io.save_model``) that ``weit distill --teacher`` reads.
+``workers>0`` runs the same loop (``weit_core.train.fit``) on Ray Train through ``pipelines.runner`` (DDP,
+checkpoints, resume). The result is a weit model file (``weit_core.io.save_model``) that ``weit distill
+--teacher`` reads.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -18,55 +18,42 @@ import torch
 import typer
 
 from pipelines.common import UserError, git_revision, init_ray, storage_path
-from pipelines.distill import (
+from pipelines.runner import (
     PREFIX,
-    Tracker,
-    _job_guard,
-    _print_epoch,
-    _threads,
+    Built,
+    job_dir,
+    job_guard,
     job_name,
-    limit_splits,
-    prepare_data,
-    ray_datasets,
+    print_epoch,
     run_on_ray,
+    threads_for,
     worker_config,
 )
-from weit_core.io import load_model, save_model
+from pipelines.tracking import Tracker
+from weit_core.data import load_splits, prepare_parquet
+from weit_core.io import save_model
 from weit_core.models import ViTSpec, create_vit
-from weit_core.train import (
-    evaluate,
-    iterate_batches,
-    make_optimizer,
-    seed_everything,
-    train_epoch,
-    warmup_cosine,
-)
+from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything, warmup_cosine
 
 EXPERIMENT = "weit-ancestry"
 EVAL_BATCH = 512
 
 
-def _load_splits(dataset: str, limit: int | None, seed: int):
-    from weit_core import data as wdata
-
-    try:
-        if dataset.replace("-", "_").lower() == "fashion_mnist":
-            return wdata.load_fashion_mnist(limit=limit, seed=seed)
-        splits = wdata.load_dataset(dataset)
-    except (wdata.DataNotFoundError, ValueError) as e:
-        raise UserError(str(e).splitlines()[0]) from e
-    return limit_splits(splits, limit, seed) if limit else splits
-
-
-def _spec(depth: int, width: int, heads: int, patch: int, mlp_ratio: float, input_shape, num_classes: int) -> ViTSpec:
+def _spec(s: dict, input_shape, num_classes: int) -> ViTSpec:
     c, h, w = input_shape
     if h != w:
         raise UserError(f"images are {h}x{w}; the ViT specs here need square images")
     try:
-        return ViTSpec(depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio, patch=patch, img_size=h,
-                       in_chans=c, num_classes=num_classes)
+        return ViTSpec(depth=s["depth"], width=s["width"], heads=s["heads"], mlp_ratio=s["mlp_ratio"],
+                       patch=s["patch"], img_size=h, in_chans=c, num_classes=num_classes)
     except ValueError as e:
         raise UserError(f"ancestry spec: {e}") from e
+
+
+def build_plain(cfg: dict) -> Built:
+    """What a Ray Train worker trains and evaluates: the ancestry ViT itself."""
+    model = create_vit(ViTSpec.from_dict(cfg["spec"]))
+    return Built(model, model, {"test_acc": model})
 
 
 def train_ancestry(
@@ -85,9 +72,19 @@ def train_ancestry(
                 "mlp_ratio": mlp_ratio, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
                 "warmup_epochs": warmup_epochs, "batch_size": batch_size, "seed": seed, "workers": workers,
                 "limit": limit, "cpus_per_worker": cpus_per_worker, "threads": threads}
-    if workers == 0:
-        return _train_in_process(settings, out, mlflow_uri, experiment, quiet)
-    return _train_on_ray(settings, out, mlflow_uri, experiment, quiet, storage, address)
+    train = _train_in_process if workers == 0 else _train_on_ray
+    t_start = time.perf_counter()
+    model, spec, metrics, info, tracker = train(settings, out, mlflow_uri, experiment, quiet, storage, address)
+    now = {"epochs_now": info.pop("epochs_now")} if "epochs_now" in info else {}
+    with tracker:
+        wall = time.perf_counter() - t_start
+        save_model(out, model, spec, {"dataset": dataset, **info, "metrics": metrics, "wall_s": wall,
+                                      "recipe": settings, "git": git_revision(), "mlflow_run_id": tracker.run_id})
+        tracker.finish({"final_test_acc": metrics["test_acc"], "wall_s": wall,
+                        **({"final_val_acc": metrics["val_acc"]} if "val_acc" in metrics else {})}, [out])
+    if not quiet:
+        print(f"{PREFIX} ancestry written to {out}: test_acc {metrics['test_acc']:.4f} in {wall:.0f}s", flush=True)
+    return out, {**metrics, "wall_s": wall, "run_id": tracker.run_id, "spec": spec.to_dict(), **now}
 
 
 def _tracker(uri, experiment, job, settings, spec: ViTSpec, data_name: str) -> Tracker:
@@ -97,98 +94,61 @@ def _tracker(uri, experiment, job, settings, spec: ViTSpec, data_name: str) -> T
     return Tracker(uri, experiment, job, params, tags)
 
 
-def _train_in_process(s: dict, out: Path, mlflow_uri, experiment, quiet) -> tuple[Path, dict]:
-    splits = _load_splits(s["dataset"], s["limit"], s["seed"])
-    spec = _spec(s["depth"], s["width"], s["heads"], s["patch"], s["mlp_ratio"], splits.input_shape,
-                 splits.num_classes)
+def _train_in_process(s: dict, out: Path, mlflow_uri, experiment, quiet, *_):
+    splits = load_splits(s["dataset"], s["limit"], s["seed"])
+    spec = _spec(s, splits.input_shape, splits.num_classes)
     if s["threads"]:
         torch.set_num_threads(s["threads"])
     # a fresh MLflow run per in-process job (no resume here: that is what --workers > 0 is for)
     tracker = _tracker(mlflow_uri, experiment, f"{job_name(out, 'ancestry')}-{int(time.time())}", s, spec,
                        splits.name)
     x, y = splits.train.x, splits.train.y
-    seed_everything(s["seed"])
-    model = create_vit(spec)
-    optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
-    steps = -(-len(x) // s["batch_size"])
-    scheduler = warmup_cosine(optimizer, steps * s["epochs"], round(steps * s["warmup_epochs"]))
-    if not quiet:
-        print(f"{PREFIX} ancestry {spec.depth}x{spec.width} ({spec.num_params():,} params) on {splits.name}: "
-              f"{len(x):,} train examples, {s['epochs']} epochs, in-process ({torch.get_num_threads()} threads)",
-              flush=True)
-    t_start = time.perf_counter()
-    metrics: dict = {}
-    try:
-        for epoch in range(1, s["epochs"] + 1):
+    with tracker:
+        seed_everything(s["seed"])
+        model = create_vit(spec)
+        optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
+        steps = -(-len(x) // s["batch_size"])
+        scheduler = warmup_cosine(optimizer, steps * s["epochs"], round(steps * s["warmup_epochs"]))
+        if not quiet:
+            print(f"{PREFIX} ancestry {spec.depth}x{spec.width} ({spec.num_params():,} params) on {splits.name}: "
+                  f"{len(x):,} train examples, {s['epochs']} epochs, in-process ({torch.get_num_threads()} threads)",
+                  flush=True)
+        metrics: dict = {}
+
+        def on_epoch(epoch: int, st: dict) -> None:
             t0 = time.perf_counter()
-            st = train_epoch(model, iterate_batches(x, y, s["batch_size"], seed=s["seed"] * 100_003 + epoch),
-                             optimizer, scheduler=scheduler)
             val = evaluate(model, iterate_batches(splits.val.x, splits.val.y, EVAL_BATCH, shuffle=False))
             test = evaluate(model, iterate_batches(splits.test.x, splits.test.y, EVAL_BATCH, shuffle=False))
-            metrics = {"epoch": epoch, "loss": st["loss"], "train_acc": st["acc"], "val_acc": val["acc"],
-                       "test_acc": test["acc"], "lr": optimizer.param_groups[0]["lr"],
-                       "epoch_s": time.perf_counter() - t0}
+            metrics.update(epoch=epoch, loss=st["loss"], train_acc=st["acc"], val_acc=val["acc"], test_acc=test["acc"],
+                           lr=optimizer.param_groups[0]["lr"], epoch_s=st["train_s"] + time.perf_counter() - t0)
             tracker.log_epoch(metrics)
             if not quiet:
-                _print_epoch("ancestry", s["epochs"], metrics)
-        wall = time.perf_counter() - t_start
-        info = {"dataset": s["dataset"], "data": splits.name, "metrics": metrics, "wall_s": wall,
-                "recipe": s, "git": git_revision(), "mlflow_run_id": tracker.run_id}
-        save_model(out, model, spec, info)
-        tracker.finish({"final_test_acc": metrics["test_acc"], "final_val_acc": metrics["val_acc"],
-                        "wall_s": wall}, [out])
-    except BaseException:
-        tracker.finish({}, [], status="FAILED")
-        raise
-    if not quiet:
-        print(f"{PREFIX} ancestry written to {out}: test_acc {metrics['test_acc']:.4f} in {wall:.0f}s", flush=True)
-    return out, {**metrics, "wall_s": wall, "run_id": tracker.run_id, "spec": spec.to_dict()}
+                print_epoch("ancestry", s["epochs"], metrics)
+
+        fit(model, lambda epoch: iterate_batches(x, y, s["batch_size"], seed=s["seed"] * 100_003 + epoch), optimizer,
+            epochs=s["epochs"], on_epoch=on_epoch, scheduler=scheduler)
+    return model, spec, metrics, {"data": splits.name}, tracker
 
 
-def _train_on_ray(s: dict, out: Path, mlflow_uri, experiment, quiet, storage, address) -> tuple[Path, dict]:
+def _train_on_ray(s: dict, out: Path, mlflow_uri, experiment, quiet, storage, address):
     name = job_name(out, "ancestry")
     storage = storage_path(storage)
-    job_dir = Path(storage) / name
-    data = prepare_data(s["dataset"], job_dir / "data", s["limit"], s["seed"])
-    spec = _spec(s["depth"], s["width"], s["heads"], s["patch"], s["mlp_ratio"], data.input_shape, data.num_classes)
-    resumed = _job_guard(job_dir, json.loads(json.dumps(s)))
+    directory = job_dir(storage, name)
+    data = prepare_parquet(s["dataset"], directory / "data", s["limit"], s["seed"])
+    spec = _spec(s, data.input_shape, data.num_classes)
+    resumed = job_guard(directory, s)
     init_ray(address)
-    cfg = worker_config("plain", spec, epochs=s["epochs"], lr=s["lr"], weight_decay=s["weight_decay"],
+    cfg = worker_config(build_plain, spec, epochs=s["epochs"], lr=s["lr"], weight_decay=s["weight_decay"],
                         warmup_epochs=s["warmup_epochs"], batch_size=s["batch_size"], workers=s["workers"],
-                        train_rows=data.train_rows, seed=s["seed"],
-                        threads=_threads(s["cpus_per_worker"], s["threads"]))
+                        train_rows=data.train_rows, seed=s["seed"], threads=threads_for(s["cpus_per_worker"], s["threads"]))
     tracker = _tracker(mlflow_uri, experiment, name, s, spec, data.info["name"])
     if not quiet:
         print(f"{PREFIX} ancestry {spec.depth}x{spec.width} on {data.info['name']}: {data.train_rows:,} train "
               f"examples, {s['workers']} Ray Train worker(s){', resuming' if resumed else ''}", flush=True)
-
-    def on_epoch(m: dict) -> None:
-        tracker.log_epoch(m)
-        if not quiet:
-            _print_epoch("ancestry", s["epochs"], m)
-
-    t_start = time.perf_counter()
-    try:
-        run = run_on_ray(cfg, ray_datasets(data), name=name, storage=storage, workers=s["workers"],
-                         cpus_per_worker=s["cpus_per_worker"], use_gpu=False, max_failures=1, on_epoch=on_epoch)
-        if run.state is None or run.checkpoint_dir is None:
-            raise RuntimeError(f"Ray Train job {name} ended without a checkpoint")
-        for m in run.state["history"]:
-            tracker.log_epoch(m)
-        metrics = dict(run.state["history"][-1])
-        wall = time.perf_counter() - t_start
-        model, _ = load_model(run.checkpoint_dir / "model.safetensors")
-        info = {"dataset": s["dataset"], "data": data.info, "metrics": metrics, "wall_s": wall, "recipe": s,
-                "git": git_revision(), "mlflow_run_id": tracker.run_id, "job": name}
-        save_model(out, model, spec, info)
-        tracker.finish({"final_test_acc": metrics["test_acc"], "wall_s": wall}, [out])
-    except BaseException:
-        tracker.finish({}, [], status="FAILED")
-        raise
-    if not quiet:
-        print(f"{PREFIX} ancestry written to {out}: test_acc {metrics['test_acc']:.4f} in {wall:.0f}s", flush=True)
-    return out, {**metrics, "wall_s": wall, "run_id": tracker.run_id, "spec": spec.to_dict(),
-                 "epochs_now": len(run.epochs_now)}
+    with tracker:
+        run = run_on_ray(cfg, data, tracker, stage="ancestry", name=name, storage=storage, workers=s["workers"],
+                         cpus_per_worker=s["cpus_per_worker"], quiet=quiet)
+    return run.weights(cfg), spec, run.final, {"data": data.info, "job": name, "epochs_now": len(run.epochs_now)}, tracker
 
 
 def ancestry_command(

@@ -15,19 +15,16 @@ import contextlib
 import logging
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, TextIO
 
 import typer
 
 from pipelines.common import UserError
-from pipelines.mlflow_server import LOOPBACK, free_port, live_pids, wait_http
 
 SUBMITTABLE = ("distill", "sweep", "quickstart")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -215,83 +212,3 @@ def submit_command(
     reason = outcome.message.splitlines()[0].split(", last available logs")[0] if outcome.exit_code else ""
     typer.echo(f"job {job_id} {outcome.status}" + (f": {reason}" if reason else ""))
     raise typer.Exit(outcome.exit_code)
-
-
-@dataclass
-class LocalHead:
-    """A loopback Ray head we started (``ray start --head --block`` in its own session, its own temp dir)."""
-
-    address: str  # GCS address, for ray.init / RAY_ADDRESS
-    dashboard_url: str  # Jobs API address
-    temp_dir: Path
-    proc: subprocess.Popen = field(repr=False)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop this head only: SIGTERM its ``--block`` process (it shuts down its own GCS, raylet and
-        dashboard), then SIGKILL what is left of *our* session (workers get their own process groups) and any
-        process naming our private temp dir. Never ``ray stop``: that stops every Ray on the machine."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in set(live_pids(sid=self.proc.pid)) | set(_pids_mentioning(str(self.temp_dir))):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def __enter__(self) -> LocalHead:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def _pids_mentioning(needle: str) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            if needle.encode() in (p / "cmdline").read_bytes():
-                pids.append(int(p.name))
-        except OSError:
-            continue
-    return pids
-
-
-def start_local_head(num_cpus: int = 2, *, temp_dir: str | Path | None = None, env: dict[str, str] | None = None,
-                     timeout: float = 120.0) -> LocalHead:
-    """A private single-node Ray cluster on 127.0.0.1 with its own free ports and temp dir, so it neither
-    collides with nor can be stopped by another Ray on this machine. ``env`` reaches every job and worker
-    (e.g. ``MLFLOW_TRACKING_URI``), as cluster.yaml does on real nodes."""
-    import tempfile
-
-    tmp = Path(temp_dir or tempfile.mkdtemp(prefix="weit-ray-", dir="/tmp"))  # short: unix socket paths
-    ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
-                                       "object-manager-port", "dashboard-agent-listen-port",
-                                       "dashboard-agent-grpc-port", "metrics-export-port",
-                                       "runtime-env-agent-port")}
-    ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address", LOOPBACK, "--dashboard-host", LOOPBACK,
-           "--include-dashboard", "true", "--num-cpus", str(num_cpus), "--temp-dir", str(tmp),
-           "--disable-usage-stats", *[a for k, v in ports.items() for a in (f"--{k}", str(v))]]
-    full_env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
-                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # a private test head: no 30 s drain on stop
-                "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
-    full_env.pop("RAY_ADDRESS", None)
-    log = tmp / "ray-start.log"
-    tmp.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=full_env)
-    head = LocalHead(f"{LOOPBACK}:{ports['port']}", f"http://{LOOPBACK}:{ports['dashboard-port']}", tmp, proc)
-    try:
-        wait_http(f"{head.dashboard_url}/api/version", timeout, proc, log)
-    except BaseException:
-        head.stop()
-        raise
-    return head

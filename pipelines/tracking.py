@@ -210,6 +210,14 @@ class Tracker:
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, typ: type | None, *_: object) -> None:
+        """A job that raised (or was interrupted) leaves its run FAILED, never RUNNING."""
+        if typ is not None:
+            self.finish({}, [], status="FAILED")
+
     def log_epoch(self, metrics: dict) -> None:
         epoch = int(metrics["epoch"])
         if epoch not in self.logged:

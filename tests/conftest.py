@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from weit_core.models import ViTSpec, create_vit  # noqa: E402
 from weit_core.models.vit import VIT  # noqa: E402
 from weit_core.stage1 import build_elastic, make_bank  # noqa: E402
-from weit_core.train import distill_epoch, evaluate, iterate_batches, make_optimizer, seed_everything  # noqa: E402
+from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything  # noqa: E402
 
 # one thread: the test models are tiny, and Ray workers/servers share the 2 cores (2 threads each oversubscribe)
 torch.set_num_threads(1)
@@ -49,9 +49,8 @@ def digits_ancestry(digits):
     """A small ViT trained on digits (the teacher for test banks): ~92% val accuracy in ~15 s."""
     seed_everything(0)
     model = create_vit(DIGITS_ANCESTRY)
-    opt = make_optimizer(model, 3e-3)
-    for ep in range(30):
-        distill_epoch(model, iterate_batches(digits.train.x, digits.train.y, 64, seed=ep), opt)
+    fit(model, lambda epoch: iterate_batches(digits.train.x, digits.train.y, 64, seed=epoch - 1),
+        make_optimizer(model, 3e-3), epochs=30)
     acc = evaluate(model, iterate_batches(digits.val.x, digits.val.y, 256, shuffle=False))["acc"]
     return model.eval(), acc
 

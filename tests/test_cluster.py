@@ -157,9 +157,10 @@ def test_private_head_loopback_submit_exit_code_and_clean_stop(capsys, monkeypat
     checkout, runs the command there and exits with the job's own code (2 and the one-line error for bad
     input inside the job); `stop()` ends exactly this head's processes (no `ray stop`, which would stop
     every Ray on the machine)."""
+    from ray_machinery import start_local_head
+
     from pipelines.cli import main
     from pipelines.mlflow_server import live_pids
-    from pipelines.submit import start_local_head
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     head = start_local_head(num_cpus=1)
@@ -186,9 +187,9 @@ def test_submit_sweep_through_jobs_api_logs_to_mlflow_server(digits_bank, mlflow
     """`weit submit sweep --wait` to a private Ray head whose nodes carry MLFLOW_TRACKING_URI (as cluster.yaml
     sets it): the job runs the uploaded checkout, its trials arrive in the MLflow server over HTTP, exit 0."""
     from mlflow import MlflowClient
+    from ray_machinery import start_local_head
 
     from pipelines.cli import main
-    from pipelines.submit import start_local_head
     from weit_core.io import save_bank
 
     bank, aux, _ = digits_bank

@@ -16,27 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DIGITS_ANCESTRY
+from ray_machinery import CrashAfter, ship_by_value
 from safetensors.torch import save_file
 
 from pipelines.common import UserError
-from pipelines.distill import (
-    DistillConfig,
-    aux_of,
-    build_model,
-    load_teacher,
-    load_train_state,
-    prepare_data,
-    reseed_draws,
-    run_distill,
-    scaling_config,
-    size_range,
-)
+from pipelines.distill import DistillConfig, build_aux, plan_range, run_distill
+from pipelines.runner import load_train_state, scaling_config
+from weit_core.data import prepare_parquet
 from weit_core.io import load_bank, load_model, save_model
 from weit_core.models import ViTSpec, vit_kinds
 from weit_core.models.elastic import AtSize
 from weit_core.models.vit import VIT
 from weit_core.stage1 import load_elastic
 from weit_core.strategies import init_model
+from weit_core.teacher import TeacherError, load_teacher
 from weit_core.train import evaluate, iterate_batches
 
 CI_SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "ci.yaml"
@@ -113,10 +106,8 @@ def test_wave_bank_file_header_and_mlflow(wave_run, base_config, digits):
     # The aux model rebuilt from the last checkpoint (templated weights = bank x scalers, nothing else)
     # scores on the real test split exactly what the workers reported.
     ckpt = Path(metrics["checkpoint"])
-    cfg = {"kind": "elastic", "spec": DIGITS_ANCESTRY.to_dict(), "n_templates": 4, "block": 16,
-           "order": "scaler_major"}
-    aux = build_model(cfg)
-    load_train_state(ckpt, cfg, aux)
+    aux = build_aux(_elastic_cfg(DIGITS_ANCESTRY)).keep
+    load_train_state(ckpt, aux)
     acc = evaluate(aux, iterate_batches(digits.test.x, digits.test.y, 256, shuffle=False))["acc"]
     assert acc == pytest.approx(metrics["test_acc"], abs=1e-9)
 
@@ -171,7 +162,7 @@ def range_run(ray_session, base_config, work):
 
 
 def _elastic_cfg(spec: ViTSpec) -> dict:
-    return {"kind": "elastic", "spec": spec.to_dict(), "n_templates": 4, "block": 16, "order": "scaler_major"}
+    return {"spec": spec.to_dict(), "n_templates": 4, "block": 16, "order": "scaler_major"}
 
 
 def test_range_bank_header_rebuild_and_every_watched_size(range_run, digits):
@@ -190,8 +181,8 @@ def test_range_bank_header_rebuild_and_every_watched_size(range_run, digits):
 
     # the aux model of the last checkpoint (its head included) scores, at each watched size, exactly what
     # the workers reported; the bank file rebuilds the same model at every size of the range
-    aux = aux_of(build_model(_elastic_cfg(DIGITS_ANCESTRY)))
-    load_train_state(Path(metrics["checkpoint"]), _elastic_cfg(DIGITS_ANCESTRY), aux)
+    aux = build_aux(_elastic_cfg(DIGITS_ANCESTRY)).keep
+    load_train_state(Path(metrics["checkpoint"]), aux)
     for label in ("1x16x1", "2x32x2"):
         size = next(s for s in RANGE_SIZES if s.label == label)
         got = evaluate(AtSize(aux, size), iterate_batches(digits.test.x, digits.test.y, 256, shuffle=False))["acc"]
@@ -226,17 +217,20 @@ def test_range_bank_initializes_its_smallest_size_better_than_a_random_bank(rang
 
 
 def test_range_run_killed_mid_epoch_resumes_bit_for_bit(range_run, base_config, work):
-    """Rank 1 SIGKILLs itself 2 steps into epoch 2; Ray Train restarts the worker group from the epoch-1
+    """Rank 1 SIGKILLs itself 2 steps into epoch 2 (a test hook through ``wrap_batches``); Ray Train restarts the worker group from the epoch-1
     checkpoint (the whole aux model, optimizer and scheduler). Data order is a function of (seed, epoch) only
     (preserve_order + seeded local shuffle), the sandwich's size draws restart from (seed, epoch) every epoch,
     and the gloo all-reduce of 2 ranks is commutative, so the final bank equals the uninterrupted range run's
     exactly. (The reference-only path checkpoints and restores through the same code.)"""
     config, out, clean = range_run
-    killed_out, metrics = run_distill(replace(config, out=str(work / "range_killed.safetensors"), fail_at_epoch=2))
+    ship_by_value()
+    marker = work / "killed" / "fail_at_epoch_2"
+    killed_out, metrics = run_distill(replace(config, out=str(work / "range_killed.safetensors"),
+                                              wrap_batches=CrashAfter(epoch=2, marker=marker)))
     header = load_bank(killed_out).header
     assert header["attempt_starts"] == [1, 2]  # the second attempt started at epoch 2, not 1
     assert header["epochs"] == RANGE_EPOCHS and metrics["resumed_from_epoch"] == 1
-    assert any(p.name == "fail_at_epoch_2" for p in (work / "runs").glob("distill-range_killed-*/*"))
+    assert marker.read_text().startswith("killed pid")  # the worker really died
     a, b = _tensors(out), _tensors(killed_out)
     free_a, free_b = load_bank(out).free, load_bank(killed_out).free
     for k in a:
@@ -249,11 +243,11 @@ def test_range_run_killed_mid_epoch_resumes_bit_for_bit(range_run, base_config, 
 def test_every_rank_draws_the_same_sizes():
     """Two ranks build the model from the same config and reseed each epoch as train_worker does."""
     cfg = {**_elastic_cfg(DIGITS_ANCESTRY), "sizes": [s.to_dict() for s in RANGE_SIZES], "n_random": 1, "seed": 3}
-    ranks = [build_model(cfg), build_model(cfg)]
-    for epoch in (1, 2):
-        for m in ranks:
-            reseed_draws(m, cfg["seed"], epoch)
-        a, b = ([m.draw() for _ in range(20)] for m in ranks)
+    ranks = [build_aux(cfg), build_aux(cfg)]
+    for e in (1, 2):
+        for built in ranks:
+            built.on_epoch_start(e)
+        a, b = ([built.model.draw() for _ in range(20)] for built in ranks)
         assert a == b and len({tuple(d) for d in a}) > 1  # the same draws, and not always the same size
         assert all(d[:2] == [RANGE_SIZES[-1], RANGE_SIZES[0]] for d in a)  # largest and smallest every step
 
@@ -261,8 +255,8 @@ def test_every_rank_draws_the_same_sizes():
 def test_space_range_keeps_the_sizes_the_sweep_keeps(digits_parquet, work):
     from pipelines.spaces import TaskShape, check_size, load_space, size_points
 
-    data = prepare_data(str(digits_parquet), work / "space_data")
-    plan = size_range(DistillConfig(space=str(CI_SPACE)), data, None)
+    data = prepare_parquet(str(digits_parquet), work / "space_data")
+    plan = plan_range(DistillConfig(space=str(CI_SPACE)), data, None)
     space = load_space(CI_SPACE)
     keep = [p for p in size_points(space) if not check_size(p, TaskShape(1, 8, 10), 2, space.constraints, 16)]
     assert {(s.depth, s.width, s.heads, s.mlp_ratio) for s in plan.sizes} == {
@@ -271,6 +265,24 @@ def test_space_range_keeps_the_sizes_the_sweep_keeps(digits_parquet, work):
     ref = plan.ref  # max depth, max width, max MLP ratio of the range; the patch of the space's task
     assert (ref.depth, ref.width, ref.mlp_ratio, ref.patch) == (max(p["depth"] for p in keep),
                                                                 max(p["width"] for p in keep), 2.0, 2)
+
+
+def test_distill_flags_and_make_banks_plan_the_same_range(digits_parquet, work):
+    """`--depths 1,2 --widths 16,32 --head-dim 16` and make_banks' grid go through one planner
+    (``weit_core.sizes``): the same reference (the largest size) and sizes, smallest first; a size the
+    reference cannot reach by the resize rule is an error that names it."""
+    from weit_core.sizes import grid, largest, size_range
+
+    data = prepare_parquet(str(digits_parquet), work / "plan_data")
+    plan = plan_range(DistillConfig(aux={"patch": 2}, **RANGE), data, None)
+    points = grid([1, 2], [16, 32], head_dim=16)
+    io = {"patch": 2, "img_size": 8, "in_chans": 1, "num_classes": 10}
+    same = size_range(VIT, VIT.make_spec(largest(points, 16), io), points, block=16)
+    assert plan.ref == same.ref == DIGITS_ANCESTRY
+    assert plan.sizes == same.sizes == sorted(RANGE_SIZES, key=lambda s: s.num_params())
+    assert plan.watch == [RANGE_SIZES[0], DIGITS_ANCESTRY] and plan.draws_per_step(1) == 3
+    with pytest.raises(ValueError, match=r"size 1x24x1x4 of the range: width 24 is not a multiple of the template"):
+        size_range(VIT, DIGITS_ANCESTRY, [{"depth": 1, "width": 24, "heads": 1, "mlp_ratio": 4.0}], block=16)
 
 
 BAD_RANGES = {
@@ -323,13 +335,13 @@ def test_timm_name_and_plain_checkpoint_as_teacher(digits_ancestry, digits, tmp_
     x = digits.test.x[:32]
     with torch.no_grad():
         torch.testing.assert_close(t.model(x), model.eval()(x))
-    with pytest.raises(UserError, match="--teacher-checkpoint"):
+    with pytest.raises(TeacherError, match="--teacher-checkpoint"):
         load_teacher("vit_tiny_patch16_224")
-    with pytest.raises(UserError, match="plain safetensors"):
+    with pytest.raises(TeacherError, match="plain safetensors"):
         load_teacher(str(ckpt))
-    with pytest.raises(UserError, match="neither a file nor a timm model"):
+    with pytest.raises(TeacherError, match="neither a file nor a timm model"):
         load_teacher("vit_no_such_model")
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(TeacherError, match="not found"):
         load_teacher(str(tmp_path / "missing.safetensors"))
 
 

@@ -167,8 +167,9 @@ def test_train_worker_killed_in_a_submitted_distill_job_resumes(digits_ancestry,
     (two attempts in the bank header), and each epoch is logged to MLflow exactly once."""
     from conftest import DIGITS_ANCESTRY
     from mlflow import MlflowClient
+    from ray_machinery import start_local_head
 
-    from pipelines.submit import connect, follow_job, start_local_head, submit_job
+    from pipelines.submit import connect, follow_job, submit_job
     from weit_core.io import load_bank, save_model
 
     model, acc = digits_ancestry

@@ -4,7 +4,6 @@ that the sandwich rule trains, for any family. ``weit distill`` (from flags or a
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -81,14 +80,3 @@ def size_range(family: Family, ref: Any, points: list[dict], *, block: int, widt
             sizes.append(spec)
     return SizeRange(ref, sorted(sizes, key=lambda s: s.num_params()), source, dict(dropped or {}))
 
-
-def keep_sizes(points: list[dict], check: Any) -> tuple[list[dict], dict]:
-    """The points ``check(point)`` finds no drop reason for, and the others counted by reason."""
-    kept, dropped = [], Counter()
-    for p in points:
-        reason = check(p)
-        if reason:
-            dropped[reason] += 1
-        else:
-            kept.append(p)
-    return kept, dict(dropped)

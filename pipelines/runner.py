@@ -1,0 +1,375 @@
+"""The one Ray Train runner, for ``weit distill`` and ``weit ancestry --workers N``.
+
+Worker side: :func:`train_worker` builds what the job trains from its config (``cfg["build"](cfg)``, a
+:class:`Built`), resumes from the last checkpoint, and runs ``weit_core.train.fit`` over its Ray Data shard
+(DDP via ``prepare_model``). After every epoch it evaluates on the test split (each rank its slice, the sums
+all-reduced), reports, and rank 0 checkpoints weights (safetensors), optimizer and scheduler. A job differs
+only by what it builds and evaluates. Data order is a function of (seed, epoch) only, so a restarted worker
+group redoes a lost epoch exactly (``FailureConfig``), and re-running a command resumes it: Ray Train V2
+restores a run from its ``(storage_path, name)``, and the name is derived from the output file.
+
+Driver side: :func:`run_on_ray` starts the ``TorchTrainer`` and hands rank 0's report of each epoch, as it
+comes, to the job's MLflow run and the terminal (a controller callback pushes it into a Ray queue).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import queue as queue_lib
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.data
+import ray.train
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipelines.common import UserError
+from pipelines.tracking import Tracker
+from weit_core.data import PreparedData, batch_to_tensors
+from weit_core.teacher import rebuild_teacher
+from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything, warmup_cosine
+
+PREFIX = "[weit]"
+JOB_FILE = "weit_job.json"
+EVAL_BATCH = 512
+SHUFFLE_BUFFER_MAX = 32768
+"""Rows each worker keeps for its local shuffle; a shard up to this size is fully shuffled every epoch."""
+MATERIALIZE_MAX_BYTES = 2 << 30
+
+WrapBatches = Callable[..., Iterator]
+"""``wrap(batches, *, epoch, rank, world) -> batches``: called in every worker around each epoch's training
+batches (an iterator of ``(x, y)``), for instrumentation: timing, logging, or a test's injected fault."""
+
+
+@dataclass
+class Built:
+    """What a job's ``build(cfg)`` gives each worker."""
+
+    model: nn.Module
+    """Trained (DDP-wrapped by the runner)."""
+    keep: nn.Module
+    """What a checkpoint holds and the driver reads back: ``model``, or the part of it the job keeps."""
+    evals: dict[str, nn.Module]
+    """Metric name -> model scored on the test split every epoch; ``test_acc`` is the job's own (the teacher's
+    agreement is measured on it). One module under several names is evaluated once."""
+    on_epoch_start: Callable[[int], None] | None = None
+    """Restarts per-epoch randomness (a sandwich's size draws) so a redone epoch repeats the lost one."""
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+def job_name(out: str | Path, prefix: str) -> str:
+    """A stable Ray Train run name for an output file, so re-running the same command resumes it."""
+    path = Path(out).resolve()
+    return f"{prefix}-{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+
+
+def job_dir(storage: str, name: str) -> Path:
+    """Where a job keeps its settings and prepared data (a local temp dir when storage is remote)."""
+    return Path(storage) / name if "://" not in storage else Path(tempfile.gettempdir()) / name
+
+
+def job_guard(directory: Path, settings: dict) -> bool:
+    """Refuse to resume a job directory made with different settings; returns True when resuming."""
+    settings = json.loads(json.dumps(settings, default=str))
+    f = directory / JOB_FILE
+    if f.is_file():
+        before = json.loads(f.read_text())
+        diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if diff:
+            raise UserError(f"{directory} holds a job with different settings ({', '.join(diff[:6])}); rerun "
+                            f"with the same flags to resume, or pass another --out / --name to start a new job")
+        return True
+    directory.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(settings, indent=1, sort_keys=True, default=str))
+    return False
+
+
+def threads_for(cpus_per_worker: float, threads: int | None) -> int:
+    return threads or max(1, math.floor(cpus_per_worker + 0.5))
+
+
+def worker_config(build: Callable[[dict], Built], spec: Any, *, epochs: int, lr: float, weight_decay: float,
+                  warmup_epochs: float, batch_size: int, workers: int, train_rows: int, seed: int, threads: int,
+                  **extra) -> dict:
+    """``train_loop_config`` for :func:`train_worker`: the global batch is split over workers and the LR
+    schedule is laid out over the steps each worker will take (equal shards, so equal step counts)."""
+    per_worker = max(1, batch_size // workers)
+    rows_per_worker = train_rows // workers
+    steps_per_epoch = max(1, math.ceil(rows_per_worker / per_worker))
+    return {"build": build, "spec": spec.to_dict(), "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
+            "batch_size": per_worker, "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * epochs,
+            "warmup_steps": round(steps_per_epoch * warmup_epochs), "seed": seed, "threads": threads,
+            "shuffle_buffer": max(1, min(rows_per_worker, SHUFFLE_BUFFER_MAX)), "teacher": None, "tau": 2.0,
+            "wrap_batches": None, **extra}
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_train_state(d: Path, keep: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    """One epoch's checkpoint directory: weights as safetensors, optimizer/scheduler state, progress."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in keep.state_dict().items()}, str(d / "model.safetensors"))
+    # Our own file, read back only by us with weights_only=True: plain tensors and numbers, no pickled code.
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "optimizer.pt")
+    (d / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def load_train_state(d: Path, keep: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict:
+    """Inverse of :func:`save_train_state`; weights are copied into ``keep`` in place (any device)."""
+    device = next(keep.parameters()).device
+    keep.load_state_dict(load_file(str(d / "model.safetensors"), device=str(device)), strict=True)
+    if optimizer is not None:
+        saved = torch.load(d / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+    return json.loads((d / "state.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    """Sums over workers (the metrics are sums, so uneven shards still average exactly)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.cat([model(x[i:i + EVAL_BATCH].to(device)).argmax(-1).cpu() for i in range(0, len(x), EVAL_BATCH)])
+
+
+def train_worker(cfg: dict) -> None:
+    """Per-worker body: build, maybe resume, then ``fit`` with evaluation + report + checkpoint per epoch."""
+    import ray.train.torch
+
+    t_setup = time.perf_counter()
+    torch.set_num_threads(cfg["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg["seed"])
+    built: Built = cfg["build"](cfg)
+    ddp = ray.train.torch.prepare_model(built.model)  # moves to the device; DDP when world > 1
+    optimizer = make_optimizer(ddp, cfg["lr"], cfg["weight_decay"])
+    scheduler = warmup_cosine(optimizer, cfg["total_steps"], cfg["warmup_steps"])
+    state = {"epoch": 0, "global_step": 0, "history": [], "starts": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_train_state(Path(d), built.keep, optimizer, scheduler)
+    state["starts"].append(state["epoch"] + 1)
+    if state["epoch"] >= cfg["epochs"]:
+        return  # a finished job run again: nothing to redo
+    teacher = rebuild_teacher(ray.get(cfg["teacher"][0]), device) if cfg["teacher"] else None
+    evals = list({id(m): m for m in built.evals.values()}.values())
+
+    # The test split goes whole to every worker (not split); each evaluates its own slice rank::world and
+    # the sums are all-reduced, so the accuracy is over every test example exactly once.
+    xs, ys = zip(*(batch_to_tensors(b) for b in ray.train.get_dataset_shard("test").iter_batches(
+        batch_size=4096, batch_format="numpy")), strict=True)
+    tx, ty = torch.cat(xs)[rank::world], torch.cat(ys)[rank::world]
+    t_labels = _predict(teacher, tx, device) if teacher is not None else None
+    teacher_correct = float((t_labels == ty).sum()) if teacher is not None else 0.0
+    train_shard = ray.train.get_dataset_shard("train")
+    wrap: WrapBatches | None = cfg.get("wrap_batches")
+    t_first: list[float] = []
+
+    def batches(epoch: int) -> Iterator:
+        t_first.append(time.perf_counter())
+        if built.on_epoch_start is not None:
+            built.on_epoch_start(epoch)
+        # Data order is a function of (seed, epoch) only: blocks arrive in a fixed order (preserve_order)
+        # and the local shuffle is seeded, so a resumed epoch sees the batches the lost one saw.
+        raw = train_shard.iter_batches(batch_size=cfg["batch_size"], batch_format="numpy", prefetch_batches=2,
+                                       local_shuffle_buffer_size=cfg["shuffle_buffer"],
+                                       local_shuffle_seed=cfg["seed"] * 100_003 + epoch)
+        out = (batch_to_tensors(b) for b in raw)
+        return wrap(out, epoch=epoch, rank=rank, world=world) if wrap is not None else out
+
+    def on_epoch(epoch: int, st: dict) -> None:
+        t1 = time.perf_counter()
+        accs = [evaluate(m, iterate_batches(tx, ty, EVAL_BATCH, shuffle=False), device=device)["acc"] for m in evals]
+        ag = (evaluate(built.evals["test_acc"], iterate_batches(tx, t_labels, EVAL_BATCH, shuffle=False),
+                       device=device) if teacher is not None else {"acc": 0.0})
+        n, m = st["examples"], len(ty)
+        s = _all_reduce([st["loss"] * n, st["acc"] * n, st.get("agreement", 0.0) * n, n, st["steps"],
+                         ag["acc"] * m, teacher_correct, m, *(a * m for a in accs)], device)
+        acc_of = {id(mod): v / s[7] for mod, v in zip(evals, s[8:], strict=True)}
+        state["epoch"], state["global_step"] = epoch, state["global_step"] + st["steps"]
+        metrics = {"epoch": epoch, "loss": s[0] / s[3], "train_acc": s[1] / s[3],
+                   **{name: acc_of[id(mod)] for name, mod in built.evals.items()},
+                   "lr": optimizer.param_groups[0]["lr"], "steps": state["global_step"], "train_s": st["train_s"],
+                   "eval_s": time.perf_counter() - t1, "epoch_s": st["train_s"] + time.perf_counter() - t1,
+                   "examples": int(s[3]) // cfg.get("draws_per_step", 1)}  # a sandwich stacks its sizes' outputs
+        if epoch == state["starts"][-1]:
+            metrics["setup_s"] = t_first[0] - t_setup  # worker start to first step: build, resume, teacher, data
+        if teacher is not None:
+            metrics.update(train_agreement=s[2] / s[3], test_agreement=s[5] / s[7], teacher_test_acc=s[6] / s[7])
+        state["history"].append(metrics)
+        if rank == 0:
+            with tempfile.TemporaryDirectory(prefix="weit-ckpt-") as d:
+                save_train_state(Path(d), built.keep, optimizer, scheduler, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
+        else:
+            ray.train.report(metrics)
+
+    fit(ddp, batches, optimizer, epochs=cfg["epochs"], start_epoch=state["epoch"] + 1, on_epoch=on_epoch,
+        teacher=teacher, tau=cfg["tau"], device=device, scheduler=scheduler)
+
+
+# ------------------------------------------------------------------------------------------------ driver side
+
+
+class _ReportQueue(ray.train.UserCallback):
+    """Runs in the Ray Train controller: forwards rank 0's per-epoch metrics to the driver's queue."""
+
+    def __init__(self, q) -> None:
+        self.q = q
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if metrics and metrics[0]:
+            self.q.put(dict(metrics[0]))
+
+
+@dataclass
+class RayRun:
+    """What a Ray Train job left behind: the latest checkpoint's directory and what ran this time."""
+
+    checkpoint_dir: Path
+    state: dict
+    epochs_now: list[int]
+    fit_s: float
+
+    @property
+    def final(self) -> dict:
+        return dict(self.state["history"][-1])
+
+    def weights(self, cfg: dict) -> nn.Module:
+        """What the job keeps (``Built.keep``), built in this process with the last checkpoint's weights."""
+        keep = cfg["build"](cfg).keep
+        load_train_state(self.checkpoint_dir, keep)
+        return keep
+
+
+def scaling_config(workers: int, cpus_per_worker: float, use_gpu: bool) -> ray.train.ScalingConfig:
+    """``workers`` DDP workers of ``cpus_per_worker`` CPUs each; ``use_gpu`` adds one GPU per worker (and
+    TorchTrainer then picks NCCL and ``get_device`` a CUDA device)."""
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                   resources_per_worker={"CPU": cpus_per_worker})
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's per-execution INFO lines and progress bars would drown the epoch lines."""
+    import logging
+
+    from ray.data import DataContext
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    DataContext.get_current().enable_progress_bars = False
+
+
+def ray_datasets(data: PreparedData, materialize: bool | None = None) -> dict:
+    """Ray Datasets over the parquet files. Small data (the default: below ``MATERIALIZE_MAX_BYTES`` on
+    disk) is materialized once into the object store: re-reading parquet every epoch costs 5-20 s of task
+    start-up per epoch here, iterating materialized blocks ~0.2 s. Big data streams from the files."""
+    _quiet_ray_data()
+    if materialize is None:
+        materialize = sum(Path(p).stat().st_size for p in data.paths.values()) <= MATERIALIZE_MAX_BYTES
+    out = {}
+    for split in ("train", "test"):
+        ds = ray.data.read_parquet(data.paths[split])
+        out[split] = ds.materialize() if materialize else ds
+    return out
+
+
+def print_epoch(stage: str, epochs: int, m: dict) -> None:
+    parts = [f"{PREFIX} {stage} epoch {int(m['epoch'])}/{epochs}", f"loss {m['loss']:.4f}",
+             f"train_acc {m['train_acc']:.4f}", f"test_acc {m['test_acc']:.4f}"]
+    if "test_agreement" in m:
+        parts.append(f"agreement {m['test_agreement']:.4f}")
+    sized = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items() if k.startswith("test_acc/")]
+    if sized:
+        parts.append(f"test_acc by size: {', '.join(sized)}")
+    parts.append(f"{m['epoch_s']:.1f}s")
+    print("  ".join(parts), flush=True)
+
+
+def run_on_ray(cfg: dict, data: PreparedData, tracker: Tracker, *, stage: str, name: str, storage: str,
+               workers: int, cpus_per_worker: float, use_gpu: bool = False, max_failures: int = 1,
+               quiet: bool = False) -> RayRun:
+    """Run :func:`train_worker` under a ``TorchTrainer``; each epoch is logged to ``tracker`` exactly once
+    (as rank 0 reports it, or from the checkpoint's history for epochs a restarted driver missed) and
+    printed unless ``quiet``."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    q = Queue(actor_options={"num_cpus": 0})
+    run_config = RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
+                           checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=[_ReportQueue(q)],
+                           logging_config=LoggingConfig(log_level="WARNING"))
+    with warnings.catch_warnings():  # Ray's own defaults trip its deprecation of `exclude_resources`
+        warnings.simplefilter("ignore")
+        ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # deterministic shards: resumed epochs replay the same batches
+    trainer = TorchTrainer(train_worker, train_loop_config=cfg,
+                           scaling_config=scaling_config(workers, cpus_per_worker, use_gpu), run_config=run_config,
+                           datasets=ray_datasets(data), dataset_config=DataConfig(
+                               datasets_to_split=["train"], execution_options=ingest, enable_shard_locality=False))
+    epochs_now: list[int] = []
+    stop = threading.Event()
+
+    def pump() -> None:
+        while True:
+            try:
+                m = q.get(timeout=0.5)
+            except queue_lib.Empty:
+                if stop.is_set():
+                    return
+                continue
+            epochs_now.append(int(m["epoch"]))
+            tracker.log_epoch(m)
+            if not quiet:
+                print_epoch(stage, cfg["epochs"], m)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RuntimeError(f"Ray Train job {name} failed after {max_failures} restart(s): {e}") from e
+    finally:
+        fit_s = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        q.shutdown()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train job {name} ended without a checkpoint")
+    ckpt_dir = Path(result.checkpoint.path)
+    run = RayRun(ckpt_dir, json.loads((ckpt_dir / "state.json").read_text()), epochs_now, fit_s)
+    for m in run.state["history"]:  # epochs whose report the driver missed (e.g. a driver restart)
+        tracker.log_epoch(m)
+    return run
