@@ -1,21 +1,8 @@
-"""Which initialization wins, per task: read a sweep back from MLflow (never from Tune's files), rank it,
-plot it, and register each task's winning *initialized* model as ``weit-<task>@champion``.
-
-Each trial run names the metric it is judged by and its direction (tags ``weit.metric``, ``weit.mode``: its
-task's ``val_<metric>``, ``max`` or ``min``); "better" below is that direction. Definitions (what the tests
-recompute with pandas):
-- a group is (task, strategy, size); at each of its stage-3 learning rates its score at budget ``e`` is the
-  mean over seeds of the metric after ``e`` stage-3 epochs (``e = 0``: right after initialization);
-- each group is reported at its own best learning rate: the lr with the best score at the task's final
-  budget (an lr none of whose trials FAILED before one that lost a trial; ties: the smaller lr), so no init is
-  judged by a recipe tuned for another; its row (val per budget, test where logged) is that lr's;
-- only runs that reached a budget count at it: a group none of whose runs reached the final budget (ASHA
-  stopped them all) has no score and is not ranked;
-- the winner of a task is the group with the best score at the task's final budget (ties: fewer
-  parameters, then strategy name); it names the best strategy and the best size together;
-- the strategy ranking averages each strategy's final-budget score over the sizes it ran on;
-- the champion model is the winner's best seed (its initialized model, logged before stage 3).
-"""
+"""``weit report``: which initialization wins, per task. Reads a sweep back from MLflow (never from Tune's
+files) into a table of trials, ranks it with ``weit_core.leaderboard`` (each task's metric and direction, as
+its trials were tagged: ``weit.metric``, ``weit.mode``), writes the leaderboard and plots to the sweep's parent
+run and registers each task's winning *initialized* model as ``weit-<task>@champion``. ``weit export``
+writes a trial's initialized model out."""
 
 from __future__ import annotations
 
@@ -32,34 +19,19 @@ import typer
 
 from pipelines.common import UserError
 from pipelines.tracking import SWEEP_EXPERIMENT, find_sweep, parse_budget, tracking_uri
+from weit_core.leaderboard import (
+    GROUP,
+    Winner,
+    budgets,
+    leaderboard,
+    leaderboard_by_lr,
+    pick_winners,
+    strategy_ranking,
+)
 
 EXPERIMENT = SWEEP_EXPERIMENT
-GROUP = ["task", "strategy", "size"]
 MODEL_ARTIFACT = "model/model.safetensors"
 CHAMPION = "champion"
-
-
-@dataclass
-class Winner:
-    task: str
-    strategy: str
-    size: str  # the family's name for it: depth x width x heads x mlp_ratio for a ViT
-    metric: str  # what the score is: the task's val_<metric>
-    mode: str  # max or min: which way is better
-    budget: int  # epochs of stage 3 the score is taken at
-    mean: float
-    std: float
-    n_seeds: int
-    num_params: int
-    run_id: str  # the best seed's child run (its initialized model is the champion)
-    best_strategy: str  # the best of the strategy ranking (mean over sizes)
-    lr: float  # the stage-3 learning rate the score is taken at (the group's best)
-    n_lrs: int  # how many learning rates the group tried
-    registered: str | None = None  # "weit-<task>/<version>" when registered
-
-    def line(self) -> str:
-        return (f"{self.metric} {self.mean:.4f} ± {self.std:.4f} after {self.budget} epochs over {self.n_seeds} "
-                f"seed(s) at lr {self.lr:g}")
 
 
 @dataclass
@@ -124,107 +96,17 @@ def load_runs(parent: Any) -> Any:
         "metric": col("tags.weit.metric", None).fillna("val_acc"), "mode": col("tags.weit.mode", None).fillna("max"),
     })
     out["test"] = float("nan")
-    budgets: dict[int, Any] = {}
+    per_budget: dict[int, Any] = {}
     for metric in out["metric"].unique():
         mine = out["metric"] == metric
         out.loc[mine, "test"] = col(f"metrics.test_{metric.removeprefix('val_')}")[mine]
         for name in df.columns:
             parsed = parse_budget(name.removeprefix("metrics."))
             if name.startswith("metrics.") and parsed and parsed[0] == metric:
-                budgets.setdefault(parsed[1], pd.Series(float("nan"), index=df.index))[mine] = df[name][mine]
-    for e in sorted(budgets):
-        out[f"val_e{e}"] = budgets[e]
+                per_budget.setdefault(parsed[1], pd.Series(float("nan"), index=df.index))[mine] = df[name][mine]
+    for e in sorted(per_budget):
+        out[f"val_e{e}"] = per_budget[e]
     return out
-
-
-def budgets(frame: Any, prefix: str = "val_e", suffix: str = "") -> list[int]:
-    """The budgets (epochs) that have a column ``<prefix><e><suffix>`` with a value in ``frame``."""
-    return sorted(int(c[len(prefix):len(c) - len(suffix)]) for c in frame.columns
-                  if c.startswith(prefix) and c.endswith(suffix) and c[len(prefix):len(c) - len(suffix)].isdigit()
-                  and frame[c].notna().any())
-
-
-def _better_first(frame: Any, col: str) -> Any:
-    """``col`` signed so that sorting ascending puts the better value first under each row's ``mode``."""
-    return frame[col].where(frame["mode"] == "min", -frame[col])
-
-
-# ------------------------------------------------------------------------------------------------ ranking
-
-
-def leaderboard_by_lr(runs: Any) -> Any:
-    """Mean / std / count over seeds of the metric at every budget (``e<k>_mean`` ...), per group and stage-3
-    learning rate (FINISHED runs only), with ``score`` (the mean at the task's final budget) and ``n_failed``
-    (FAILED trials at that lr)."""
-    import pandas as pd
-
-    keys = [*GROUP, "lr"]
-    ok = runs[runs["status"] == "FINISHED"]
-    if ok.empty:
-        return pd.DataFrame(columns=keys)
-    g = ok.groupby(keys, sort=False)
-    board = g.agg(metric=("metric", "first"), mode=("mode", "first"), num_params=("num_params", "first"),
-                  n_seeds=("seed", "nunique"), init_s=("init_s", "mean"), test_mean=("test", "mean"),
-                  test_std=("test", "std"))
-    for e in budgets(ok):
-        board[f"e{e}_mean"], board[f"e{e}_std"], board[f"e{e}_n"] = (g[f"val_e{e}"].mean(), g[f"val_e{e}"].std(),
-                                                                     g[f"val_e{e}"].count())
-    failed = runs[runs["status"] == "FAILED"].groupby(keys).size()
-    board["n_failed"] = failed.reindex(board.index).fillna(0).astype(int)
-    board = board.reset_index()
-    final = {task: max(budgets(rows), default=0) for task, rows in ok.groupby("task")}
-    board["final_budget"] = board["task"].map(final)
-    board["score"] = [r.get(f"e{int(r['final_budget'])}_mean", float("nan")) for _, r in board.iterrows()]
-    board["rank_key"] = _better_first(board, "score")
-    return board
-
-
-def leaderboard(runs: Any) -> Any:
-    """One row per group at its best stage-3 learning rate (see the module's definitions): that lr's
-    statistics (:func:`leaderboard_by_lr`), the chosen ``lr``, ``n_lrs`` (how many the group tried) and
-    ``n_failed`` (its FAILED trials over all its lrs); best first within each task."""
-    by_lr = leaderboard_by_lr(runs)
-    if by_lr.empty:
-        return by_lr.assign(n_lrs=[])
-    by_lr["clean"] = by_lr["n_failed"] == 0
-    best = (by_lr.sort_values(["clean", "rank_key", "lr"], ascending=[False, True, True], na_position="last")
-            .groupby(GROUP, sort=False).head(1).drop(columns="clean"))
-    index = best.set_index(GROUP).index
-    best["n_lrs"] = runs.groupby(GROUP)["lr"].nunique().reindex(index).fillna(1).astype(int).to_numpy()
-    best["n_failed"] = runs[runs["status"] == "FAILED"].groupby(GROUP).size().reindex(index).fillna(0).astype(
-        int).to_numpy()
-    return best.sort_values(["task", "rank_key", "num_params", "strategy"], na_position="last").reset_index(drop=True)
-
-
-def strategy_ranking(board: Any) -> Any:
-    """Per task and strategy: the final-budget score averaged over the sizes it ran on, and its best size's."""
-    g = board.groupby(["task", "strategy"])
-    r = g.agg(mode=("mode", "first"), mean_over_sizes=("score", "mean"), sizes=("score", "count"),
-              best_size_key=("rank_key", "min")).reset_index()
-    r["best_size_score"] = r["best_size_key"].where(r["mode"] == "min", -r["best_size_key"])
-    r["rank_key"] = _better_first(r, "mean_over_sizes")
-    return r.sort_values(["task", "rank_key"]).drop(columns="best_size_key").reset_index(drop=True)
-
-
-def pick_winners(runs: Any, board: Any, ranking: Any) -> dict[str, Winner]:
-    winners = {}
-    for task, rows in board.groupby("task", sort=True):
-        rows = rows.dropna(subset=["score"])
-        if rows.empty:
-            continue
-        top = rows.iloc[0]  # the board is sorted best first, then fewer params, then name
-        e = int(top["final_budget"])
-        mask = runs["status"] == "FINISHED"
-        for k in [*GROUP, "lr"]:
-            mask &= runs[k] == top[k]
-        seeds = runs[mask].assign(key=lambda f: _better_first(f, f"val_e{e}")).sort_values(["key", "seed"])
-        std = float(top[f"e{e}_std"])
-        winners[task] = Winner(
-            task=task, strategy=top["strategy"], size=top["size"], metric=top["metric"], mode=top["mode"], budget=e,
-            mean=float(top["score"]), std=0.0 if math.isnan(std) else std, n_seeds=int(top["n_seeds"]),
-            num_params=int(top["num_params"]), run_id=seeds.iloc[0]["run_id"], lr=float(top["lr"]),
-            best_strategy=ranking[ranking["task"] == task].iloc[0]["strategy"], n_lrs=int(top["n_lrs"]))
-    return winners
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -425,7 +307,7 @@ def build_report(
                                                                                           ranking))
     files = [out_dir / f for f in (*tables, "leaderboard.md")]
     for task, w in report.winners.items():
-        files.append(plot_score_vs_params(board, task, out_dir / f"acc_vs_params_{task}.png"))
+        files.append(plot_score_vs_params(board, task, out_dir / f"{w.metric.removeprefix('val_')}_vs_params_{task}.png"))
         files.append(plot_convergence(board, w, out_dir / f"convergence_{task}.png"))
     if register:
         for w in report.winners.values():

@@ -296,6 +296,7 @@ def run_sweep(
     if block:
         _check_bank(loaded_bank, trials, block, f"--bank {bank}")
     metric, mode = _objective(trials, asha)
+    shown = (metric, mode) if metric else (reported(task_of(trials[0]))[0], task_of(trials[0]).mode)  # views sort by one
     say = (lambda *_: None) if quiet else (lambda msg: print(f"{PREFIX} {msg}", flush=True))
     say(summarize_space(sp, expansion) + (f"; running the first {len(trials)}" if limit_trials else ""))
 
@@ -314,9 +315,9 @@ def run_sweep(
     parent_id, resumed = open_sweep(client, exp_id, name, *_parent_record(name, sp, meta, expansion, settings),
                                     resume=resume, exists_in_tune=exists_in_tune)
     note = functools.partial(sweep_note, name, sp, expansion, trials, experiment=experiment, exp_id=exp_id, uri=uri,
-                             parent_id=parent_id, metric=metric or "val_<metric>")
+                             parent_id=parent_id, metric=shown[0])
     client.set_tag(parent_id, NOTE_TAG, note())
-    publish_comparison_view(client, exp_id, name, tasks=len({t["task"] for t in trials}))
+    publish_comparison_view(client, exp_id, name, len({t["task"] for t in trials}), *shown)
     say(f"MLflow parent run {parent_id} (experiment {experiment!r} at {uri})")
 
     init_ray(address)

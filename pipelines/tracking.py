@@ -115,23 +115,25 @@ def comparison_view_key(sweep: str) -> str:
     return f"weit-{safe}"
 
 
-def comparison_view(sweep: str, tasks: int = 1) -> dict:
+def comparison_view(sweep: str, tasks: int = 1, metric: str = "val_acc", mode: str = "max") -> dict:
     """The runs-table view where a sweep's trials are compared: only its trial runs (a filter, which also
-    lists them flat instead of folded under the parent row), best final ``val_acc`` first, and the columns a
+    lists them flat instead of folded under the parent row), best final ``metric`` first (``mode``: max or
+    min is better), and the columns a
     user compares by, narrow enough that the first ones fit beside the UI's side panels: run name, strategy,
     size, val accuracy after the last stage-3 epoch (``val_acc``) and right after initialization
     (``val_acc_e0``), parameter count, seed, lr, duration."""
     columns = {  # column id (as the UI names it) -> width in pixels
         "attributes.`Run Name`": 310, **({"tags.`weit.task`": 100} if tasks > 1 else {}),
-        "tags.`weit.strategy`": 150, "tags.`weit.size`": 90, "metrics.`val_acc`": 100, "metrics.`val_acc_e0`": 100,
+        "tags.`weit.strategy`": 150, "tags.`weit.size`": 90, f"metrics.`{metric}`": 100, f"metrics.`{metric}_e0`": 100,
         "metrics.`num_params`": 100, "tags.`weit.seed`": 80, "tags.`weit.lr`": 80, "duration": 90}
     return {"searchFilter": f"tags.`weit.sweep` = '{sweep}' and tags.`weit.kind` = 'trial'",
-            "orderByKey": "metrics.`val_acc`", "orderByAsc": False,
+            "orderByKey": f"metrics.`{metric}`", "orderByAsc": mode == "min",
             "selectedColumns": [c for c in columns if c.startswith(("tags.", "metrics."))],  # the others always show
             "columnOrder": list(columns), "columnWidths": columns, "runsHiddenMode": "SHOW_ALL"}
 
 
-def publish_comparison_view(client: Any, experiment_id: str, sweep: str, tasks: int = 1) -> str:
+def publish_comparison_view(client: Any, experiment_id: str, sweep: str, tasks: int = 1, metric: str = "val_acc",
+                            mode: str = "max") -> str:
     """Store a sweep's :func:`comparison_view` on its experiment as a saved view named ``weit sweep NAME:
     compare trials`` (the UI lists it under "Views" and opens it from a share link); returns its key.
 
@@ -141,7 +143,7 @@ def publish_comparison_view(client: Any, experiment_id: str, sweep: str, tasks: 
     key = comparison_view_key(sweep)
     now = int(time.time() * 1000)
     envelope = {"name": f"weit sweep {sweep}: compare trials", "createdAt": now, "updatedAt": now,
-                "state": json.dumps(comparison_view(sweep, tasks))}
+                "state": json.dumps(comparison_view(sweep, tasks, metric, mode))}
     client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(envelope))
     return key
 
