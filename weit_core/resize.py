@@ -101,13 +101,15 @@ def _restore_stats(out: torch.Tensor, src: torch.Tensor, depth: torch.Tensor | N
     return (out - o_mean) / o_std.clamp_min(1e-12) * s_std + s_mean
 
 
-def resize_grid(grid: torch.Tensor, axes: tuple[Axis, ...], maps: SizeMaps, per_block: bool) -> torch.Tensor:
+def resize_grid(grid: torch.Tensor, axes: tuple[Axis, ...], maps: SizeMaps, per_block: bool,
+                unit: int = 1) -> torch.Tensor:
     """A kind's ``(L, n, P, Q)`` scaler grids for the target: depth map over ``L`` (per-block kinds), role
-    maps over the grid's block rows/columns (``axes`` dims are 0 = rows, 1 = columns of the weight)."""
+    maps over the grid's block rows/columns (``axes`` dims are 0 = rows, 1 = columns of the weight).
+    ``unit``: grid entries per channel block (templates of ``block / unit`` rows, e.g. one row per channel)."""
     out = apply_axis(grid, 0, maps.depth) if per_block else grid
     mixed = per_block and not is_selection(maps.depth)
     for dim, role, sections in axes:
-        out = apply_axis(out, 2 + dim, maps.roles[role], sections)
+        out = apply_axis(out, 2 + dim, maps.roles[role], sections, unit)
         mixed = mixed or not is_selection(maps.roles[role])
     if mixed:
         out = _restore_stats(out, grid, maps.depth if per_block else None)

@@ -64,7 +64,19 @@ class LayerGroup:
 
 
 Layout = dict[str, LayerGroup]
-"""kind -> LayerGroup: which weights of a model are templated, derived from its size spec."""
+"""key -> LayerGroup: which weights of a model are templated, derived from its size spec. A key is a bank
+kind (``qkv``) or ``kind@group`` (``fc1@1``: stage 1's fc1 layers), for layers of one kind whose shapes differ
+(every stage width of a CNN): each group has its own scaler grids, all draw on the one kind's templates."""
+
+
+def bank_kind(key: str) -> str:
+    """The bank kind a layout key draws its templates from: ``fc1@1`` -> ``fc1``, ``qkv`` -> ``qkv``."""
+    return key.partition("@")[0]
+
+
+def template_block(kinds: Mapping[str, KindSpec]) -> int:
+    """The channel block a bank tiles widths with: its largest template side."""
+    return max(max(s.a, s.b) for s in kinds.values())
 
 
 def grid_shape(kind: str, group: LayerGroup, spec: KindSpec) -> tuple[int, int]:
@@ -86,7 +98,7 @@ def grid_shape(kind: str, group: LayerGroup, spec: KindSpec) -> tuple[int, int]:
 
 
 def _check_kinds(kinds: Mapping[str, KindSpec], layout: Layout, what: str) -> None:
-    missing = sorted(set(layout) - set(kinds))
+    missing = sorted({bank_kind(k) for k in layout} - set(kinds))
     if missing:
         raise ValueError(
             f"{what} has no templates for kind(s) {missing} needed by the target (it has {sorted(kinds)}); "
@@ -128,7 +140,7 @@ class Scalers(nn.Module):
         super().__init__()
         _check_kinds(kinds, layout, "the bank")
         self.layout = dict(layout)
-        self.kinds = {k: kinds[k] for k in layout}
+        self.kinds = {k: kinds[bank_kind(k)] for k in layout}
         self.grids = nn.ParameterDict()
         for kind, group in self.layout.items():
             p, q = grid_shape(kind, group, self.kinds[kind])
@@ -168,10 +180,11 @@ def materialize_kind(template: torch.Tensor, grid: torch.Tensor, order: str = "s
 def materialize(bank: TemplateBank, scalers: Scalers) -> dict[str, torch.Tensor]:
     """Every templated weight of a target, ``{parameter name: tensor}``; differentiable in both inputs."""
     for kind in scalers.layout:
-        if kind in bank.kinds and bank.kinds[kind] != scalers.kinds[kind]:
+        have = bank.kinds.get(bank_kind(kind))
+        if have is not None and have != scalers.kinds[kind]:
             raise ValueError(
                 f"kind {kind!r}: the scalers were built for templates {scalers.kinds[kind]} but the bank has "
-                f"{bank.kinds[kind]}; rebuild the scalers from this bank"
+                f"{have}; rebuild the scalers from this bank"
             )
     return materialize_grids(bank, dict(scalers.grids.items()), scalers.layout)
 
@@ -182,11 +195,11 @@ def materialize_grids(bank: TemplateBank, grids: Mapping[str, torch.Tensor], lay
     _check_kinds(bank.kinds, layout, "the bank")
     out: dict[str, torch.Tensor] = {}
     for kind, group in layout.items():
-        g = grids[kind]
-        want = (group.depth, bank.kinds[kind].n, *grid_shape(kind, group, bank.kinds[kind]))
+        g, spec = grids[kind], bank.kinds[bank_kind(kind)]
+        want = (group.depth, spec.n, *grid_shape(kind, group, spec))
         if tuple(g.shape) != want:
             raise ValueError(f"kind {kind!r}: scaler grids are {tuple(g.shape)}, the layout needs {want}")
-        w = materialize_kind(bank.templates[kind], g, bank.order)
+        w = materialize_kind(bank.templates[bank_kind(kind)], g, bank.order)
         out.update(zip(group.names, w.unbind(0), strict=True))
     return out
 
@@ -232,7 +245,7 @@ def resample_scalers(aux: Scalers, target_layout: Layout) -> Scalers:
     smooths) and depth mixing (which averages) never shrink the weights: every target grid keeps the
     mean and variance of the source layers it came from.
     """
-    target = Scalers(target_layout, aux.kinds)
+    target = Scalers(target_layout, {bank_kind(k): s for k, s in aux.kinds.items()})
     with torch.no_grad():
         for kind, g in target.grids.items():
             z, mean, std = _standardize(aux.grids[kind].detach())

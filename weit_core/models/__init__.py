@@ -1,6 +1,7 @@
-"""Architecture families in one registry (ViT today; ConvNeXt, policy and diffusion transformers as they
-land): ``get_family(name)``, ``family_of(spec)``. Each family module ends with ``register_family``."""
+"""Architecture families in one registry (ViT, ConvNeXt; policy and diffusion transformers as they land):
+``get_family(name)``, ``family_of(spec)``. Each family module ends with ``register_family``."""
 
+from weit_core.models.convnext import CONVNEXT, ConvNeXtSpec, create_convnext
 from weit_core.models.family import Family, family_names, family_of, get_family, register_family
 from weit_core.models.templated import TemplatedModel
 from weit_core.models.vit import (
@@ -15,6 +16,7 @@ from weit_core.models.vit import (
 )
 
 __all__ = [
-    "INIT_MODES", "TIMM_MODEL", "VIT", "Family", "TemplatedModel", "ViTSpec", "count_templated", "create_vit",
-    "family_names", "family_of", "get_family", "register_family", "vit_kinds", "vit_layout",
+    "CONVNEXT", "INIT_MODES", "TIMM_MODEL", "VIT", "ConvNeXtSpec", "Family", "TemplatedModel", "ViTSpec",
+    "count_templated", "create_convnext", "create_vit", "family_names", "family_of", "get_family",
+    "register_family", "vit_kinds", "vit_layout",
 ]

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from weit_core.models.family import Family
-from weit_core.templates import Scalers, TemplateBank, materialize_grids
+from weit_core.templates import Scalers, TemplateBank, materialize_grids, template_block
 
 
 def _key(name: str) -> str:
@@ -68,7 +68,7 @@ class ElasticModel(nn.Module):
             if missing:
                 raise ValueError(f"free tensors missing for the reference size: {missing[:4]}")
         self.free = nn.ParameterDict({_key(n): nn.Parameter(free[n].detach().clone()) for n in names})
-        self.block = next(iter(bank.kinds.values())).a
+        self.block = template_block(bank.kinds)
         self._shells: dict[Any, nn.Module] = {}
 
     def free_tensors(self) -> dict[str, torch.Tensor]:
