@@ -2,9 +2,10 @@
 
 Each strategy lives in its own module of this package and registers itself with ``@register``, declaring
 what it cannot run without (``needs``) and which sizes it can make (``check``); every module here is
-imported on first use, so adding a strategy is adding one file. A sweep reads the declarations
-(:func:`strategy_info`, :func:`can_make`) to refuse a missing source and to drop the sizes a strategy cannot
-make before any trial starts.
+imported on first use, so adding a strategy is adding one file. A strategy also declares the architecture
+families it applies to (``families``; None: every registered family, reached through the registry alone). A
+sweep reads the declarations (:func:`strategy_info`, :func:`can_make`) to refuse a missing source and to drop
+the sizes a strategy cannot make before any trial starts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from weit_core.models import ViTSpec
+from weit_core.models import ViTSpec, family_of
 
 
 @dataclass
@@ -43,6 +44,10 @@ CANNOT_MAKE: dict[str, str] = {
     "smaller_than_ancestry": "net2net only grows an ancestry (target shallower, narrower, with fewer heads, a "
                              "narrower head or MLP)",
     "width_differs_from_ancestry": "TLEG expands depth only (width, heads and MLP must equal the ancestry's)",
+    "family_not_supported": "the strategy does not apply to this architecture family",
+    "ancestry_family_differs": "the ancestry is of another architecture family than the target",
+    "stages_differ_from_ancestry": "ConvNeXt weight selection keeps the ancestry's stages, stem and kernel (their "
+                                   "count or sizes differ)",
 }
 """Why a strategy cannot make a size: the keys :func:`can_make` returns (and a sweep counts as
 ``dropped.<key>``), each with the sentence a person reads."""
@@ -51,24 +56,31 @@ CANNOT_MAKE: dict[str, str] = {
 @dataclass(frozen=True)
 class StrategyInfo:
     """A registered strategy and what it declares: the sources it cannot run without (a subset of
-    :data:`SOURCES`) and ``check(spec, ancestry_spec=None)``, the reason (a key of :data:`CANNOT_MAKE`) it
-    cannot make ``spec``, or None when it can (None: it can make every size)."""
+    :data:`SOURCES`), ``check(spec, ancestry_spec=None)``, the reason (a key of :data:`CANNOT_MAKE`) it
+    cannot make ``spec``, or None when it can (None: it can make every size), and the architecture families
+    it applies to (None: every family)."""
 
     name: str
     fn: Strategy
     needs: frozenset[str]
     check: Callable[..., str | None] | None
+    families: frozenset[str] | None = None
+
+    def supports(self, family: str) -> bool:
+        return self.families is None or family in self.families
 
 
 _REGISTRY: dict[str, StrategyInfo] = {}
 _loaded = False
 
 
-def register(name: str, *, needs: Iterable[str] = (), check: Callable[..., str | None] | None = None
-             ) -> Callable[[Strategy], Strategy]:
-    """``@register("name", needs=("ancestry",), check=fn)``: add a strategy to the registry with what it needs
-    and the sizes it can make (plain ``@register("name")``: nothing needed, every size)."""
+def register(name: str, *, needs: Iterable[str] = (), check: Callable[..., str | None] | None = None,
+             families: Iterable[str] | None = None) -> Callable[[Strategy], Strategy]:
+    """``@register("name", needs=("ancestry",), check=fn, families=("vit",))``: add a strategy to the registry
+    with what it needs, the sizes it can make and the families it applies to (plain ``@register("name")``:
+    nothing needed, every size of every family)."""
     needs = frozenset(needs)
+    fams = None if families is None else frozenset(families)
     unknown = sorted(needs - set(SOURCES))
     if unknown:
         raise ValueError(f"strategy {name!r}: unknown needs {unknown}; a strategy may need {', '.join(SOURCES)}")
@@ -77,7 +89,7 @@ def register(name: str, *, needs: Iterable[str] = (), check: Callable[..., str |
         old = _REGISTRY.get(name)
         if old is not None and old.fn is not fn:
             raise ValueError(f"strategy {name!r} registered twice")
-        _REGISTRY[name] = StrategyInfo(name, fn, needs, check)
+        _REGISTRY[name] = StrategyInfo(name, fn, needs, check, fams)
         return fn
 
     return deco
@@ -113,8 +125,12 @@ def can_make(name: str, spec: ViTSpec, *, ancestry_spec: ViTSpec | None = None) 
     ``ancestry_spec`` when it needs one); otherwise the reason, a key of :data:`CANNOT_MAKE`. Sources other
     than the ancestry (bank, fit data) are not looked at: they do not depend on the size."""
     info = strategy_info(name)
+    if not info.supports(family_of(spec).name):
+        return "family_not_supported"
     if "ancestry" in info.needs and ancestry_spec is None:
         return "needs_ancestry"
+    if "ancestry" in info.needs and type(ancestry_spec) is not type(spec):
+        return "ancestry_family_differs"
     if info.check is None:
         return None
     reason = info.check(spec, ancestry_spec=ancestry_spec)
@@ -127,7 +143,12 @@ def can_make(name: str, spec: ViTSpec, *, ancestry_spec: ViTSpec | None = None) 
 def init_model(name: str, spec: ViTSpec, **sources) -> InitResult:
     """Build a target of size ``spec`` with strategy ``name``; ``sources`` are what it draws on (bank,
     aux_scalers, ancestry, fit_data, seed, ...). Records the strategy, its settings and the wall time."""
-    fn = get_strategy(name)
+    info = strategy_info(name)
+    family = family_of(spec).name
+    if not info.supports(family):
+        raise ValueError(f"strategy {name!r} applies to the {', '.join(sorted(info.families))} famil"
+                         f"{'y' if len(info.families) == 1 else 'ies'}, not {family!r}")
+    fn = info.fn
     t0 = time.perf_counter()
     result = fn(spec, **sources)
     result.info = {"strategy": name, **result.info, "init_seconds": round(time.perf_counter() - t0, 4)}

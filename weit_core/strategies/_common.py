@@ -1,5 +1,5 @@
 """Helpers shared by the ancestry-based baselines (weight_selection, tleg_fit, net2net): the ancestry
-check, reading a timm ViT's size back into a ViTSpec, and the documented index rules."""
+check, reading a model's size back into its family's spec, and the documented index rules."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from weit_core.models import VIT, ViTSpec, create_vit
+from weit_core.models import VIT, Family, ViTSpec
 
 ELEMENT_SELECTIONS = ("uniform", "consecutive")
 LAYER_SELECTIONS = ("first_n", "even")
@@ -23,16 +23,20 @@ def infer_vit_spec(model: nn.Module) -> ViTSpec:
 
 
 def require_ancestry(
-    strategy: str, ancestry: nn.Module | None, ancestry_spec: ViTSpec | None,
+    strategy: str, ancestry: nn.Module | None, ancestry_spec: ViTSpec | None, family: Family = VIT,
 ) -> tuple[nn.Module, ViTSpec]:
-    """The ancestry and its spec, or a ValueError naming the strategy that needs ``--ancestry``."""
+    """The ancestry and its spec (read from the model by ``family`` when not given), or a ValueError naming
+    the strategy that needs ``--ancestry``."""
     if ancestry is None:
         raise ValueError(f"strategy {strategy!r} needs an ancestry model; pass --ancestry <model.safetensors> "
                          "(train one with `weit ancestry`)")
-    spec = ancestry_spec or infer_vit_spec(ancestry)
+    if ancestry_spec is not None and not isinstance(ancestry_spec, family.spec_type):
+        raise ValueError(f"strategy {strategy!r}: the ancestry is a {type(ancestry_spec).__name__}, the target a "
+                         f"{family.name!r} model; pass an ancestry of the target's family")
+    spec = ancestry_spec or (infer_vit_spec(ancestry) if family is VIT else family.spec_of_model(ancestry))
     have = {k: tuple(v.shape) for k, v in ancestry.state_dict().items()}
     with torch.device("meta"):  # shapes only: no memory, no draw from the global RNG
-        want = {k: tuple(v.shape) for k, v in create_vit(spec).state_dict().items()}
+        want = {k: tuple(v.shape) for k, v in family.build(spec).state_dict().items()}
     if have != want:
         raise ValueError(f"strategy {strategy!r}: the ancestry's weights do not match ancestry_spec {spec}; "
                          "pass the spec the ancestry was built with")

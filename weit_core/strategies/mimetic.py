@@ -59,7 +59,7 @@ def apply_mimetic(model: torch.nn.Module, spec: ViTSpec, targets: list[dict]) ->
         blk.attn.proj.weight.copy_(wp.to(w.dtype))  # W_proj = S^½ Vᵀ = wpᵀ (math); stored transposed: wp
 
 
-@register("mimetic")
+@register("mimetic", families=("vit",))
 def mimetic(
     spec: ViTSpec, *, seed: int = 0, init_mode: str = "", alpha1: float = 0.7, beta1: float = 0.7,
     alpha2: float = 0.4, beta2: float = 0.4, **_: object,

@@ -212,7 +212,7 @@ def grow_vit(
     return model, info
 
 
-@register("net2net", needs=("ancestry",),
+@register("net2net", needs=("ancestry",), families=("vit",),
           check=ancestry_check(lambda src, dst: "smaller_than_ancestry" if _shrinks(src, dst) else None))
 def net2net(
     spec: ViTSpec, *, ancestry: nn.Module | None = None, ancestry_spec: ViTSpec | None = None, seed: int = 0,

@@ -93,7 +93,7 @@ def _width_diff(src: ViTSpec, dst: ViTSpec) -> list[str]:
             if getattr(src, k) != getattr(dst, k)]
 
 
-@register("tleg", needs=("learngene",))
+@register("tleg", needs=("learngene",), families=("vit",))
 def tleg(
     spec: ViTSpec, *, learngene: dict[str, torch.Tensor] | None = None, seed: int = 0, init_mode: str = "",
     position: str = "official", **_: object,
@@ -108,7 +108,7 @@ def tleg(
                               "init_mode": init_mode or "timm_default"})
 
 
-@register("tleg_fit", needs=("ancestry",),
+@register("tleg_fit", needs=("ancestry",), families=("vit",),
           check=ancestry_check(lambda src, dst: "width_differs_from_ancestry" if _width_diff(src, dst) else None))
 def tleg_fit(
     spec: ViTSpec, *, ancestry: nn.Module | None = None, ancestry_spec: ViTSpec | None = None, seed: int = 0,

@@ -20,12 +20,11 @@ import torch
 from torch import nn
 
 from weit_core.io import LoadedBank
-from weit_core.models import TemplatedModel, ViTSpec, create_vit, vit_layout
+from weit_core.models import TemplatedModel, family_of, get_family
 from weit_core.models.elastic import resize_parts
-from weit_core.models.vit import VIT
 from weit_core.resize import RESIZE_DEFAULTS
 from weit_core.strategies import InitResult, register
-from weit_core.templates import Scalers, TemplateBank, resample_scalers
+from weit_core.templates import Scalers, TemplateBank, resample_scalers, template_block
 from weit_core.train import fit_scalers, seed_everything
 
 FIT_TEACHERS = ("none", "ancestry")
@@ -39,7 +38,18 @@ def _unpack(bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None) -> tup
     return bank, aux_scalers, None, {}
 
 
-def _start(spec: ViTSpec, bank: TemplateBank, aux: Scalers | None, free: dict | None, header: dict, *,
+def classifier(model: nn.Module) -> nn.Module:
+    """The task head a strategy leaves new (timm's ``get_classifier``; ``head`` for a model without it)."""
+    get = getattr(model, "get_classifier", None)
+    return get() if get is not None else model.head
+
+
+def _size_key(spec: dict) -> tuple:
+    """A size as stage 1 recorded it, the task's class count aside (a bank serves other tasks)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != "num_classes"))
+
+
+def _start(spec: Any, bank: TemplateBank, aux: Scalers | None, free: dict | None, header: dict, *,
            seed: int, init_mode: str, scaler_init: str, inherit: str) -> tuple[TemplatedModel, dict]:
     """The target before stage 2: templated model with resized scalers (+ inherited free tensors)."""
     if scaler_init not in ("resample", "random"):
@@ -47,8 +57,9 @@ def _start(spec: ViTSpec, bank: TemplateBank, aux: Scalers | None, free: dict | 
     if inherit not in INHERIT:
         raise ValueError(f"unknown inherit {inherit!r}; choose one of {INHERIT}")
     seed_everything(seed)
-    layout = vit_layout(spec)
-    base = create_vit(spec, init_mode, head_seed=seed)
+    family = family_of(spec)
+    layout = family.layout(spec)
+    base = family.build(spec, init_mode, head_seed=seed)
     info: dict[str, Any] = {"free_params": "timm_init", "head": "new (HEAD_STREAM + seed)"}
     if scaler_init == "random":
         scalers = Scalers(layout, bank.kinds)
@@ -56,20 +67,23 @@ def _start(spec: ViTSpec, bank: TemplateBank, aux: Scalers | None, free: dict | 
     elif aux is None:
         raise ValueError("scaler_init='resample' needs the bank's aux scalers; use scaler_init='random'")
     elif free is not None and inherit == "all":
-        ref = ViTSpec.from_dict(header["aux_spec"])
+        if header.get("family", "vit") != family.name:
+            raise ValueError(f"the bank was made for the {header.get('family', 'vit')!r} family, the target is a "
+                             f"{family.name!r}; make a bank for this family")
+        ref = family.spec_from_dict(header["aux_spec"])
         rules = dict(header.get("resize") or RESIZE_DEFAULTS)
         with torch.no_grad():
-            grids, made = resize_parts(VIT, ref, spec, dict(aux.grids.items()), free, bank.kinds["qkv"].a, rules,
-                                       head=False)
+            grids, made = resize_parts(family, ref, spec, dict(aux.grids.items()), free, template_block(bank.kinds),
+                                       rules, head=False)
             scalers = Scalers(layout, bank.kinds)
             for k, g in grids.items():
                 scalers.grids[k].copy_(g)
             own = dict(base.named_parameters())
             for k, v in made.items():
                 own[k].copy_(v)
-        shape = ("depth", "width", "heads", "mlp_ratio")
-        trained = {tuple(s[k] for k in shape) for s in header.get("size_range") or [header["aux_spec"]]}
-        info.update(free_params="bank", scalers="bank_rule", resize=rules, reference=ref.label, in_stage1_range=tuple(getattr(spec, k) for k in shape) in trained)
+        trained = {_size_key(s) for s in header.get("size_range") or [header["aux_spec"]]}
+        info.update(free_params="bank", scalers="bank_rule", resize=rules, reference=ref.label,
+                    in_stage1_range=_size_key(spec.to_dict()) in trained)
     else:
         scalers = resample_scalers(aux, layout)
         info.update(scalers="resampled (first design)",
@@ -77,14 +91,14 @@ def _start(spec: ViTSpec, bank: TemplateBank, aux: Scalers | None, free: dict | 
     return TemplatedModel(base, copy.deepcopy(bank), scalers), info
 
 
-def _teacher(fit_teacher: str, ancestry: nn.Module | None, spec: ViTSpec) -> nn.Module | None:
+def _teacher(fit_teacher: str, ancestry: nn.Module | None, spec: Any) -> nn.Module | None:
     if fit_teacher not in FIT_TEACHERS:
         raise ValueError(f"unknown fit_teacher {fit_teacher!r}; choose one of {FIT_TEACHERS}")
     if fit_teacher == "none":
         return None
     if ancestry is None:
         raise ValueError("fit_teacher='ancestry' needs an ancestry; pass --ancestry <model.safetensors>")
-    classes = getattr(getattr(ancestry, "head", None), "out_features", None)
+    classes = getattr(classifier(ancestry), "out_features", None)
     if classes != spec.num_classes:
         raise ValueError(f"fit_teacher='ancestry': the ancestry predicts {classes} classes, the task has "
                          f"{spec.num_classes}; distillation needs the same labels (use fit_teacher='none')")
@@ -92,7 +106,7 @@ def _teacher(fit_teacher: str, ancestry: nn.Module | None, spec: ViTSpec) -> nn.
 
 
 def _wave(
-    spec: ViTSpec, bank: TemplateBank, aux: Scalers | None, free: dict | None, header: dict,
+    spec: Any, bank: TemplateBank, aux: Scalers | None, free: dict | None, header: dict,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None, *, fit_steps: int, fit_lr: float, fit_batch_size: int,
     seed: int, init_mode: str, scaler_init: str, inherit: str, head_steps: int | None, teacher: nn.Module | None,
     tau: float, device: str,
@@ -112,8 +126,8 @@ def _wave(
     if fit_steps > 0 and not probe_only:
         stats = fit_scalers(model, *fit_data, steps=fit_steps, lr=fit_lr, batch_size=fit_batch_size, seed=seed,
                             device=device, teacher=teacher, tau=tau, warm_steps=head_steps,
-                            warm_params=list(model.base.head.parameters()))
-    plain = model.cpu().materialize_into(create_vit(spec, init_mode))
+                            warm_params=list(classifier(model.base).parameters()))
+    plain = model.cpu().materialize_into(family_of(spec).build(spec, init_mode))
     if probe_only:  # the backbone is frozen: its features once, then the head alone on them (same batches)
         stats = probe_head(plain, *fit_data, steps=fit_steps, lr=fit_lr, batch_size=fit_batch_size, seed=seed,
                            device=device)
@@ -129,7 +143,7 @@ def _wave(
 
 @register("wave", needs=("bank",))
 def wave(
-    spec: ViTSpec, *, bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None = None,
+    spec: Any, *, bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None = None,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
     fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", scaler_init: str = "resample",
     inherit: str = "all", head_steps: int | None = None, fit_teacher: str = "none", ancestry: nn.Module | None = None,
@@ -155,7 +169,7 @@ def probe_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int
     """Stage 2 as a linear probe: the model's pooled features of the subset, computed once, and ``steps``
     optimizer steps of the head on them, batch for batch what fitting the head inside the whole model does."""
     feats = _features(model, x, device)
-    stats = fit_scalers(model.head.to(device), feats, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+    stats = fit_scalers(classifier(model).to(device), feats, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                         device=device)
     model.cpu()
     return stats
@@ -177,7 +191,8 @@ def random_like(bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None, se
     if free is not None:
         state = torch.random.get_rng_state()
         torch.manual_seed(10_000 + seed)
-        ref = create_vit(ViTSpec.from_dict(header["aux_spec"]))
+        family = get_family(header.get("family", "vit"))
+        ref = family.build(family.spec_from_dict(header["aux_spec"]))
         torch.random.set_rng_state(state)
         fresh_free = {k: v.detach() for k, v in ref.named_parameters() if k in free}
     return fresh, fresh_aux, fresh_free, header
@@ -185,7 +200,7 @@ def random_like(bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None, se
 
 @register("wave_random_bank", needs=("bank",))
 def wave_random_bank(
-    spec: ViTSpec, *, bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None = None,
+    spec: Any, *, bank: LoadedBank | TemplateBank, aux_scalers: Scalers | None = None,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
     fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", inherit: str = "all", head_steps: int | None = None,
     fit_teacher: str = "none", ancestry: nn.Module | None = None, tau: float = 2.0, device: str = "cpu",

@@ -13,6 +13,11 @@ q/k/v section with the same attention-channel indices, and ``proj``'s input colu
 so a value channel still meets its own projection column. ``head_aware=True`` (ours) selects whole heads
 (head indices by the rule over the head count, then the same within-head indices for every head) instead of
 spreading over the flat attention width. The classifier head is never copied: it stays timm-initialised.
+
+ConvNeXt (the paper's CNN): layer selection within each stage (the first N blocks of a stage, or evenly
+spaced), uniform element selection per stage: stage ``i``'s channel indices hold in its depthwise kernels,
+norms, layer scales, MLP columns and rows, its downsampling conv's rows and the next stage's downsampling
+norm and conv columns; its MLP units have their own indices. Kernels and the stem patch are kept whole.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from weit_core.models import ViTSpec, create_vit
+from weit_core.models import CONVNEXT, ConvNeXtSpec, ViTSpec, create_vit
+from weit_core.models.convnext import HEAD as CONVNEXT_HEAD
+from weit_core.models.convnext import param_axes
 from weit_core.strategies import InitResult, register
 from weit_core.strategies._common import (
     ancestry_check,
@@ -107,10 +114,86 @@ def select_weights(ancestry: nn.Module, src: ViTSpec, model: nn.Module, plan: di
     return model
 
 
+# ------------------------------------------------------------------------------------------ ConvNeXt
+
+
+def convnext_problem(src: ConvNeXtSpec, dst: ConvNeXtSpec) -> tuple[str, str] | None:
+    """Why weight selection cannot make ConvNeXt ``dst`` from ``src`` (``(reason, message)``), or None."""
+    differ = [f"{k} {getattr(dst, k)} != {getattr(src, k)}" for k in ("stages", "kernel")
+              if getattr(src, k) != getattr(dst, k)]
+    if differ:
+        return "stages_differ_from_ancestry", (f"weight_selection keeps the ancestry's stages and kernel, but "
+                                               f"target {', '.join(differ)}")
+    too_big = [f"stage {i} {what} {b} > {a}" for what in ("depths", "dims")
+               for i, (a, b) in enumerate(zip(getattr(src, what), getattr(dst, what), strict=True)) if b > a]
+    if too_big:
+        return "larger_than_ancestry", (f"weight_selection selects from a larger ancestry, but target "
+                                        f"{', '.join(too_big)}; pick a smaller target")
+    return None
+
+
+def convnext_plan(src: ConvNeXtSpec, dst: ConvNeXtSpec, layer_selection: str = "first_n",
+                  element_selection: str = "uniform") -> list[dict[str, torch.Tensor]]:
+    """Per stage: ``layers`` (ancestry block per target block), ``embed`` (its channels), ``hidden`` (its MLP
+    units), ``prev`` (the channels it reads: the stage before's, the stem's for stage 0)."""
+    problem = convnext_problem(src, dst)
+    if problem:
+        raise ValueError(problem[1])
+    plan = [{"layers": layer_indices(src.depths[i], dst.depths[i], layer_selection),
+             "embed": select_indices(src.dims[i], dst.dims[i], element_selection),
+             "hidden": select_indices(src.hiddens[i], dst.hiddens[i], element_selection)}
+            for i in range(src.stages)]
+    for i, stage in enumerate(plan):
+        stage["prev"] = plan[max(i - 1, 0)]["embed"]
+    return plan
+
+
+@torch.no_grad()
+def select_convnext(ancestry: nn.Module, model: nn.Module, spec: ConvNeXtSpec, plan: list[dict]) -> nn.Module:
+    """Every parameter of ``model`` but the classifier from its ancestry counterpart: block ``j`` of stage
+    ``i`` from ancestry block ``layers[j]``, each channel axis indexed by its role's indices."""
+    sd = {k: v.detach().cpu() for k, v in ancestry.state_dict().items()}
+    own = model.state_dict()
+    for name, (stage, axes) in param_axes(spec).items():
+        if name in CONVNEXT_HEAD:
+            continue
+        parts = name.split(".")
+        if parts[0] == "stages" and parts[2] == "blocks":
+            parts[3] = str(int(plan[stage]["layers"][int(parts[3])]))
+        t = sd[".".join(parts)]
+        for dim, role, _ in axes:
+            t = t.index_select(dim, plan[stage][role])
+        own[name].copy_(t)
+    return model
+
+
+def _select_convnext(spec: ConvNeXtSpec, ancestry: nn.Module | None, ancestry_spec: ConvNeXtSpec | None, *,
+                     seed: int, init_mode: str, layer_selection: str, element_selection: str,
+                     name: str) -> InitResult:
+    ancestry, src = require_ancestry(name, ancestry, ancestry_spec, CONVNEXT)
+    check_same_tokens(name, src, spec)
+    plan = convnext_plan(src, spec, layer_selection, element_selection)
+    seed_everything(seed)
+    model = select_convnext(ancestry, CONVNEXT.build(spec, init_mode, head_seed=seed), spec, plan)
+    return InitResult(model, {
+        "source": "ancestry", "layer_selection": f"{layer_selection} per stage", "element_selection": element_selection,
+        "ancestry_layers": ";".join(as_text(s["layers"]) for s in plan), "ancestry": src.label,
+        "classifier_head": "new (timm init)", "init_mode": init_mode or "timm_default",
+    })
+
+
+# ------------------------------------------------------------------------------------------ both families
+
+
 def _weight_selection(
-    spec: ViTSpec, ancestry: nn.Module | None, ancestry_spec: ViTSpec | None, *, seed: int, init_mode: str,
-    layer_selection: str, element_selection: str, head_aware: bool, name: str,
+    spec: ViTSpec | ConvNeXtSpec, ancestry: nn.Module | None, ancestry_spec: ViTSpec | None, *, seed: int,
+    init_mode: str, layer_selection: str, element_selection: str, head_aware: bool, name: str,
 ) -> InitResult:
+    if isinstance(spec, ConvNeXtSpec):
+        if head_aware:
+            raise ValueError(f"strategy {name!r}: head_aware selection is for ViTs (a ConvNeXt has no heads)")
+        return _select_convnext(spec, ancestry, ancestry_spec, seed=seed, init_mode=init_mode,
+                                layer_selection=layer_selection, element_selection=element_selection, name=name)
     ancestry, src = require_ancestry(name, ancestry, ancestry_spec)
     check_same_tokens(name, src, spec)
     plan = selection_plan(src, spec, layer_selection, element_selection, head_aware)
@@ -128,11 +211,19 @@ def _weight_selection(
 
 
 def _check(head_aware: bool):
-    """The registered check: tokens, then :func:`selection_problem`, on specs alone."""
-    return ancestry_check(lambda src, dst: (selection_problem(src, dst, head_aware) or (None,))[0])
+    """The registered check: tokens, then :func:`selection_problem` (:func:`convnext_problem`), on specs."""
+
+    def problem(src, dst):
+        found = convnext_problem(src, dst) if isinstance(dst, ConvNeXtSpec) else selection_problem(src, dst, head_aware)
+        return (found or (None,))[0]
+
+    return ancestry_check(problem)
 
 
-@register("weight_selection", needs=("ancestry",), check=_check(head_aware=False))
+FAMILIES = ("vit", "convnext")
+
+
+@register("weight_selection", needs=("ancestry",), check=_check(head_aware=False), families=FAMILIES)
 def weight_selection(
     spec: ViTSpec, *, ancestry: nn.Module | None = None, ancestry_spec: ViTSpec | None = None, seed: int = 0,
     init_mode: str = "", layer_selection: str = "first_n", element_selection: str = "uniform", head_aware: bool = False,
@@ -157,7 +248,8 @@ def _variant(name: str, **fixed: object) -> None:
                                  init_mode=str(kw.get("init_mode", "")), name=name, **opts)
 
     fn.__doc__ = f"weight_selection with {fixed}."
-    register(name, needs=("ancestry",), check=_check(bool(fixed.get("head_aware", False))))(fn)
+    head_aware = bool(fixed.get("head_aware", False))
+    register(name, needs=("ancestry",), check=_check(head_aware), families=("vit",) if head_aware else FAMILIES)(fn)
 
 
 _variant("weight_selection_even", layer_selection="even")
