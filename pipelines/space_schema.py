@@ -128,7 +128,7 @@ class Training(_Schema):
 
     epochs: Int1 = 3
     batch_size: Int1 = 64
-    lr: Annotated[list[Positive], *_distinct("learning rate", "learning rates")] = 1e-3
+    lr: Annotated[list[Positive], *_distinct("learning rate", "learning rates")] = 1e-3  # a number stays one
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
     steps_per_epoch: Int1 | None = None
     fit_steps: Int0 = 100

@@ -187,18 +187,14 @@ def _draw(axis: Axis, rng: np.random.Generator) -> int | float:
 
 
 def size_points(space: Space) -> list[dict]:
-    """Every combination of the size axes before constraints: the grid product, or ``samples`` draws of the
-    sampler axes (seeded, drawn here in the driver) crossed with the grid axes; duplicates removed, order
-    kept."""
+    """Every combination of the size axes before constraints: the grid product, or ``samples`` seeded draws of
+    the sampler axes crossed with the grid axes; duplicates removed, order kept."""
     axes = space.axes
     grid_axes = [a for a in axes if axes[a].is_grid]
     grid = [dict(zip(grid_axes, combo, strict=True)) for combo in itertools.product(*(axes[a].values for a in grid_axes))]
-    if len(grid_axes) == len(axes):
-        points = grid
-    else:
-        rng = np.random.default_rng(space.sample_seed)
-        draws = [{a: _draw(axes[a], rng) for a in axes if not axes[a].is_grid} for _ in range(space.samples)]
-        points = [{**g, **d} for d in draws for g in grid]
+    rng = np.random.default_rng(space.sample_seed)
+    draws = [{a: _draw(axes[a], rng) for a in axes if not axes[a].is_grid} for _ in range(space.samples or 0)]
+    points = [{**g, **d} for d in draws for g in grid] if draws else grid
     seen, out = set(), []
     for p in points:
         p = {a: axes[a].kind(p[a]) for a in axes}
@@ -210,12 +206,10 @@ def size_points(space: Space) -> list[dict]:
 
 def check_size(size: dict, shape: TaskShape, patch: int, cons: Constraints, block: int | None,
                family: Any = DEFAULT_FAMILY) -> str | None:
-    """The first reason ``size`` is dropped (a key of :func:`drop_reasons`), or None when it can be built:
-    what the family cannot build, the space's width multiple, what the bank's blocks cannot tile, then the
-    head width and the budgets (parameters, FLOPs of the family's spec for this task)."""
-    fam = get_family(family)
+    """The first reason ``size`` is dropped (a key of :func:`drop_reasons`; None: it is kept): what the family
+    cannot build, the width multiple, what the bank's blocks cannot tile, the head width, then the budgets."""
+    fam, io = get_family(family), {"patch": patch, **dataclasses.asdict(shape)}
     can_build = fam.check_size or (lambda size, block: None)
-    io = {"patch": patch, **dataclasses.asdict(shape)}
     if reason := can_build({**io, **size}, None):  # a family may test the size against the task's images
         return reason
     if isinstance(cons.width_multiple, int) and size["width"] % cons.width_multiple:
@@ -258,7 +252,7 @@ def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = 
     size) pair the strategy cannot make (``can_make``, against ``ancestry_spec``, the ancestry's spec) is
     dropped and counted by reason, never a trial; without ``ancestry_spec`` the strategies that need an
     ancestry are not judged (nothing to judge them by: a sweep refuses them without ``--ancestry`` first).
-    A config names its ``family`` unless it is the default (so ViT trial keys stay what they were)."""
+    A config names its ``family`` unless it is the default, so ViT trial keys are those of older sweeps."""
     from weit_core.strategies import can_make, strategy_info
 
     judged = [s for s in space.strategies if ancestry_spec is not None or "ancestry" not in strategy_info(s).needs]
