@@ -52,19 +52,15 @@ class QuickstartBudget:
     """The settings that decide how long the quickstart takes (defaults: <= 10 minutes on 2 CPU cores with
     the shipped ancestry and bank; ``from_scratch`` adds the ancestry's and the bank's training)."""
 
-    from_scratch: bool = False
-    """Train the ancestry and the sweep's bank here instead of starting from the shipped pair."""
+    from_scratch: bool = False  # train the ancestry and the sweep's bank here, not the shipped pair
     ancestry_depth: int = 6
     ancestry_width: int = 96
     ancestry_heads: int = 3
     ancestry_epochs: int = 4
-    ancestry_limit: int = 20000
-    """Training examples for the ancestry (val 5k and test 10k stay whole)."""
-    distill_epochs: int = 3
-    """Stage-1 epochs of the sweep's bank (``from_scratch``); the shipped-pair run's stage 1 is a one-epoch
-    demonstration on ``demo_limit`` examples over depths ``demo_depths`` x widths ``demo_widths``."""
+    ancestry_limit: int = 20000  # training examples (val 5k and test 10k stay whole)
+    distill_epochs: int = 3  # of the sweep's bank (from_scratch)
     distill_limit: int = 10000
-    demo_limit: int = 4096
+    demo_limit: int = 4096  # else stage 1 is a one-epoch demonstration on this many, over demo_depths x widths
     demo_depths: tuple[int, ...] = (1, 2)
     demo_widths: tuple[int, ...] = (32, 64)
     workers: int = 2
@@ -287,7 +283,11 @@ def run_quickstart(
 
     # 4. report ----------------------------------------------------------------------------------------------
     t0 = stage(4, "report: leaderboard and plots from MLflow")
-    _report(result, out, uri)
+    from pipelines.report import build_report
+
+    result.report_dir = out / "report"
+    result.leaderboard = build_report(result.sweep, out=result.report_dir, mlflow_uri=uri, show=False)
+    result.plots = [Path(f) for f in result.leaderboard.files if Path(f).suffix == ".png"]
     done("report", t0, False, f"{len(result.plots)} plot(s) and the leaderboard in {result.report_dir}")
     result.mlflow_ui = mlflow_ui_command(uri)
     result.mlflow_url = mlflow_ui_url(uri, prepare_mlflow(uri, SWEEP_EXPERIMENT)[1], result.sweep)
@@ -295,15 +295,6 @@ def run_quickstart(
     if not quiet:
         _print_summary(console, result)
     return result
-
-
-def _report(result: QuickstartResult, out: Path, uri: str) -> None:
-    from pipelines.report import build_report
-
-    result.report_dir = out / "report"
-    report = build_report(result.sweep, out=result.report_dir, mlflow_uri=uri, show=False)
-    result.leaderboard = report
-    result.plots = [Path(f) for f in report.files if Path(f).suffix == ".png"]
 
 
 def _print_summary(console: Any, result: QuickstartResult) -> None:

@@ -27,12 +27,12 @@ import typer
 
 from pipelines.common import UserError, git_revision, init_ray, storage_path
 from pipelines.spaces import (
-    DROP_REASONS,
     Space,
     block_of_bank,
     expand,
     inspect_tasks,
     load_space,
+    spec_of,
     summarize_space,
 )
 from pipelines.tracking import (
@@ -66,11 +66,8 @@ __all__ = ["EXPERIMENT", "SweepContext", "SweepSummary", "TrialTracker", "run_sw
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass
@@ -148,7 +145,7 @@ def _check_bank(loaded: Any, trials: list[dict], block: int, where: str) -> None
     for config in {t["task"]: t for t in reversed(trials)}.values():
         family = family_of(config)
         try:
-            check_bank_kinds(loaded.bank.kinds, family.kinds(family.make_spec(config, config), n, block), where)
+            check_bank_kinds(loaded.bank.kinds, family.kinds(spec_of(config), n, block), where)
         except WeitFileError as e:
             raise UserError(f"task {config['task']!r}: {e}") from e
 
@@ -242,20 +239,20 @@ def _parent_record(name: str, space: Space, meta: dict, expansion: Any, settings
     bank_path, bank_sha = meta.get("bank_path", ""), meta.get("bank_sha256", "")
     tags = {"weit.kind": "sweep", "weit.sweep": name, "weit.space_hash": digest, "weit.bank_sha256": bank_sha,
             "weit.bank_path": bank_path, "weit.ancestry_sha256": meta.get("ancestry_sha256", ""),
-            "weit.family": getattr(space, "family", "vit"), "mlflow.source.git.commit": rev}
+            "weit.family": space.family, "mlflow.source.git.commit": rev}
     params = {"space": str(space.path or space.name), "space_name": space.name, "space_hash": digest,
               "git_revision": rev, "bank": bank_path, "bank_sha256": bank_sha,
               "bank_id": f"{bank_path}@{bank_sha[:16]}" if bank_path else "", "ancestry": meta.get("ancestry_path", ""),
               "ancestry_sha256": meta.get("ancestry_sha256", ""), "n_trials": settings["n_trials"],
               "n_dropped": expansion.n_dropped, "sizes_total": expansion.sizes_total,
               "strategies": ",".join(space.strategies), "tasks": ",".join(t.name for t in space.tasks),
-              **{f"dropped.{r}": expansion.dropped.get(r, 0) for r in DROP_REASONS},
+              **{f"dropped.{r}": expansion.dropped.get(r, 0) for r in expansion.reasons},
               "n_pairs_dropped": expansion.n_pairs_dropped,
               **{f"dropped.{r}": expansion.pairs_dropped.get(r, 0) for r in CANNOT_MAKE},
               **{k: v for k, v in settings.items() if k != "n_trials"}}
     files: dict[str, Any] = {"space": space.path} if space.path is not None else {"space/space.yaml": space.text}
     files["space/dropped.json"] = {
-        "dropped": dict(expansion.dropped), "reasons": DROP_REASONS, "sizes_total": expansion.sizes_total,
+        "dropped": dict(expansion.dropped), "reasons": expansion.reasons, "sizes_total": expansion.sizes_total,
         "sizes_valid": expansion.sizes_valid, "pairs_dropped": dict(expansion.pairs_dropped), "pair_reasons": CANNOT_MAKE}
     files["space/trials.json"] = {"trials": expansion.trials[: settings["n_trials"]]}
     return tags, params, files

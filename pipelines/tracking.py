@@ -413,7 +413,7 @@ def sweep_note(name: str, space: Any, expansion: Any, trials: list[dict], *, exp
     reasons, where the comparison and the leaderboard are, and the exact ``weit report`` command."""
     from weit_core.models import get_family
 
-    size_name = get_family(getattr(space, "family", "vit")).size_name
+    size_name = get_family(space.family).size_name
 
     def fmt(values: set) -> str:
         shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted(values))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.common import UserError
-from pipelines.spaces import data_cache_key, data_key_of, load_task_data, provide_task_data
+from pipelines.spaces import data_cache_key, data_key_of, load_task_data, provide_task_data, spec_of
 from pipelines.tracking import TrialTracker, parse_budget
 
 HOW_TO_GIVE = {
@@ -210,7 +210,7 @@ def run_trial(
             return _replay(config, previous, report, report_each_epoch, keys)
     epochs_done = 0
     try:
-        spec = family_of(config).make_spec(config, config)
+        spec = spec_of(config)
         data = load_task_data(data_key_of(config))
         have = {"fit_data"} if config["fit_examples"] > 0 else set()
         have |= {"bank"} if sources.bank is not None else set()

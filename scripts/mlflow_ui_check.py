@@ -1,7 +1,7 @@
 """Look at a sweep in the real MLflow UI, as a user would: start ``mlflow server`` on loopback over a tracking
 store, open the sweep's comparison view (``pipelines.common.mlflow_ui_url``) in headless Chromium, save a
 screenshot and the rendered DOM, and check that the page is the runs table (not the GenAI overview) listing
-the sweep's trial runs flat, by name, with their strategy and size, best final ``val_acc`` first.
+the sweep's trial runs flat, by name, with their strategy and size, best final metric first (each trial's task's ``val_<metric>``, in its direction).
 
     python scripts/mlflow_ui_check.py --mlflow-uri sqlite:///$PWD/mlruns.db --sweep ci --out ui_check
 
@@ -159,9 +159,12 @@ def expected_trials(uri: str, experiment: str, sweep: str | None) -> dict:
         raise UsageError(str(e)) from e
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   max_results=50000)
-    trials = {r.info.run_id: {"name": r.info.run_name, "strategy": r.data.tags.get("weit.strategy"),
-                              "size": r.data.tags.get("weit.size"), "val_acc": r.data.metrics.get("val_acc")}
-              for r in children}
+    trials = {}
+    for r in children:
+        metric = r.data.tags.get("weit.metric", "val_acc")
+        trials[r.info.run_id] = {"name": r.info.run_name, "strategy": r.data.tags.get("weit.strategy"),
+                                 "size": r.data.tags.get("weit.size"), "metric": metric,
+                                 "mode": r.data.tags.get("weit.mode", "max"), "value": r.data.metrics.get(metric)}
     return {"experiment_id": exp.experiment_id, "experiment_tags": dict(exp.tags), "sweep": sweep,
             "parent_run_id": parent.info.run_id, "parent_name": parent.info.run_name, "trials": trials}
 
@@ -172,7 +175,7 @@ def expected_trials(uri: str, experiment: str, sweep: str | None) -> dict:
 def check_page(dom: _Dom, expected: dict) -> list[dict]:
     """Each check as ``{name, ok, detail}``: the runs page (not an overview), every rendered row one of the
     sweep's trials (the parent row absent: the trials are listed flat), names, strategies and sizes as
-    MLflow has them, best ``val_acc`` first, and all the trials rendered (or as many as the grid shows)."""
+    MLflow has them, best metric first, and all the trials rendered (or as many as the grid shows)."""
     trials = expected["trials"]
     rows = dom.ordered_rows()
     text = " ".join(dom.text)
@@ -201,10 +204,11 @@ def check_page(dom: _Dom, expected: dict) -> list[dict]:
             if (t[key] not in shown.split()) if key == "name" else shown != t[key]:  # name: after its colour
                 bad.append(f"{rid[:8]} {col}: page {cells.get(col)!r}, MLflow {t[key]!r}")
     check("run names, strategies and sizes shown as logged", not bad and rows, "; ".join(bad[:5]))
-    accs = [trials[rid]["val_acc"] for rid, _ in rows if rid in trials]
-    accs = [a if a is not None else float("-inf") for a in accs]
-    check("sorted by final val_acc, best first", accs == sorted(accs, reverse=True),
-          ", ".join(f"{a:.4f}" for a in accs[:8]))
+    shown = [trials[rid] for rid, _ in rows if rid in trials]
+    metric, lower = (shown[0]["metric"], shown[0]["mode"] == "min") if shown else ("val_acc", False)
+    values = [t["value"] if t["value"] is not None else float("inf" if lower else "-inf") for t in shown]
+    check(f"sorted by final {metric}, best first", values == sorted(values, reverse=not lower),
+          ", ".join(f"{v:.4f}" for v in values[:8]))
     names = sorted({t["strategy"] for t in trials.values()})
     check("every strategy of the sweep visible", all(n in text for n in names), ", ".join(names))
     check("the experiment is tagged as training runs",
