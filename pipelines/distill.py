@@ -137,7 +137,6 @@ def aux_spec(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec | 
         raise UserError(f"images are {h}x{w}; the ViT specs here need square images")
     try:
         spec = ViTSpec(img_size=h, in_chans=c, num_classes=data.num_classes, **base)
-        vit_kinds(spec, config.n_templates, config.block)
         Scalers(vit_layout(spec), vit_kinds(spec, config.n_templates, config.block))
     except ValueError as e:
         raise UserError(f"aux model: {e}") from e

@@ -161,7 +161,8 @@ def _train_worker_pids(session: int) -> list[int]:
 
 
 @pytest.mark.slow  # ~2-4 min here: a private Ray head, a submitted 4-epoch 2-worker distillation, a restart
-def test_train_worker_killed_in_a_submitted_distill_job_resumes(digits_ancestry, mlflow_server, tmp_path):
+def test_train_worker_killed_in_a_submitted_distill_job_resumes(digits_ancestry, mlflow_server, tmp_path,
+                                                                monkeypatch):
     """SIGKILL one Ray Train worker of a distillation running as a Ray job (from outside, as an OOM killer
     or a lost node would): the job still SUCCEEDS, the worker group restarted from the last checkpoint
     (two attempts in the bank header), and each epoch is logged to MLflow exactly once."""
@@ -172,6 +173,9 @@ def test_train_worker_killed_in_a_submitted_distill_job_resumes(digits_ancestry,
     from pipelines.submit import connect, follow_job, submit_job
     from weit_core.io import load_bank, save_model
 
+    # the URI must come from the head's nodes: an earlier test's mlflow.set_tracking_uri leaves it in this
+    # process's environment, and `weit submit` forwards what it finds there
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     model, acc = digits_ancestry
     teacher = save_model(tmp_path / "ancestry.safetensors", model, DIGITS_ANCESTRY, {"val_acc": acc})
     out, epochs = tmp_path / "bank.safetensors", 4
