@@ -185,12 +185,13 @@ def _progress_callback_cls():
         def quiet(self) -> bool:  # read at call time: a restored sweep reuses the pickled callback
             return _QUIET
 
-        def _config(self, trial: Any) -> dict:
-            """A trial's decoded config, decoded once: every completion scans every trial, so decoding
+        def _config(self, trial: Any) -> tuple[dict, Any]:
+            """A trial's decoded config and its task, once: every completion scans every trial, so decoding
             them each time would cost the driver O(trials^2) JSON parses (~150 s at 4,104 trials)."""
-            decoded = self.__dict__.setdefault("_decoded", {})  # setdefault: callbacks pickled before it
+            decoded = self.__dict__.setdefault("_judged", {})  # setdefault: callbacks pickled before it
             if trial.trial_id not in decoded:
-                decoded[trial.trial_id] = trial_config(trial.config)
+                cfg = trial_config(trial.config)
+                decoded[trial.trial_id] = cfg, task_of(cfg)
             return decoded[trial.trial_id]
 
         def _line(self, trials: list, current: Any = None, current_status: str = "") -> str:
@@ -202,8 +203,7 @@ def _progress_callback_cls():
             for t in trials:
                 if status[id(t)] != "TERMINATED" or not t.last_result:
                     continue
-                cfg = self._config(t)
-                task = task_of(cfg)
+                cfg, task = self._config(t)
                 metric = reported(task)[0]
                 value = t.last_result.get(metric)
                 if value is not None and (cfg["task"] not in best or task.better(value, best[cfg["task"]][1])):
