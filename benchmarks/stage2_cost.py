@@ -17,8 +17,9 @@ import torch
 from weit_core.data import load_fashion_mnist
 from weit_core.io import load_bank
 from weit_core.models import ViTSpec, create_vit
+from weit_core.stage3 import Recipe
 from weit_core.strategies import init_model
-from weit_core.train import cycle_batches, train_steps
+from weit_core.train import cycle_batches, fit, make_optimizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,21 +36,24 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     data = load_fashion_mnist()
     bank = load_bank(args.bank)
-    fit = data.train.subset(args.fit_examples, seed=1000)
+    subset = data.train.subset(args.fit_examples, seed=1000)
     steps_per_epoch = len(data.train) // args.batch_size
     rows = []
     print(f"{'size':<10}{'stage 2 s':>11}{'epoch s':>10}{'ratio':>8}   (epoch = {steps_per_epoch} steps of "
-          f"{args.batch_size}; stage 2 = {args.fit_steps} steps on {len(fit)} examples)")
+          f"{args.batch_size}; stage 2 = {args.fit_steps} steps on {len(subset)} examples)")
     for text in args.sizes.split(","):
         d, w, h = (int(v) for v in text.split("x"))
         spec = ViTSpec(depth=d, width=w, heads=h)
         t0 = time.perf_counter()
-        init_model("wave", spec, bank=bank, fit_data=(fit.x, fit.y), fit_steps=args.fit_steps, seed=0)
+        init_model("wave", spec, bank=bank, fit_data=(subset.x, subset.y), fit_steps=args.fit_steps, seed=0)
         stage2 = time.perf_counter() - t0
         model = create_vit(spec, head_seed=0)
         n = args.epoch_steps or steps_per_epoch
+        recipe = Recipe(1e-3, batch_size=args.batch_size)  # stage 3 as every strategy gets it
+        stream = cycle_batches(data.train.x, data.train.y, args.batch_size)
         t0 = time.perf_counter()
-        train_steps(model, cycle_batches(data.train.x, data.train.y, args.batch_size), steps=n, lr=1e-3)
+        opt = make_optimizer(model, recipe.lr, recipe.weight_decay)
+        fit(model, lambda _epoch, s=stream: s, opt, epochs=1, max_steps=n, scheduler=recipe.scheduler(opt, n))
         epoch = (time.perf_counter() - t0) * steps_per_epoch / n
         rows.append({"size": text, "stage2_s": round(stage2, 2), "epoch_s": round(epoch, 1),
                      "ratio": round(stage2 / epoch, 4)})
