@@ -338,3 +338,25 @@ def test_batch_to_tensors_forms(tmp_path, digits):
     assert x3.shape == (8, 1, 8, 8)
     with pytest.raises(ValueError):
         batch_to_tensors({"image": np.zeros((8, 64), np.float32), "label": batch["label"]})
+
+
+def test_prepare_parquet_exports_once_and_reads_ready_folders(tmp_path, digits):
+    """A job's data is exported once (a rerun with the same dataset, limit and seed reuses the files, other
+    settings export again); a ready parquet folder is read in place, and --limit cannot shrink it."""
+    from weit_core.data import prepare_parquet
+
+    first = prepare_parquet("digits", tmp_path / "job", limit=100, seed=0)
+    assert (first.train_rows, first.num_classes, first.input_shape) == (100, 10, (1, 8, 8))
+    assert first.info["val"] == first.info["test"] == 100
+    stamp = (tmp_path / "job" / "train.parquet").stat().st_mtime_ns
+    again = prepare_parquet("digits", tmp_path / "job", limit=100, seed=0)
+    assert again.info == first.info and (tmp_path / "job" / "train.parquet").stat().st_mtime_ns == stamp
+    smaller = prepare_parquet("digits", tmp_path / "job", limit=50, seed=0)
+    assert smaller.train_rows == 50  # the seeded rows, not the first ones:
+    assert torch.equal(read_parquet_arrays(smaller.paths["train"]).x, data.limit_splits(digits, 50, seed=0).train.x)
+
+    export_parquet(digits, tmp_path / "ready")
+    ready = prepare_parquet(str(tmp_path / "ready"), tmp_path / "unused")
+    assert ready.train_rows == len(digits.train) and not (tmp_path / "unused").exists()
+    with pytest.raises(ValueError, match="--limit does not apply to the ready parquet folder"):
+        prepare_parquet(str(tmp_path / "ready"), tmp_path / "unused", limit=10)
