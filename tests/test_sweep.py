@@ -301,6 +301,35 @@ def test_tune_makes_every_trial_of_a_space_once_in_order():
     assert trial_config({"trial": trials[0]}) == trials[0]  # a sweep started before the JSON grid, restored
 
 
+def test_tune_and_the_progress_line_follow_the_tasks_metric_and_direction():
+    """Tune's metric and mode (and ASHA's) are the task's ``val_<metric>`` and direction; a lower-is-better
+    task's best trial is its lowest; tasks judged differently cannot share one ASHA."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    import pipelines.sweep as sweep
+    from pipelines.common import UserError
+    from weit_core.tasks import Task, get_task, register, task_names
+
+    if "digits_loss" not in task_names():
+        register(Task("digits_loss", F.cross_entropy, lambda out, y: F.cross_entropy(out, y, reduction="sum"),
+                      metric="xent", mode="min"))
+    assert get_task("digits_loss").mode == "min"
+    trials = expand(load_space(CI_SPACE), {"digits": DIGITS}, bank_block=16).trials[:3]
+    low = [{**t, "kind": "digits_loss"} for t in trials]
+    assert sweep._objective(trials, asha=True) == ("val_acc", "max")
+    assert sweep._objective(low, asha=True) == ("val_xent", "min")
+    assert sweep._objective(trials + low, asha=False) == (None, None)
+    with pytest.raises(UserError, match="--asha stops trials on one metric"):
+        sweep._objective(trials + low, asha=True)
+    grid = sweep.trial_param_space(low)["trial"]["grid_search"]
+    fake = [SimpleNamespace(trial_id=f"t{i}", config={"trial": grid[i]}, status="TERMINATED",
+                            last_result={"val_xent": x}) for i, x in enumerate([0.7, 0.3, 0.9])]
+    line = sweep._progress_callback_cls()(total=3)._line(fake)
+    assert "val_xent=0.3000" in line and f"best digits: {low[1]['strategy']} " in line
+
+
 def test_progress_line_names_the_best_finished_trial_per_task_decoding_each_config_once(monkeypatch):
     """The progress callback scans every trial at each completion; each JSON config is decoded once."""
     from types import SimpleNamespace
