@@ -29,7 +29,7 @@ from weit_core.models.elastic import AtSize
 from weit_core.models.vit import VIT
 from weit_core.stage1 import load_elastic
 from weit_core.strategies import init_model
-from weit_core.teacher import TeacherError, load_teacher
+from weit_core.teacher import TeacherError, check_teacher, load_teacher, rebuild_teacher
 from weit_core.train import evaluate, iterate_batches
 
 CI_SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "ci.yaml"
@@ -335,6 +335,10 @@ def test_timm_name_and_plain_checkpoint_as_teacher(digits_ancestry, digits, tmp_
     x = digits.test.x[:32]
     with torch.no_grad():
         torch.testing.assert_close(t.model(x), model.eval()(x))
+        torch.testing.assert_close(rebuild_teacher(t.shipment())(x), model(x))  # what a Ray worker runs
+    check_teacher(t, (1, 8, 8), 10)
+    with pytest.raises(TeacherError, match=r"outputs \(10,\) per example but the data has 7 classes"):
+        check_teacher(t, (1, 8, 8), 7)
     with pytest.raises(TeacherError, match="--teacher-checkpoint"):
         load_teacher("vit_tiny_patch16_224")
     with pytest.raises(TeacherError, match="plain safetensors"):
