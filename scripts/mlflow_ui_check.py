@@ -1,5 +1,5 @@
 """Look at a sweep in the real MLflow UI, as a user would: start ``mlflow server`` on loopback over a tracking
-store, open the sweep's comparison view (``pipelines.common.mlflow_ui_url``) in headless Chromium, save a
+store, open the sweep's comparison view (``pipelines.tracking.mlflow_ui_url``) in headless Chromium, save a
 screenshot and the rendered DOM, and check that the page is the runs table (not the GenAI overview) listing
 the sweep's trial runs flat, by name, with their strategy and size, best final metric first (each trial's task's ``val_<metric>``, in its direction).
 
@@ -222,8 +222,8 @@ def check_page(dom: _Dom, expected: dict) -> list[dict]:
 
 def run_check(uri: str, out: Path, *, sweep: str | None = None, experiment: str = "weit-sweep",
               browser: str | None = None, window: str = "1800,1100", budget_ms: int = 25000) -> dict:
-    from pipelines.common import mlflow_ui_url, tracking_uri
     from pipelines.mlflow_server import start_mlflow_server
+    from pipelines.tracking import mlflow_ui_url, tracking_uri
 
     uri = tracking_uri(uri)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.common import (
+from pipelines.spaces import TaskShape, expand, parse_space
+from pipelines.tracking import (
     EXPERIMENT_KIND_TAG,
     EXPERIMENT_NOTES,
     NOTE_TAG,
@@ -26,7 +27,6 @@ from pipelines.common import (
     prepare_mlflow,
     publish_comparison_view,
 )
-from pipelines.spaces import TaskShape, expand, parse_space
 
 ROOT = Path(__file__).resolve().parent.parent
 CI_SPACE = ROOT / "tune_spaces" / "ci.yaml"
@@ -55,7 +55,7 @@ def test_every_experiment_weit_makes_opens_as_training_runs_with_a_description(m
 
 
 def test_an_existing_experiment_gets_the_tags_it_lacks_and_keeps_a_users_description(mlflow_uri):
-    from pipelines.common import tracking_uri
+    from pipelines.tracking import tracking_uri
 
     client = _client(tracking_uri(mlflow_uri))
     bare = client.create_experiment("weit-sweep")  # as weit before this change (or a user) made it
@@ -84,7 +84,9 @@ def test_trials_are_named_tagged_and_sortable_and_the_saved_view_selects_them(ml
     exactly the sweep's trials (not the parent, not another sweep's) best ``val_acc`` first."""
     from mlflow.entities import ViewType
 
-    from pipelines.sweep import EXPERIMENT, TrialTracker, run_trial
+    from pipelines.tracking import SWEEP_EXPERIMENT as EXPERIMENT
+    from pipelines.tracking import TrialTracker
+    from pipelines.trial import run_trial
 
     uri, exp_id = prepare_mlflow(mlflow_uri, EXPERIMENT)
     client = _client(uri)
@@ -115,7 +117,7 @@ def test_trials_are_named_tagged_and_sortable_and_the_saved_view_selects_them(ml
 
 
 def test_parent_description_states_the_sweep():
-    from pipelines.sweep import sweep_note
+    from pipelines.tracking import sweep_note
 
     space = parse_space(SPACE, source="ui.yaml")
     exp = expand(space, {"digits": TaskShape(1, 8, 10)})

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch.nn.functional as F
 
-from pipelines.common import UserError, prepare_mlflow
+from pipelines.common import UserError
 from pipelines.spaces import TaskShape, expand, parse_space, trial_key
 from pipelines.sweep import EXPERIMENT
-from pipelines.tracking import TrialTracker
+from pipelines.tracking import TrialTracker, prepare_mlflow
 from pipelines.trial import run_trial
 from weit_core.tasks import Task
 

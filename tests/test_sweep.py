@@ -580,8 +580,8 @@ def test_killed_driver_resumes_and_every_trial_finishes_exactly_once(ray_session
     ``--resume`` then completes the sweep: one FINISHED child per trial key, none duplicated."""
     import mlflow
 
-    from pipelines.common import prepare_mlflow
     from pipelines.sweep import EXPERIMENT, run_sweep
+    from pipelines.tracking import prepare_mlflow
 
     space = load_space(CI_SPACE)
     n_valid = len(expand(space, inspect_tasks(space), bank_block=16).trials)
@@ -634,9 +634,8 @@ def test_restarted_trial_replays_a_finished_run_and_replaces_a_killed_one(mlflow
     left RUNNING by a killed attempt is replaced, so each trial key has exactly one active run."""
     import mlflow
 
-    from pipelines.common import prepare_mlflow
     from pipelines.sweep import EXPERIMENT
-    from pipelines.tracking import TrialTracker
+    from pipelines.tracking import TrialTracker, prepare_mlflow
     from pipelines.trial import run_trial
 
     uri, exp_id = prepare_mlflow(mlflow_uri, EXPERIMENT)
