@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,6 +39,7 @@ from pipelines.tracking import (
     NOTE_TAG,
     SWEEP_EXPERIMENT,
     TrialTracker,
+    as_metrics,
     client_for,
     experiment_note,
     mlflow_ui_url,
@@ -87,9 +88,6 @@ class SweepSummary:
     n_failed: int
     resumed: bool
     wall_s: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -358,12 +356,8 @@ def run_sweep(
     children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50000)
     n_finished = sum(r.info.status == "FINISHED" for r in children)
     n_failed = sum(r.info.status == "FAILED" for r in children)
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    client.log_batch(parent_id, metrics=[Metric("trials_finished", n_finished, now, 0),
-                                         Metric("trials_failed", n_failed, now, 0),
-                                         Metric("tune_errors", n_errors, now, 0)])
+    client.log_batch(parent_id, metrics=as_metrics(
+        {"trials_finished": n_finished, "trials_failed": n_failed, "tune_errors": n_errors}, 0))
     client.set_tag(parent_id, NOTE_TAG, note(counts={
         "finished": n_finished, "failed": n_failed, "tune_errors": n_errors,
         "failure_kinds": [r.data.tags.get("weit.failure_kind", "unknown") for r in children

@@ -265,7 +265,8 @@ def log_params(client: Any, run_id: str, params: dict, metrics: list | None = No
         client.log_batch(run_id, params=items[i:i + 100], metrics=(metrics or []) if i == 0 else [])
 
 
-def _finite(metrics: dict, step: int) -> list:
+def as_metrics(metrics: dict, step: int) -> list:
+    """The finite numbers of ``metrics`` as MLflow metrics at ``step`` (what ``log_batch`` takes)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -333,7 +334,7 @@ class TrialTracker:
 
     def log_params(self, params: dict) -> None:
         """The trial's params, and :data:`SORT_METRICS` also as metrics."""
-        log_params(self.client, self.run_id, params, _finite({k: params[k] for k in SORT_METRICS if k in params}, 0))
+        log_params(self.client, self.run_id, params, as_metrics({k: params[k] for k in SORT_METRICS if k in params}, 0))
 
     def log_model(self, model: Any, spec: Any, info: dict) -> None:
         from weit_core.io import save_model
@@ -344,7 +345,7 @@ class TrialTracker:
 
     def log_epoch(self, epoch: int, metrics: dict) -> None:
         """A curve per metric (step = epoch) and one column per budget (:func:`budget_metric`)."""
-        self.client.log_batch(self.run_id, metrics=_finite(metrics, epoch) + _finite(
+        self.client.log_batch(self.run_id, metrics=as_metrics(metrics, epoch) + as_metrics(
             {budget_metric(k, epoch): v for k, v in metrics.items()}, 0))
 
     def finish(self, epochs_done: int, stopped_early: bool = False) -> None:
