@@ -48,6 +48,9 @@ def _resolutions(img_size: int, patch: int, stages: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ConvNeXtSpec:
+    """Blocks and channels per stage (1-4 stages; MLPs 4x wide, timm's fixed ratio), the depthwise kernel, the
+    stem's patch and the task's images and classes."""
+
     depths: tuple[int, ...]
     dims: tuple[int, ...]
     kernel: int = 7
