@@ -1,5 +1,6 @@
-"""THE training loop: every stage (distill, fit_scalers, train, evaluate) of every caller (Ray Train
-workers, Tune trials, tests) runs through these functions. Batches are any iterable of ``(x, y)``
+"""THE training loop: :func:`fit` (epochs of :func:`distill_epoch`) runs ancestry training, stage 1, stage 3
+and the benchmarks for every caller (Ray Train workers, Tune trials, tests); :func:`fit_scalers` is stage 2
+and :func:`evaluate` judges. Batches are any iterable of ``(x, y)``
 tensors, so the same code reads in-memory tensors and Ray Data shards."""
 
 from __future__ import annotations
@@ -262,31 +263,7 @@ def fit_scalers(
 
 
 SCHEDULES = ("cosine", "constant")
-
-
-def train_steps(
-    model: nn.Module, batches: Batches, *, steps: int, lr: float, weight_decay: float = 0.05, warmup: float = 0.1,
-    schedule: str = "cosine", teacher: nn.Module | None = None, tau: float = 2.0, task: Task = CLASSIFICATION,
-    device: torch.device | str = "cpu", checkpoints: Iterable[int] = (),
-    on_checkpoint: Callable[[int, dict], None] | None = None,
-) -> dict[str, float]:
-    """``steps`` optimizer steps of the one recipe every strategy is trained with: AdamW, linear warm-up over
-    ``warmup`` of the steps, then cosine decay (``schedule="constant"``: a fixed LR). ``on_checkpoint(step,
-    stats)`` runs at each of ``checkpoints`` and at the end (stats of the steps since the last one)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
-    opt = make_optimizer(model, lr, weight_decay)
-    sched = warmup_cosine(opt, steps, round(warmup * steps)) if schedule == "cosine" else None
-    done, stats = 0, {}
-    for mark in sorted({c for c in checkpoints if 0 < c < steps} | {steps}):
-        stats = distill_epoch(model, batches, opt, teacher=teacher, tau=tau, task=task, device=device,
-                              max_steps=mark - done, scheduler=sched)
-        done += stats["steps"]
-        if on_checkpoint is not None:
-            on_checkpoint(done, stats)
-        if done < mark:
-            break  # the batches ran out
-    return {**stats, "steps": done}
+"""Stage 3's LR schedules: warm-up then cosine (:func:`warmup_cosine`), or the first design's fixed LR."""
 
 
 @torch.no_grad()
