@@ -120,7 +120,8 @@ def test_sweep_survives_mlflow_server_outage_and_every_run_arrives(digits_bank, 
         done_before = len(_wait_for(finished, 300, "a first finished trial"))
         assert proc.poll() is None, log_path.read_text()
         killed_at = time.monotonic()
-        server.kill()
+        os.killpg(server.proc.pid, signal.SIGKILL)  # abrupt death, as a crashed head would look
+        server.proc.wait()
         time.sleep(5)  # down for at least this long, plus the restart below (~9 s idle, more when loaded)
         server = server.restart()
         down_s = time.monotonic() - killed_at
