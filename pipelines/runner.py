@@ -1,15 +1,11 @@
 """The one Ray Train runner, for ``weit distill`` and ``weit ancestry --workers N``.
 
-Worker side: :func:`train_worker` builds what the job trains from its config (``cfg["build"](cfg)``, a
-:class:`Built`), resumes from the last checkpoint, and runs ``weit_core.train.fit`` over its Ray Data shard
-(DDP via ``prepare_model``). After every epoch it evaluates on the test split (each rank its slice, the sums
-all-reduced), reports, and rank 0 checkpoints weights (safetensors), optimizer and scheduler. A job differs
-only by what it builds and evaluates. Data order is a function of (seed, epoch) only, so a restarted worker
-group redoes a lost epoch exactly (``FailureConfig``), and re-running a command resumes it: Ray Train V2
-restores a run from its ``(storage_path, name)``, and the name is derived from the output file.
-
-Driver side: :func:`run_on_ray` starts the ``TorchTrainer`` and hands rank 0's report of each epoch, as it
-comes, to the job's MLflow run and the terminal (a controller callback pushes it into a Ray queue).
+Each worker builds what the job trains (``cfg["build"](cfg)``, a :class:`Built`), resumes from the last
+checkpoint and runs ``weit_core.train.fit`` over its Ray Data shard (DDP). After every epoch it scores the
+test split with the task's metric (each rank a slice, the sums all-reduced), reports, and rank 0 checkpoints.
+Data order is a function of (seed, epoch) only, so a restarted worker group redoes a lost epoch exactly, and
+re-running a command resumes it: Ray Train restores a run from ``(storage_path, name)``, and the name comes
+from the output file. The driver hands rank 0's report of each epoch, as it comes, to MLflow and the terminal.
 """
 
 from __future__ import annotations
@@ -25,18 +21,20 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import ray
 import ray.data
 import ray.train
 import torch
+import typer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipelines.common import UserError
 from pipelines.tracking import Tracker
 from weit_core.data import PreparedData, batch_to_tensors
+from weit_core.tasks import get_task
 from weit_core.teacher import rebuild_teacher
 from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything, warmup_cosine
 
@@ -48,26 +46,35 @@ SHUFFLE_BUFFER_MAX = 32768
 MATERIALIZE_MAX_BYTES = 2 << 30
 
 WrapBatches = Callable[..., Iterator]
-"""``wrap(batches, *, epoch, rank, world) -> batches``: called in every worker around each epoch's training
-batches (an iterator of ``(x, y)``), for instrumentation: timing, logging, or a test's injected fault."""
+"""``wrap(batches, *, epoch, rank, world) -> batches`` around each epoch's training batches in every worker:
+timing, logging, or a test's injected fault."""
+
+# the options `weit ancestry` and `weit distill` share
+Dataset = Annotated[str, typer.Option(help="fashion_mnist, digits, or a parquet path.")]
+Limit = Annotated[int | None, typer.Option(help="At most this many examples per split (smoke runs).")]
+Epochs = Annotated[int, typer.Option(help="Training epochs.")]
+Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine).")]
+BatchSize = Annotated[int, typer.Option(help="Global batch size (split over workers).")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+CpusPerWorker = Annotated[float, typer.Option(help="CPUs per Ray Train worker (fractional leaves room for Ray "
+                                                   "Data).")]
+Threads = Annotated[int | None, typer.Option(help="Torch threads per worker (default: round(cpus)).")]
+Storage = Annotated[str | None, typer.Option(help="Ray Train storage (checkpoints); default ./weit_runs.")]
+Address = Annotated[str | None, typer.Option(
+    help="Ray cluster address (default: start a local Ray; 'auto': the head `ray start` runs here).")]
+MlflowUri = Annotated[str | None, typer.Option(help="MLflow tracking URI.")]
 
 
 @dataclass
 class Built:
     """What a job's ``build(cfg)`` gives each worker."""
 
-    model: nn.Module
-    """Trained (DDP-wrapped by the runner)."""
-    keep: nn.Module
-    """What a checkpoint holds and the driver reads back: ``model``, or the part of it the job keeps."""
+    model: nn.Module  # trained (DDP-wrapped by the runner)
+    keep: nn.Module  # what a checkpoint holds: ``model`` or the part of it the job keeps
     evals: dict[str, nn.Module]
-    """Metric name -> model scored on the test split every epoch; ``test_acc`` is the job's own (the teacher's
-    agreement is measured on it). One module under several names is evaluated once."""
+    """``test_<metric>[/<size>]`` -> module scored every epoch; ``test_<metric>`` is the job's own."""
     on_epoch_start: Callable[[int], None] | None = None
     """Restarts per-epoch randomness (a sandwich's size draws) so a redone epoch repeats the lost one."""
-
-
-# ------------------------------------------------------------------------------------------------- config
 
 
 def job_name(out: str | Path, prefix: str) -> str:
@@ -87,8 +94,7 @@ def job_guard(directory: Path, settings: dict) -> bool:
     f = directory / JOB_FILE
     if f.is_file():
         before = json.loads(f.read_text())
-        diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if diff:
+        if diff := sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k)):
             raise UserError(f"{directory} holds a job with different settings ({', '.join(diff[:6])}); rerun "
                             f"with the same flags to resume, or pass another --out / --name to start a new job")
         return True
@@ -104,8 +110,8 @@ def threads_for(cpus_per_worker: float, threads: int | None) -> int:
 def worker_config(build: Callable[[dict], Built], spec: Any, *, epochs: int, lr: float, weight_decay: float,
                   warmup_epochs: float, batch_size: int, workers: int, train_rows: int, seed: int, threads: int,
                   **extra) -> dict:
-    """``train_loop_config`` for :func:`train_worker`: the global batch is split over workers and the LR
-    schedule is laid out over the steps each worker will take (equal shards, so equal step counts)."""
+    """``train_loop_config`` for :func:`train_worker`: the global batch split over workers, the LR schedule
+    laid out over the steps each worker takes (equal shards, so equal step counts)."""
     per_worker = max(1, batch_size // workers)
     rows_per_worker = train_rows // workers
     steps_per_epoch = max(1, math.ceil(rows_per_worker / per_worker))
@@ -113,17 +119,13 @@ def worker_config(build: Callable[[dict], Built], spec: Any, *, epochs: int, lr:
             "batch_size": per_worker, "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * epochs,
             "warmup_steps": round(steps_per_epoch * warmup_epochs), "seed": seed, "threads": threads,
             "shuffle_buffer": max(1, min(rows_per_worker, SHUFFLE_BUFFER_MAX)), "teacher": None, "tau": 2.0,
-            "wrap_batches": None, **extra}
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
+            "wrap_batches": None, "task": "classification", **extra}
 
 
 def save_train_state(d: Path, keep: nn.Module, optimizer: torch.optim.Optimizer,
                      scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
-    """One epoch's checkpoint directory: weights as safetensors, optimizer/scheduler state, progress."""
     save_file({k: v.detach().cpu().contiguous() for k, v in keep.state_dict().items()}, str(d / "model.safetensors"))
-    # Our own file, read back only by us with weights_only=True: plain tensors and numbers, no pickled code.
+    # our own file, read back only by us with weights_only=True: plain tensors and numbers, no pickled code
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "optimizer.pt")
     (d / "state.json").write_text(json.dumps(state, indent=1))
 
@@ -136,8 +138,7 @@ def load_train_state(d: Path, keep: nn.Module, optimizer: torch.optim.Optimizer 
     if optimizer is not None:
         saved = torch.load(d / "optimizer.pt", map_location=device, weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
+        scheduler.load_state_dict(saved["scheduler"])
     return json.loads((d / "state.json").read_text())
 
 
@@ -155,8 +156,9 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.cat([model(x[i:i + EVAL_BATCH].to(device)).argmax(-1).cpu() for i in range(0, len(x), EVAL_BATCH)])
+def _outputs(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + EVAL_BATCH].to(device)).float().cpu() for i in range(0, len(x), EVAL_BATCH)])
 
 
 def train_worker(cfg: dict) -> None:
@@ -168,14 +170,15 @@ def train_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    task = get_task(cfg["task"])
+    metric = task.metric
     seed_everything(cfg["seed"])
     built: Built = cfg["build"](cfg)
     ddp = ray.train.torch.prepare_model(built.model)  # moves to the device; DDP when world > 1
     optimizer = make_optimizer(ddp, cfg["lr"], cfg["weight_decay"])
     scheduler = warmup_cosine(optimizer, cfg["total_steps"], cfg["warmup_steps"])
     state = {"epoch": 0, "global_step": 0, "history": [], "starts": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as d:
             state = load_train_state(Path(d), built.keep, optimizer, scheduler)
     state["starts"].append(state["epoch"] + 1)
@@ -184,23 +187,21 @@ def train_worker(cfg: dict) -> None:
     teacher = rebuild_teacher(ray.get(cfg["teacher"][0]), device) if cfg["teacher"] else None
     evals = list({id(m): m for m in built.evals.values()}.values())
 
-    # The test split goes whole to every worker (not split); each evaluates its own slice rank::world and
-    # the sums are all-reduced, so the accuracy is over every test example exactly once.
+    # Every worker gets the whole test split and scores its slice rank::world; the sums are all-reduced.
     xs, ys = zip(*(batch_to_tensors(b) for b in ray.train.get_dataset_shard("test").iter_batches(
         batch_size=4096, batch_format="numpy")), strict=True)
     tx, ty = torch.cat(xs)[rank::world], torch.cat(ys)[rank::world]
-    t_labels = _predict(teacher, tx, device) if teacher is not None else None
-    teacher_correct = float((t_labels == ty).sum()) if teacher is not None else 0.0
+    t_out = _outputs(teacher, tx, device) if teacher is not None else None
+    teacher_score = float(task.score(t_out, ty)) if teacher is not None else 0.0
     train_shard = ray.train.get_dataset_shard("train")
-    wrap: WrapBatches | None = cfg.get("wrap_batches")
+    wrap: WrapBatches | None = cfg["wrap_batches"]
     t_first: list[float] = []
 
     def batches(epoch: int) -> Iterator:
         t_first.append(time.perf_counter())
         if built.on_epoch_start is not None:
             built.on_epoch_start(epoch)
-        # Data order is a function of (seed, epoch) only: blocks arrive in a fixed order (preserve_order)
-        # and the local shuffle is seeded, so a resumed epoch sees the batches the lost one saw.
+        # blocks arrive in a fixed order (preserve_order) and the local shuffle is seeded by (seed, epoch)
         raw = train_shard.iter_batches(batch_size=cfg["batch_size"], batch_format="numpy", prefetch_batches=2,
                                        local_shuffle_buffer_size=cfg["shuffle_buffer"],
                                        local_shuffle_seed=cfg["seed"] * 100_003 + epoch)
@@ -209,23 +210,25 @@ def train_worker(cfg: dict) -> None:
 
     def on_epoch(epoch: int, st: dict) -> None:
         t1 = time.perf_counter()
-        accs = [evaluate(m, iterate_batches(tx, ty, EVAL_BATCH, shuffle=False), device=device)["acc"] for m in evals]
-        ag = (evaluate(built.evals["test_acc"], iterate_batches(tx, t_labels, EVAL_BATCH, shuffle=False),
-                       device=device) if teacher is not None else {"acc": 0.0})
+        scores = [evaluate(m, iterate_batches(tx, ty, EVAL_BATCH, shuffle=False), task=task, device=device)[metric]
+                  for m in evals]
+        agreed = (float(task.agreement(_outputs(built.evals[f"test_{metric}"], tx, device), t_out))
+                  if teacher is not None and task.agreement is not None else 0.0)
         n, m = st["examples"], len(ty)
-        s = _all_reduce([st["loss"] * n, st["acc"] * n, st.get("agreement", 0.0) * n, n, st["steps"],
-                         ag["acc"] * m, teacher_correct, m, *(a * m for a in accs)], device)
-        acc_of = {id(mod): v / s[7] for mod, v in zip(evals, s[8:], strict=True)}
+        s = _all_reduce([st["loss"] * n, st[metric] * n, st.get("agreement", 0.0) * n, n, st["steps"], agreed,
+                         teacher_score, m, *(a * m for a in scores)], device)
+        score_of = {id(mod): v / s[7] for mod, v in zip(evals, s[8:], strict=True)}
         state["epoch"], state["global_step"] = epoch, state["global_step"] + st["steps"]
-        metrics = {"epoch": epoch, "loss": s[0] / s[3], "train_acc": s[1] / s[3],
-                   **{name: acc_of[id(mod)] for name, mod in built.evals.items()},
+        metrics = {"epoch": epoch, "loss": s[0] / s[3], f"train_{metric}": s[1] / s[3],
+                   **{name: score_of[id(mod)] for name, mod in built.evals.items()},
                    "lr": optimizer.param_groups[0]["lr"], "steps": state["global_step"], "train_s": st["train_s"],
                    "eval_s": time.perf_counter() - t1, "epoch_s": st["train_s"] + time.perf_counter() - t1,
                    "examples": int(s[3]) // cfg.get("draws_per_step", 1)}  # a sandwich stacks its sizes' outputs
         if epoch == state["starts"][-1]:
             metrics["setup_s"] = t_first[0] - t_setup  # worker start to first step: build, resume, teacher, data
         if teacher is not None:
-            metrics.update(train_agreement=s[2] / s[3], test_agreement=s[5] / s[7], teacher_test_acc=s[6] / s[7])
+            metrics.update({"train_agreement": s[2] / s[3], "test_agreement": s[5] / s[7],
+                            f"teacher_test_{metric}": s[6] / s[7]})
         state["history"].append(metrics)
         if rank == 0:
             with tempfile.TemporaryDirectory(prefix="weit-ckpt-") as d:
@@ -236,7 +239,7 @@ def train_worker(cfg: dict) -> None:
             ray.train.report(metrics)
 
     fit(ddp, batches, optimizer, epochs=cfg["epochs"], start_epoch=state["epoch"] + 1, on_epoch=on_epoch,
-        teacher=teacher, tau=cfg["tau"], device=device, scheduler=scheduler)
+        teacher=teacher, tau=cfg["tau"], task=task, device=device, scheduler=scheduler)
 
 
 # ------------------------------------------------------------------------------------------------ driver side
@@ -267,61 +270,45 @@ class RayRun:
         return dict(self.state["history"][-1])
 
     def weights(self, cfg: dict) -> nn.Module:
-        """What the job keeps (``Built.keep``), built in this process with the last checkpoint's weights."""
+        """What the job keeps (``Built.keep``), built here with the last checkpoint's weights."""
         keep = cfg["build"](cfg).keep
         load_train_state(self.checkpoint_dir, keep)
         return keep
 
 
 def scaling_config(workers: int, cpus_per_worker: float, use_gpu: bool) -> ray.train.ScalingConfig:
-    """``workers`` DDP workers of ``cpus_per_worker`` CPUs each; ``use_gpu`` adds one GPU per worker (and
-    TorchTrainer then picks NCCL and ``get_device`` a CUDA device)."""
+    """``use_gpu`` adds one GPU per worker (TorchTrainer then picks NCCL and a CUDA device)."""
     return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                    resources_per_worker={"CPU": cpus_per_worker})
 
 
-def _quiet_ray_data() -> None:
-    """Ray Data's per-execution INFO lines and progress bars would drown the epoch lines."""
+def ray_datasets(data: PreparedData) -> dict:
+    """Ray Datasets over the parquet files. Data below ``MATERIALIZE_MAX_BYTES`` is materialized once in the
+    object store: re-reading parquet costs 5-20 s of task start-up per epoch here, materialized blocks ~0.2 s."""
     import logging
 
-    from ray.data import DataContext
-
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    DataContext.get_current().enable_progress_bars = False
-
-
-def ray_datasets(data: PreparedData, materialize: bool | None = None) -> dict:
-    """Ray Datasets over the parquet files. Small data (the default: below ``MATERIALIZE_MAX_BYTES`` on
-    disk) is materialized once into the object store: re-reading parquet every epoch costs 5-20 s of task
-    start-up per epoch here, iterating materialized blocks ~0.2 s. Big data streams from the files."""
-    _quiet_ray_data()
-    if materialize is None:
-        materialize = sum(Path(p).stat().st_size for p in data.paths.values()) <= MATERIALIZE_MAX_BYTES
-    out = {}
-    for split in ("train", "test"):
-        ds = ray.data.read_parquet(data.paths[split])
-        out[split] = ds.materialize() if materialize else ds
-    return out
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # per-execution lines would drown the epoch lines
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    materialize = sum(Path(p).stat().st_size for p in data.paths.values()) <= MATERIALIZE_MAX_BYTES
+    out = {s: ray.data.read_parquet(data.paths[s]) for s in ("train", "test")}
+    return {s: ds.materialize() for s, ds in out.items()} if materialize else out
 
 
-def print_epoch(stage: str, epochs: int, m: dict) -> None:
+def print_epoch(stage: str, epochs: int, m: dict, metric: str = "acc") -> None:
     parts = [f"{PREFIX} {stage} epoch {int(m['epoch'])}/{epochs}", f"loss {m['loss']:.4f}",
-             f"train_acc {m['train_acc']:.4f}", f"test_acc {m['test_acc']:.4f}"]
+             f"train_{metric} {m[f'train_{metric}']:.4f}", f"test_{metric} {m[f'test_{metric}']:.4f}"]
     if "test_agreement" in m:
         parts.append(f"agreement {m['test_agreement']:.4f}")
-    sized = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items() if k.startswith("test_acc/")]
-    if sized:
-        parts.append(f"test_acc by size: {', '.join(sized)}")
-    parts.append(f"{m['epoch_s']:.1f}s")
-    print("  ".join(parts), flush=True)
+    if sized := [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items() if k.startswith(f"test_{metric}/")]:
+        parts.append(f"test_{metric} by size: {', '.join(sized)}")
+    print("  ".join([*parts, f"{m['epoch_s']:.1f}s"]), flush=True)
 
 
 def run_on_ray(cfg: dict, data: PreparedData, tracker: Tracker, *, stage: str, name: str, storage: str,
                workers: int, cpus_per_worker: float, use_gpu: bool = False, max_failures: int = 1,
                quiet: bool = False) -> RayRun:
-    """Run :func:`train_worker` under a ``TorchTrainer``; each epoch is logged to ``tracker`` exactly once
-    (as rank 0 reports it, or from the checkpoint's history for epochs a restarted driver missed) and
-    printed unless ``quiet``."""
+    """Run :func:`train_worker` under a ``TorchTrainer``; each epoch is logged to ``tracker`` once (as rank 0
+    reports it, or from the checkpoint's history for epochs a restarted driver missed)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
@@ -340,6 +327,7 @@ def run_on_ray(cfg: dict, data: PreparedData, tracker: Tracker, *, stage: str, n
                                datasets_to_split=["train"], execution_options=ingest, enable_shard_locality=False))
     epochs_now: list[int] = []
     stop = threading.Event()
+    metric = get_task(cfg["task"]).metric
 
     def pump() -> None:
         while True:
@@ -352,7 +340,7 @@ def run_on_ray(cfg: dict, data: PreparedData, tracker: Tracker, *, stage: str, n
             epochs_now.append(int(m["epoch"]))
             tracker.log_epoch(m)
             if not quiet:
-                print_epoch(stage, cfg["epochs"], m)
+                print_epoch(stage, cfg["epochs"], m, metric)
 
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
