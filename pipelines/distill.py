@@ -1,14 +1,11 @@
 """``weit distill``, stage 1 on Ray Train: build a template bank by distilling an ancestry model (WAVE) or by
 constraint-based pre-training on the task alone (WeiT), for one size or a whole size range.
 
-The auxiliary model is a ``weit_core.models.elastic.ElasticModel``: a fresh bank, the reference size's own
-scalers and its free tensors (norms, biases, position table, class token, the aux head); any size's weights
-are computed from them by the bank's resize rule. Without a range the reference alone is trained; with one
-(``--depths/--widths`` or ``--space``, planned by ``weit_core.sizes``) a ``Sandwich`` trains the largest, the
-smallest and ``n_random`` drawn sizes every step (WeiT's structured constraints), so every size of the range
-is what stage 2 will start from. ``pipelines.runner`` runs it on Ray Train (checkpoints every epoch, resume,
-per-epoch metrics to MLflow: the reference's test accuracy and, with a range, the smallest and the largest
-size's); the final bank is written with ``weit_core.stage1.save_elastic``.
+The auxiliary model is an ``ElasticModel`` (templates, the reference size's scalers and free tensors, an aux
+head); any size's weights are computed from them by the bank's resize rule. With a range (``--depths/
+--widths`` or ``--space``, planned by ``weit_core.sizes``) a ``Sandwich`` trains the largest, the smallest and
+``n_random`` drawn sizes every step, so every size of the range is what stage 2 will start from.
+``pipelines.runner`` runs it (checkpoints, resume, per-epoch metrics to MLflow).
 """
 
 from __future__ import annotations
@@ -16,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
@@ -23,18 +21,9 @@ from typing import Annotated
 import ray
 import typer
 
+from pipelines import runner as r
 from pipelines.common import UserError, git_revision, init_ray, storage_path
-from pipelines.runner import (
-    PREFIX,
-    Built,
-    WrapBatches,
-    job_dir,
-    job_guard,
-    job_name,
-    run_on_ray,
-    threads_for,
-    worker_config,
-)
+from pipelines.runner import PREFIX, Built
 from pipelines.tracking import Tracker
 from weit_core.data import PreparedData, prepare_parquet
 from weit_core.io import load_bank
@@ -44,6 +33,7 @@ from weit_core.models.vit import VIT
 from weit_core.resize import RULES
 from weit_core.sizes import SizeRange, common_head_dim, grid, largest, size_range
 from weit_core.stage1 import build_elastic, save_elastic
+from weit_core.tasks import CLASSIFICATION, get_task
 from weit_core.teacher import check_teacher, load_teacher, no_teacher
 from weit_core.templates import Scalers
 
@@ -54,37 +44,34 @@ NOT_SETTINGS = ("out", "storage", "name", "address", "mlflow_uri", "quiet", "wra
 """Config fields that do not change what a job computes (a rerun with other values resumes it)."""
 
 
-# ----------------------------------------------------------------------------------------------- config
+def parse_sizes(text: str | None, flag: str) -> list[int] | None:
+    """``"2,4,6"`` -> ``[2, 4, 6]`` (an empty list is refused by :func:`check_range_flags`)."""
+    try:
+        return None if text is None else [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as e:
+        raise UserError(f"{flag} {text!r}: expected whole numbers separated by commas, e.g. 2,4,6") from e
 
 
 @dataclass
 class DistillConfig:
-    """Everything one stage-1 job needs; every field is logged to MLflow as a param."""
+    """Everything one stage-1 job needs; every field is logged to MLflow as a param. ``depths``, ``widths``
+    and ``teacher_kwargs`` may be given as the CLI's text."""
 
-    teacher: str | None = None
-    """A weit model file (``weit ancestry``), a timm model name (with ``teacher_checkpoint``), or None /
-    ``"none"`` for WeiT pre-training without a teacher."""
+    teacher: str | None = None  # a weit model file, a timm name (with teacher_checkpoint), or None/"none": WeiT
     teacher_checkpoint: str | None = None
     teacher_kwargs: dict = field(default_factory=dict)
     dataset: str = "fashion_mnist"
     limit: int | None = None
     aux: dict = field(default_factory=dict)
-    """Aux ViT size overrides (depth, width, heads, mlp_ratio, patch); unset keys come from a weit teacher's
-    spec, else ``DEFAULT_AUX``. Image size, channels and classes always come from the data."""
-    depths: list[int] | None = None
-    """Size range: the depths to train (crossed with ``widths``); None = the reference's depth only."""
+    """Aux ViT size keys (depth, width, heads, mlp_ratio, patch); unset ones come from a weit teacher's spec,
+    else ``DEFAULT_AUX``; image size, channels and classes from the data."""
+    depths: list[int] | None = None  # a range: depths x widths (None: the reference's)
     widths: list[int] | None = None
-    """Size range: the widths to train; None = the reference's width only."""
-    head_dim: int | None = None
-    """Range: heads = width / head_dim (default: the teacher's, else ``DEFAULT_AUX``'s head dim); an explicit
-    ``aux["heads"]`` fixes the heads of every size instead."""
-    space: str | None = None
-    """Size range: the valid sizes of a ``tune_spaces`` YAML (dropped as the sweep drops them)."""
-    n_random: int = 1
-    """Sandwich rule: sizes drawn per step besides the largest and the smallest of the range."""
+    head_dim: int | None = None  # a range's heads = width / head_dim; an explicit aux["heads"] fixes them
+    space: str | None = None  # a range: the sizes a tune_spaces YAML keeps
+    n_random: int = 1  # sandwich rule: sizes drawn per step besides the largest and the smallest
     width_rule: str = "nested"
     depth_rule: str = "nested"
-    """How a size's scalers and free tensors come from the reference's (``weit_core.resize.RULES``)."""
     n_templates: int = 16
     block: int = 16
     order: str = "scaler_major"
@@ -93,8 +80,7 @@ class DistillConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     tau: float = 2.0
-    batch_size: int = 128
-    """Global batch: each of the ``workers`` sees ``batch_size // workers`` per step."""
+    batch_size: int = 128  # global: each worker sees batch_size // workers per step
     workers: int = 2
     cpus_per_worker: float = 0.5
     """Fractional on purpose: workers holding every CPU leave none for Ray Data's read tasks (deadlock)."""
@@ -109,9 +95,18 @@ class DistillConfig:
     experiment: str = EXPERIMENT
     seed: int = 0
     quiet: bool = False
-    wrap_batches: WrapBatches | None = None
-    """``pipelines.runner.WrapBatches``: instrumentation around each worker's training batches (not a
-    setting: a rerun without it resumes the job)."""
+    wrap_batches: r.WrapBatches | None = None  # instrumentation, not a setting: a rerun without it resumes
+
+    def __post_init__(self) -> None:
+        self.depths = parse_sizes(self.depths, "--depths") if isinstance(self.depths, str) else self.depths
+        self.widths = parse_sizes(self.widths, "--widths") if isinstance(self.widths, str) else self.widths
+        if isinstance(self.teacher_kwargs, str):
+            try:
+                self.teacher_kwargs = json.loads(self.teacher_kwargs or "{}")
+            except json.JSONDecodeError as e:
+                raise UserError(f"--teacher-kwargs is not JSON ({e}); e.g. '{{\"num_classes\": 10}}'") from e
+            if not isinstance(self.teacher_kwargs, dict):
+                raise UserError("--teacher-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
 
     @property
     def mode(self) -> str:
@@ -127,10 +122,9 @@ class DistillConfig:
 
 def aux_spec(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec | None) -> ViTSpec:
     """Aux size: explicit flags, else the weit teacher's size, else ``DEFAULT_AUX``; I/O from the data."""
-    base = ({k: getattr(teacher_spec, k) for k in DEFAULT_AUX} if teacher_spec else dict(DEFAULT_AUX))
-    unknown = set(config.aux) - set(DEFAULT_AUX)
-    if unknown:
+    if unknown := set(config.aux) - set(DEFAULT_AUX):
         raise UserError(f"unknown aux size key(s) {sorted(unknown)}; use {sorted(DEFAULT_AUX)}")
+    base = {k: getattr(teacher_spec, k) for k in DEFAULT_AUX} if teacher_spec else dict(DEFAULT_AUX)
     base.update({k: v for k, v in config.aux.items() if v is not None})
     c, h, w = data.input_shape
     if h != w:
@@ -144,50 +138,43 @@ def aux_spec(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec | 
 
 
 def check_range_flags(config: DistillConfig) -> None:
-    """Everything about a size range that needs no data: one clear line each, before anything is read or
-    Ray is started."""
-    if config.width_rule not in RULES or config.depth_rule not in RULES:
-        raise UserError(f"--width-rule {config.width_rule} / --depth-rule {config.depth_rule}: choose from "
-                        f"{', '.join(RULES)}")
-    if config.n_random < 0:
-        raise UserError(f"--n-random must be >= 0, got {config.n_random}")
-    if config.space is not None and (config.depths, config.widths, config.head_dim) != (None, None, None):
+    """What is wrong with a range's flags, one line each, before anything is read or Ray is started."""
+    c, heads = config, config.aux.get("heads")
+    if c.width_rule not in RULES or c.depth_rule not in RULES:
+        raise UserError(f"--width-rule {c.width_rule} / --depth-rule {c.depth_rule}: choose from {', '.join(RULES)}")
+    if c.n_random < 0:
+        raise UserError(f"--n-random must be >= 0, got {c.n_random}")
+    if c.space is not None and (c.depths, c.widths, c.head_dim) != (None, None, None):
         raise UserError("--space lists the sizes itself; drop --depths / --widths / --head-dim")
-    heads = config.aux.get("heads")
-    if heads is not None and config.head_dim is not None:
+    if heads is not None and c.head_dim is not None:
         raise UserError("pass --heads (the same heads for every size) or --head-dim (heads = width / head dim), "
                         "not both")
-    if config.head_dim is not None and config.head_dim < 1:
-        raise UserError(f"--head-dim must be >= 1, got {config.head_dim}")
-    for flag, values, example in (("--depths", config.depths, "2,4,6"), ("--widths", config.widths, "64,96")):
-        if values is None:
-            continue
-        if not values:
+    if c.head_dim is not None and c.head_dim < 1:
+        raise UserError(f"--head-dim must be >= 1, got {c.head_dim}")
+    for flag, values, example in (("--depths", c.depths, "2,4,6"), ("--widths", c.widths, "64,96")):
+        if values is not None and not values:
             raise UserError(f"{flag} is empty; give a comma-separated list such as {example}")
-        if min(values) < 1:
+        if values and min(values) < 1:
             raise UserError(f"{flag} {','.join(map(str, values))}: every entry must be >= 1")
-    for w in config.widths or []:
-        if w % config.block:
-            raise UserError(f"width {w} of --widths is not a multiple of the template block {config.block}; use "
-                            f"multiples of --block {config.block}")
+    for w in c.widths or []:
+        if w % c.block:
+            raise UserError(f"width {w} of --widths is not a multiple of the template block {c.block}; use "
+                            f"multiples of --block {c.block}")
         if heads is not None and w % heads:
             raise UserError(f"--heads {heads} does not divide width {w} of --widths; pass --head-dim instead (heads = "
                             f"width / head dim) or widths that {heads} divides")
-        if config.head_dim is not None and w % config.head_dim:
-            raise UserError(f"--head-dim {config.head_dim} does not divide width {w} of --widths; pick a head dim "
+        if c.head_dim is not None and w % c.head_dim:
+            raise UserError(f"--head-dim {c.head_dim} does not divide width {w} of --widths; pick a head dim "
                             f"that divides every width")
 
 
 def plan_range(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec | None) -> SizeRange:
-    """The reference size and the range of a job. Without ``depths/widths/space``: ``aux_spec`` alone.
-
-    With a range the reference defaults to its largest size (max depth, max width, max MLP ratio; heads =
-    width / head dim), so every size is a sub-model of it; explicit ``aux`` keys (``--depth/--width/--heads``)
-    still set it. Every size shares the reference's patch and the data's image size, channels and classes."""
+    """The reference size and the range of a job (without one: ``aux_spec`` alone). The reference defaults
+    to the range's largest size, so every size is a sub-model of it; explicit aux keys still set it."""
     check_range_flags(config)
     if not config.has_range:
         return SizeRange(aux_spec(config, data, teacher_spec), [])
-    base = ({k: getattr(teacher_spec, k) for k in DEFAULT_AUX} if teacher_spec else dict(DEFAULT_AUX))
+    base = {k: getattr(teacher_spec, k) for k in DEFAULT_AUX} if teacher_spec else dict(DEFAULT_AUX)
     given = {k: v for k, v in config.aux.items() if v is not None}
     if config.space is not None:
         points, dropped, patch = _space_sizes(config, data, given.get("patch"), base["patch"])
@@ -195,12 +182,12 @@ def plan_range(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec 
     else:
         head_dim = config.head_dim or base["width"] // base["heads"]
         patch, dropped, source = given.get("patch", base["patch"]), {}, "--depths/--widths"
-        for w in config.widths or [given.get("width", base["width"])]:
+        widths = config.widths or [given.get("width", base["width"])]
+        for w in widths:
             if "heads" not in given and w % head_dim:
                 raise UserError(f"width {w} is not a multiple of the head dim {head_dim} (the teacher's, else "
                                 f"the default's); pass --head-dim or --heads")
-        points = grid(config.depths or [given.get("depth", base["depth"])],
-                      config.widths or [given.get("width", base["width"])], head_dim=head_dim,
+        points = grid(config.depths or [given.get("depth", base["depth"])], widths, head_dim=head_dim,
                       mlp_ratio=given.get("mlp_ratio", base["mlp_ratio"]), heads=given.get("heads"))
     width = given.get("width", max(p["width"] for p in points))
     if "heads" not in given and width % head_dim:
@@ -218,10 +205,8 @@ def plan_range(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec 
 
 def _space_sizes(config: DistillConfig, data: PreparedData, patch: int | None,
                  default_patch: int) -> tuple[list[dict], dict, int]:
-    """The sizes of a search space this bank can serve: each combination the sweep would keep for the data's
-    shape and this bank's block (``pipelines.spaces.check_size``), the drops counted by reason."""
-    from collections import Counter
-
+    """The sizes of a search space this bank can serve: those the sweep would keep for the data's shape and
+    this bank's block (``pipelines.spaces.check_size``), the drops counted by reason."""
     from pipelines.spaces import TaskShape, check_size, load_space, size_points
 
     space = load_space(config.space)
@@ -249,31 +234,30 @@ def _space_sizes(config: DistillConfig, data: PreparedData, patch: int | None,
 
 
 def _describe_drops(dropped: dict) -> str:
-    from pipelines.spaces import DROP_REASONS
+    from pipelines.spaces import drop_reasons
 
-    return ", ".join(f"{n} {DROP_REASONS.get(r, r)}" for r, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
+    reasons = drop_reasons()
+    return ", ".join(f"{n} {reasons.get(k, k)}" for k, n in Counter(dropped).most_common())
 
 
 # ----------------------------------------------------------------------------------------- the job
 
 
 def build_aux(cfg: dict) -> Built:
-    """What a worker trains: the aux model (``ElasticModel``: templates + the reference's scalers and free
-    tensors, seeded by ``cfg["seed"]``), wrapped in a ``Sandwich`` over ``cfg["sizes"]`` when a range is
-    given; evaluated at the reference (``test_acc``) and, with a range, at each watched size."""
-    family = get_family(cfg.get("family", "vit"))
-    spec = family.spec_from_dict(cfg["spec"])
-    seed = cfg.get("seed", 0)
+    """What a worker trains: the aux model (seeded by ``cfg["seed"]``), in a ``Sandwich`` over ``cfg["sizes"]``
+    when a range is given; scored at the reference and, with a range, at each watched size."""
+    family, metric = get_family(cfg.get("family", "vit")), get_task(cfg.get("task", CLASSIFICATION.name)).metric
+    spec, seed = family.spec_from_dict(cfg["spec"]), cfg.get("seed", 0)
     elastic = build_elastic(family, spec, n=cfg["n_templates"], block=cfg["block"], order=cfg["order"],
                             width_rule=cfg.get("width_rule", "nested"), depth_rule=cfg.get("depth_rule", "nested"),
                             seed=seed)
-    # Every DDP rank must run the same sizes at every step: Sandwich draws them from its own random.Random,
-    # the same seed on every rank, one draw per training forward (and every rank takes the same number of
-    # steps), restarted from (seed, epoch) at each epoch start, so a resumed epoch draws what the lost one drew.
+    # Every DDP rank must run the same sizes at every step: the Sandwich draws them from its own seeded
+    # random.Random, restarted from (seed, epoch) at each epoch, so a resumed epoch draws what the lost one drew.
     model = range_model(elastic, [family.spec_from_dict(d) for d in cfg.get("sizes") or []], cfg.get("n_random", 1),
                         seed=seed)
     at = {s.label: AtSize(elastic, s) for s in map(family.spec_from_dict, cfg.get("watch") or [cfg["spec"]])}
-    evals = {"test_acc": at[spec.label], **({f"test_acc/{k}": m for k, m in at.items()} if cfg.get("sizes") else {})}
+    evals = {f"test_{metric}": at[spec.label],
+             **({f"test_{metric}/{k}": m for k, m in at.items()} if cfg.get("sizes") else {})}
     reseed = (lambda epoch: model.reseed(seed * 100_003 + epoch)) if isinstance(model, Sandwich) else None
     return Built(model, elastic, evals, reseed)
 
@@ -283,39 +267,36 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
     if config.epochs < 1 or config.workers < 1 or config.batch_size < config.workers:
         raise UserError("need --epochs >= 1, --workers >= 1 and --batch-size >= --workers")
     check_range_flags(config)  # before the data is read or Ray started
-    out = Path(config.out).resolve()
-    name = config.name or job_name(out, "distill")
-    storage = storage_path(config.storage)
-    directory = job_dir(storage, name)
+    task, out = CLASSIFICATION, Path(config.out).resolve()
+    metric, name, storage = task.metric, config.name or r.job_name(out, "distill"), storage_path(config.storage)
+    directory = r.job_dir(storage, name)
     teacher = None if no_teacher(config.teacher) else load_teacher(
         config.teacher, config.teacher_checkpoint, config.teacher_kwargs)
     data = prepare_parquet(config.dataset, directory / "data", config.limit, config.seed)
     plan = plan_range(config, data, teacher.spec if teacher else None)
-    spec = plan.ref
+    spec, labels = plan.ref, [s.label for s in plan.sizes]
     if teacher is not None:
         check_teacher(teacher, data.input_shape, data.num_classes)
     kinds = vit_kinds(spec, config.n_templates, config.block)
     settings = {k: v for k, v in asdict(replace(config, wrap_batches=None)).items() if k not in NOT_SETTINGS}
-    settings["aux_spec"] = spec.to_dict()
-    settings["size_range"] = [s.label for s in plan.sizes] or None
-    resumed = job_guard(directory, settings)
+    settings.update(aux_spec=spec.to_dict(), size_range=labels or None)
+    resumed = r.job_guard(directory, settings)
 
     init_ray(config.address)
-    # only a local Ray is known to be all there is; a cluster (--address, or $RAY_ADDRESS inside a Ray job)
-    # may autoscale GPU workers in after the job starts
-    local = not (config.address or os.environ.get("RAY_ADDRESS"))
-    if config.use_gpu and local and ray.cluster_resources().get("GPU", 0) < config.workers:
-        raise UserError(f"--use-gpu needs {config.workers} GPU(s) but this machine's Ray sees "
-                        f"{ray.cluster_resources().get('GPU', 0):g}; drop --use-gpu or pass --address of a GPU cluster")
-    cfg = worker_config(
+    # only a local Ray is known to be all there is; a cluster may autoscale GPU workers in after the start
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if config.use_gpu and not (config.address or os.environ.get("RAY_ADDRESS")) and gpus < config.workers:
+        raise UserError(f"--use-gpu needs {config.workers} GPU(s) but this machine's Ray sees {gpus:g}; drop "
+                        f"--use-gpu or pass --address of a GPU cluster")
+    cfg = r.worker_config(
         build_aux, spec, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
         warmup_epochs=config.warmup_epochs, batch_size=config.batch_size, workers=config.workers,
-        train_rows=data.train_rows, seed=config.seed, threads=threads_for(config.cpus_per_worker, config.threads),
-        n_templates=config.n_templates, block=config.block, order=config.order, tau=config.tau,
+        train_rows=data.train_rows, seed=config.seed, threads=r.threads_for(config.cpus_per_worker, config.threads),
+        n_templates=config.n_templates, block=config.block, order=config.order, tau=config.tau, task=task.name,
         # through the object store: workers on other nodes need no access to the teacher's file
         teacher=[ray.put(teacher.shipment())] if teacher is not None else None, wrap_batches=config.wrap_batches,
-        sizes=[s.to_dict() for s in plan.sizes] if plan.sizes else None, n_random=config.n_random,
-        width_rule=config.width_rule, depth_rule=config.depth_rule, watch=[s.to_dict() for s in plan.watch],
+        sizes=[s.to_dict() for s in plan.sizes] or None, n_random=config.n_random, width_rule=config.width_rule,
+        depth_rule=config.depth_rule, watch=[s.to_dict() for s in plan.watch],
         draws_per_step=plan.draws_per_step(config.n_random))
     template_numbers = sum(math.prod(k.template_shape) for k in kinds.values())
     scaler_numbers = Scalers(vit_layout(spec), kinds).num_numbers()
@@ -324,10 +305,11 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
               "mode": config.mode, "job": name, "out": str(out), "storage": storage, "git": git_revision(),
               "template_numbers": template_numbers, "aux_scalers": scaler_numbers,
               "steps_per_epoch": cfg["steps_per_epoch"], "per_worker_batch": cfg["batch_size"],
-              "free_params": "timm_init+trained", "size_range": " ".join(s.label for s in plan.sizes) or "reference",
+              "free_params": "timm_init+trained", "size_range": " ".join(labels) or "reference",
               "range_source": plan.source, "draws_per_step": cfg["draws_per_step"]}
     tags = {"weit.stage": "distill", "weit.mode": config.mode, "weit.task": data.info["name"],
-            "weit.task_type": "classification"}
+            "weit.task_type": task.name}
+    rule = f"rule {config.width_rule}/{config.depth_rule}"
     with Tracker(config.mlflow_uri, config.experiment, name, params, tags) as tracker:
         if not config.quiet:
             print(f"{PREFIX} distill {name}: mode {config.mode}, aux {spec.depth}x{spec.width} from "
@@ -335,14 +317,13 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
                   f"examples, {config.workers} worker(s) x {config.cpus_per_worker} CPU"
                   f"{', GPU' if config.use_gpu else ''}{', resuming' if resumed else ''}", flush=True)
             if plan.sizes:
-                print(f"{PREFIX} size range ({plan.source}): {len(plan.sizes)} size(s) {plan.sizes[0].label} .. "
-                      f"{plan.sizes[-1].label}, reference {spec.label}, rule {config.width_rule}/"
-                      f"{config.depth_rule}, {cfg['draws_per_step']} size(s) per step"
+                print(f"{PREFIX} size range ({plan.source}): {len(labels)} size(s) {labels[0]} .. {labels[-1]}, "
+                      f"reference {spec.label}, {rule}, {cfg['draws_per_step']} size(s) per step"
                       + (f"; dropped {sum(plan.dropped.values())} space size(s): {_describe_drops(plan.dropped)}"
                          if plan.dropped else ""), flush=True)
-        run = run_on_ray(cfg, data, tracker, stage="distill", name=name, storage=storage, workers=config.workers,
-                         cpus_per_worker=config.cpus_per_worker, use_gpu=config.use_gpu,
-                         max_failures=config.max_failures, quiet=config.quiet)
+        run = r.run_on_ray(cfg, data, tracker, stage="distill", name=name, storage=storage, workers=config.workers,
+                           cpus_per_worker=config.cpus_per_worker, use_gpu=config.use_gpu,
+                           max_failures=config.max_failures, quiet=config.quiet)
         final = run.final
         header = {
             "mode": config.mode, "N": config.n_templates, "a": config.block, "b": config.block,
@@ -351,51 +332,26 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
             "seed": config.seed, "tau": config.tau if teacher else None, "lr": config.lr,
             "batch_size": config.batch_size, "workers": config.workers, "attempt_starts": run.state["starts"],
             "git": git_revision(), "mlflow_run_id": tracker.run_id, "n_random": config.n_random if plan.sandwich else None,
-            "draws_per_step": cfg["draws_per_step"], "range_source": plan.source,
-            "space_dropped": plan.dropped or None,
+            "draws_per_step": cfg["draws_per_step"], "range_source": plan.source, "space_dropped": plan.dropped or None,
         }
         # templates, aux scalers, free tensors (not the aux head), the resize rule, the size range, aux_spec
         save_elastic(out, run.weights(cfg), header, plan.sizes or None)
         header_json = out.with_suffix(".json")
         header_json.write_text(json.dumps(load_bank(out).header, indent=1, default=str))
-        tracker.finish({"final_test_acc": final["test_acc"], "fit_s": run.fit_s,
-                        **({"final_test_agreement": final["test_agreement"]} if teacher else {})},
-                       [out, header_json])
+        tracker.finish({f"final_test_{metric}": final[f"test_{metric}"], "fit_s": run.fit_s,
+                        **({"final_test_agreement": final["test_agreement"]} if teacher else {})}, [out, header_json])
     if not config.quiet:
         agree = f", agreement {final['test_agreement']:.4f}" if teacher else ""
-        print(f"{PREFIX} bank written to {out} (test_acc {final['test_acc']:.4f}{agree}; {run.fit_s:.0f}s in fit, "
-              f"{len(run.epochs_now)} epoch(s) trained now"
-              + (f"; {len(plan.sizes)} sizes, rule {config.width_rule}/{config.depth_rule}" if plan.sizes else "")
-              + ")", flush=True)
+        print(f"{PREFIX} bank written to {out} (test_{metric} {final[f'test_{metric}']:.4f}{agree}; {run.fit_s:.0f}s "
+              f"in fit, {len(run.epochs_now)} epoch(s) trained now"
+              + (f"; {len(labels)} sizes, {rule}" if plan.sizes else "") + ")", flush=True)
     resumed_from = run.state["starts"][-1] - 1 if run.epochs_now else run.state["epoch"]
     return out, {**final, "fit_s": run.fit_s, "epochs_now": len(run.epochs_now), "resumed_from_epoch": resumed_from,
                  "run_id": tracker.run_id, "job": name, "checkpoint": str(run.checkpoint_dir),
                  "aux_spec": spec.to_dict()}
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def _parse_kwargs(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--teacher-kwargs is not JSON ({e}); e.g. '{{\"num_classes\": 10}}'") from e
-    if not isinstance(value, dict):
-        raise UserError("--teacher-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
-    return value
-
-
-def parse_sizes(text: str | None, flag: str) -> list[int] | None:
-    """``"2,4,6"`` -> ``[2, 4, 6]`` (None stays None; an empty list is refused by ``check_range_flags``)."""
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError as e:
-        raise UserError(f"{flag} {text!r}: expected whole numbers separated by commas, e.g. 2,4,6") from e
+RULE = f"{' | '.join(RULES)}."
 
 
 def distill_command(
@@ -403,8 +359,8 @@ def distill_command(
                                               "--teacher-checkpoint), or 'none' for WeiT pre-training.")] = "none",
     teacher_checkpoint: Annotated[str | None, typer.Option(help="Safetensors state_dict for a timm --teacher.")] = None,
     teacher_kwargs: Annotated[str | None, typer.Option(help="JSON kwargs for timm.create_model(--teacher).")] = None,
-    dataset: Annotated[str, typer.Option(help="fashion_mnist, digits, or a parquet path.")] = "fashion_mnist",
-    limit: Annotated[int | None, typer.Option(help="At most this many examples per split (smoke runs).")] = None,
+    dataset: r.Dataset = "fashion_mnist",
+    limit: r.Limit = None,
     depth: Annotated[int | None, typer.Option(help="Aux ViT depth (default: teacher's, else 6).")] = None,
     width: Annotated[int | None, typer.Option(help="Aux ViT width (default: teacher's, else 96).")] = None,
     heads: Annotated[int | None, typer.Option(help="Aux ViT heads (default: teacher's, else 3).")] = None,
@@ -420,41 +376,29 @@ def distill_command(
                                                    "the sweep would keep for this bank).")] = None,
     n_random: Annotated[int, typer.Option(help="Sizes drawn per step besides the largest and the smallest "
                                                "(sandwich rule).")] = 1,
-    width_rule: Annotated[str, typer.Option(help="How a size's channels come from the reference's: nested | "
-                                                 "spread | interp.")] = "nested",
-    depth_rule: Annotated[str, typer.Option(help="How a size's layers come from the reference's: nested | "
-                                                 "spread | interp.")] = "nested",
+    width_rule: Annotated[str, typer.Option(help=f"How a size's channels come from the reference's: {RULE}")] = "nested",
+    depth_rule: Annotated[str, typer.Option(help=f"How a size's layers come from the reference's: {RULE}")] = "nested",
     n_templates: Annotated[int, typer.Option(help="Templates per kind (N); 16 measured best of 4, 8, 16.")] = 16,
     block: Annotated[int, typer.Option(help="Template block size a = b.")] = 16,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up then cosine).")] = 1e-3,
+    epochs: r.Epochs = 10,
+    lr: r.Lr = 1e-3,
     tau: Annotated[float, typer.Option(help="Distillation temperature.")] = 2.0,
-    batch_size: Annotated[int, typer.Option(help="Global batch size (split over workers).")] = 128,
+    batch_size: r.BatchSize = 128,
     workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker (fractional leaves room for Ray "
-                                                        "Data).")] = 0.5,
-    threads: Annotated[int | None, typer.Option(help="Torch threads per worker (default: round(cpus)).")] = None,
+    cpus_per_worker: r.CpusPerWorker = 0.5,
+    threads: r.Threads = None,
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="One GPU per worker (NCCL).")] = False,
     max_failures: Annotated[int, typer.Option(help="Worker-group restarts from the last checkpoint.")] = 1,
     out: Annotated[str, typer.Option(help="Bank file to write (safetensors); also names the job for "
                                           "resume.")] = "bank.safetensors",
-    storage: Annotated[str | None, typer.Option(help="Ray Train storage (checkpoints); default ./weit_runs.")] = None,
+    storage: r.Storage = None,
     name: Annotated[str | None, typer.Option(help="Job name (default: derived from --out).")] = None,
-    address: Annotated[str | None, typer.Option(
-        help="Ray cluster address (default: start a local Ray; 'auto': the head `ray start` runs here).")] = None,
-    mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    address: r.Address = None,
+    mlflow_uri: r.MlflowUri = None,
+    seed: r.Seed = 0,
 ) -> None:
     """Stage 1: build a template bank by distilling an ancestry (WAVE) or pre-training (WeiT) on Ray Train,
     for one size or a size range (--depths/--widths or --space)."""
-    aux = {"depth": depth, "width": width, "heads": heads, "patch": patch, "mlp_ratio": mlp_ratio}
-    config = DistillConfig(
-        teacher=teacher, teacher_checkpoint=teacher_checkpoint, teacher_kwargs=_parse_kwargs(teacher_kwargs),
-        dataset=dataset, limit=limit, aux={k: v for k, v in aux.items() if v is not None},
-        depths=parse_sizes(depths, "--depths"), widths=parse_sizes(widths, "--widths"), head_dim=head_dim,
-        space=space, n_random=n_random, width_rule=width_rule, depth_rule=depth_rule, n_templates=n_templates,
-        block=block, epochs=epochs, lr=lr, tau=tau, batch_size=batch_size, workers=workers,
-        cpus_per_worker=cpus_per_worker, threads=threads, use_gpu=use_gpu, max_failures=max_failures, out=out,
-        storage=storage, name=name, address=address, mlflow_uri=mlflow_uri, seed=seed,
-    )
-    run_distill(config)
+    options = locals()
+    aux = {k: v for k in DEFAULT_AUX if (v := options.pop(k)) is not None}
+    run_distill(DistillConfig(**options, aux=aux))
