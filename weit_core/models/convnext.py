@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from timm.models.convnext import ConvNeXt
 
-from weit_core.models.family import Family, register_family
+from weit_core.models.family import Family, Spec, register_family
 from weit_core.models.vit import HEAD_STREAM
 from weit_core.resize import Axis, SizeMaps, axis_map, resize_grid, resize_stack, resize_tensor
 from weit_core.templates import KindSpec, LayerGroup, Layout
@@ -47,7 +47,7 @@ def _resolutions(img_size: int, patch: int, stages: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class ConvNeXtSpec:
+class ConvNeXtSpec(Spec):
     """Blocks and channels per stage (1-4 stages; MLPs 4x wide, timm's fixed ratio), the depthwise kernel, the
     stem's patch and the task's images and classes."""
 
@@ -97,14 +97,6 @@ class ConvNeXtSpec:
         d = asdict(self)
         d.update(depths=list(self.depths), dims=list(self.dims))
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ConvNeXtSpec:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown ConvNeXt spec key(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
 
     def num_params(self) -> int:
         p, k, n = self.patch, self.kernel, self.stages

@@ -11,21 +11,35 @@ models: a family module ends with ``register_family(...)``; a user's own module 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from weit_core.resize import SizeMaps
 from weit_core.templates import KindSpec, Layout
+
+
+class Spec:
+    """Base of a family's size spec (a frozen dataclass): ``to_dict``, and ``from_dict`` naming unknown keys."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Any:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} key(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     spec_type: type
-    """A frozen dataclass: ``to_dict``/``from_dict``, ``num_params()``, ``flops()``."""
+    """A frozen dataclass (a :class:`Spec`): ``to_dict``/``from_dict``, ``num_params()``, ``flops()``."""
     build: Callable[..., nn.Module]
     """``build(spec, init_mode="", head_seed=None)``: an ordinary model."""
     layout: Callable[[Any], Layout]
@@ -33,9 +47,10 @@ class Family:
     """``kinds(spec, n, block)``: the bank kinds this family's templated weights need."""
     free_names: Callable[..., list[str]]
     """``free_names(spec, head=False)``: the non-templated parameters a bank carries."""
-    size_maps: Callable[..., SizeMaps]
-    """``size_maps(src, dst, block, width_rule, depth_rule)``."""
-    resize_grids: Callable[[dict[str, torch.Tensor], SizeMaps], dict[str, torch.Tensor]]
+    size_maps: Callable[..., Any]
+    """``size_maps(src, dst, block, width_rule, depth_rule)``: a :class:`SizeMaps` (or the family's own
+    structure of them, e.g. one per ConvNeXt stage), handed unchanged to ``resize_grids``/``resize_free``."""
+    resize_grids: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]]
     resize_free: Callable[..., dict[str, torch.Tensor]]
     """``resize_free(free, src, maps, head=False)``."""
     size_axes: tuple[str, ...] = ()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from weit_core.models.family import Family, register_family
+from weit_core.models.family import Family, Spec, register_family
 from weit_core.resize import Axis, SizeMaps, axis_map, resize_grid, resize_stack, resize_tensor
 from weit_core.templates import KindSpec, LayerGroup, Layout
 
@@ -22,7 +22,7 @@ VIT_KINDS = ("patch", "qkv", "proj", "fc1", "fc2")
 
 
 @dataclass(frozen=True)
-class ViTSpec:
+class ViTSpec(Spec):
     depth: int
     width: int
     heads: int
@@ -57,17 +57,6 @@ class ViTSpec:
     @property
     def tokens(self) -> int:
         return (self.img_size // self.patch) ** 2 + 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ViTSpec:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown ViT spec key(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
 
     def timm_kwargs(self) -> dict:
         """Keyword arguments for ``timm.create_model(TIMM_MODEL, **kw)``."""
