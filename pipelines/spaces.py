@@ -1,11 +1,10 @@
-"""Search spaces (``tune_spaces/*.yaml``): a typed schema whose first error is one line naming the key, and
-the expansion of a valid space into trial configs.
+"""Search spaces (``tune_spaces/*.yaml``, keys in ``tune_spaces/README.md``): a strict pydantic model that IS the
+space (its first error one line naming the key), and its expansion into trial configs.
 
-Strict pydantic models (``"3"`` is no integer, ``true`` no number, every key known) check a whole space before
-anything runs, so a typo costs a second, not a cluster hour. The ``sizes`` block is an architecture family's
-(``family:``, default ``vit``): its ``size_axes``, typed and defaulted as its spec dataclass declares them.
-Sizes the family cannot build or tile, or that break the space's constraints, are dropped here and counted by
-reason instead of failing as trials. The keys are documented in ``tune_spaces/README.md``.
+Strict types (``"3"`` is no integer, ``true`` no number, every key known) check a whole space before anything runs,
+so a typo costs a second, not a cluster hour. ``sizes`` are the axes of an architecture family (``family:``,
+default ``vit``), typed and defaulted as its spec dataclass declares them; sizes the family cannot build or that
+break the space's ``constraints`` are dropped and counted by reason instead of failing as trials.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar, Union
 
-import numpy as np
 import yaml
 from pydantic import (
     AfterValidator,
@@ -33,6 +31,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -44,27 +43,30 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipelines.common import UserError
+from weit_core.models.family import get_family
+from weit_core.sizes import Axis, TaskShape, check_size, drop_reasons, points
 
 BUILTIN_DATA = ("fashion_mnist", "digits")
 SCHEDULES = ("cosine", "constant")
 INIT_MODES = ("", "jax", "moco")
 DATA_KEYS = ("data", "val_fraction", "test_fraction", "data_seed", "limit", "val_limit")  # which arrays a trial sees
 DEFAULT_FAMILY = "vit"
+# the size axes a constraint reads: a space whose family lacks them cannot set it
+CONSTRAINT_AXES = {"width_multiple": ("width",), "min_head_dim": ("width", "heads"), "max_head_dim": ("width", "heads")}
 
 
 class SpaceError(UserError, ValueError):
     """A malformed search space: the message names the file and the key."""
 
 
-def get_family(family: Any) -> Any:
-    from weit_core.models.family import get_family as lookup
-
-    return lookup(family) if isinstance(family, str) else family
-
-
 def _show(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _at(key: str, text: str) -> PydanticCustomError:
+    """A rule across keys broken at ``key`` (below the validated model's own location)."""
+    return PydanticCustomError("at", "{text}", {"at": key, "text": text})
 
 
 class _Schema(BaseModel):
@@ -98,16 +100,16 @@ def _rule(check: Callable[[Any], bool], message: str, before: bool = False) -> A
     return BeforeValidator(run) if before else AfterValidator(run)
 
 
-def _as_list(v: Any) -> Any:
-    return v if isinstance(v, list) else [v]
-
-
 def _is_name(v: Any, banned: str = "/\\ '\"@") -> bool:
     return isinstance(v, str) and bool(v.strip()) and not any(c in v for c in banned)
 
 
 def _name(what: str, banned: str) -> Any:
     return _rule(lambda v: _is_name(v, banned), f"expected {what}, got {{shown}}", before=True)
+
+
+def _one_of(allowed: tuple, text: str) -> Any:
+    return _rule(lambda v: v in allowed, text + ", got {shown}", before=True)
 
 
 def _fraction(what: str) -> Any:
@@ -119,14 +121,14 @@ def _distinct(one: str, many: str) -> tuple:
             _rule(lambda v: len(set(v)) == len(v), f"repeated {many} {{v}}"))
 
 
+AsList = BeforeValidator(lambda v: v if isinstance(v, list) else [v])
 Int1 = Annotated[int, Field(ge=1)]
 Int0 = Annotated[int, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
 
 
 class Training(_Schema):
-    """Stage-2 (``fit_*``) and stage-3 settings; a space's ``training`` block, then a task's, override these
-    defaults. ``lr`` is a number or a grid (one trial per value, like ``seeds``)."""
+    """Stage-2 (``fit_*``) and stage-3 settings. ``lr`` is a number or a grid (one trial per value, like seeds)."""
 
     epochs: Int1 = 3
     batch_size: Int1 = 64
@@ -137,14 +139,12 @@ class Training(_Schema):
     fit_examples: Int0 = 512
     fit_lr: Positive = 1e-3
     fit_batch_size: Int1 = 64
-    seeds: Annotated[list[Int0], BeforeValidator(_as_list), *_distinct("seed", "seeds")] = [0]
-    init_mode: Annotated[str, _rule(lambda v: v in INIT_MODES, "timm init mode must be '' (timm default), 'jax' "
-                                    "or 'moco', got {shown}", before=True),
+    seeds: Annotated[list[Int0], AsList, *_distinct("seed", "seeds")] = [0]
+    init_mode: Annotated[str, _one_of(INIT_MODES, "timm init mode must be '' (timm default), 'jax' or 'moco'"),
                          BeforeValidator(lambda v: "" if v is None else v)] = ""
     eval_batch_size: Int1 = 512
     test_eval: bool = True
-    schedule: Annotated[str, _rule(lambda v: v in SCHEDULES, f"expected one of {', '.join(SCHEDULES)}, got "
-                                   "{shown}", before=True)] = "cosine"
+    schedule: Annotated[str, _one_of(SCHEDULES, f"expected one of {', '.join(SCHEDULES)}")] = "cosine"
     warmup: Annotated[float, _fraction("a fraction of the stage-3 steps, in [0, 1)")] = 0.1
 
     @field_validator("lr", mode="wrap")
@@ -152,19 +152,25 @@ class Training(_Schema):
     def _number_or_grid(cls, v: Any, handler: Callable) -> Any:
         return handler(v) if isinstance(v, list) else handler([v])[0]
 
+    @model_validator(mode="after")
+    def _fit_needs_examples(self) -> Training:
+        if self.fit_steps > 0 and self.fit_examples == 0:
+            raise _at("fit_examples", "is 0 but fit_steps > 0; stage 2 needs examples to fit on")
+        return self
 
-TRAINING_DEFAULTS: dict[str, Any] = dict(Training())
+
+# a task's settings, resolved: the defaults, the space's ``training``, the task's own (merged before validation)
+Settings = Annotated[dict[str, Any], BeforeValidator(lambda v: dict(Training.model_validate(v)))]
 
 
-def _overrides(block: Any) -> dict:
-    """The settings a ``training`` block gives (the others are inherited)."""
-    block = Training.model_validate(block)
-    return {k: getattr(block, k) for k in block.model_fields_set}
+def learning_rates(training: dict) -> list[float]:
+    """The stage-3 learning rates of resolved settings (``lr`` is a number or a grid)."""
+    lr = training["lr"]
+    return list(lr) if isinstance(lr, list | tuple) else [lr]
 
 
 class TaskSpec(_Schema):
-    """One task: data (a built-in name or an absolute parquet path), model I/O and ``training`` settings (as
-    written, the overrides; in a parsed :class:`Space`, resolved)."""
+    """One task: data (a built-in name or a parquet path, made absolute), model I/O and resolved settings."""
 
     name: Annotated[str, _name("a short name without spaces, quotes, slashes or @", "/\\ '\"@")] | None = None
     data: Annotated[str, Field(description="fashion_mnist or digits, or a parquet file/folder path")]
@@ -175,11 +181,7 @@ class TaskSpec(_Schema):
     data_seed: Int0 = 0
     limit: Int1 | None = None  # cap on training examples
     val_limit: Int1 | None = None  # cap on validation examples
-    training: Annotated[dict[str, Any], BeforeValidator(_overrides)] = {}
-
-    @property
-    def is_builtin(self) -> bool:
-        return self.data in BUILTIN_DATA
+    training: Settings = Field(default_factory=dict, validate_default=True)
 
     def data_key(self) -> dict:
         return {k: getattr(self, k) for k in DATA_KEYS}
@@ -209,7 +211,7 @@ class TaskSpec(_Schema):
     @model_validator(mode="after")
     def _default_name(self) -> TaskSpec:
         if self.name is None:
-            self.name = self.data if self.is_builtin else Path(self.data).stem
+            self.name = self.data if self.data in BUILTIN_DATA else Path(self.data).stem
             if not _is_name(self.name):
                 raise ValueError(f"the file name {self.name!r} is no task name; give the task a `name` without "
                                  "spaces, quotes, slashes or @")
@@ -235,25 +237,7 @@ class Constraints(_Schema):
         return self
 
 
-# the size axes a constraint reads: a space whose family lacks them cannot set it
-CONSTRAINT_AXES = {"width_multiple": ("width",), "min_head_dim": ("width", "heads"), "max_head_dim": ("width", "heads")}
-
-
 # --------------------------------------------------------------------------------------------- sizes
-
-
-@dataclass(frozen=True)
-class Axis:
-    """A size axis: a grid (``values``) or a sampler (``sampler`` = kind, args, step) drawn in the driver."""
-
-    name: str
-    values: tuple = ()
-    sampler: tuple[str, tuple, float | None] | None = None
-    kind: type = int
-
-    @property
-    def is_grid(self) -> bool:
-        return self.sampler is None
 
 
 def _range(v: list[int]) -> list[int]:
@@ -308,6 +292,15 @@ def _axis_type(kind: type) -> Any:
                                    custom_error_message=f"expected a number, a list, {shapes} or {{choice: [...]}}")]
 
 
+def _axis(name: str, form: Any) -> Axis:
+    """An axis's parsed form as the grid or the sampler (kind, args, step) it describes."""
+    if isinstance(form, _Range | list | int | float):
+        values = tuple(form.range if isinstance(form, _Range) else form if isinstance(form, list) else [form])
+        return Axis(name, values, kind=type(values[0]))
+    (kind, args), *step = form.model_dump().items()  # choice, randint or uniform (and its step)
+    return Axis(name, sampler=(kind, tuple(args), dict(step).get("step")), kind=type(args[0]))
+
+
 @functools.cache
 def _sizes_schema(family: str) -> type[_Schema]:
     """A family's ``sizes`` block: its size axes, typed and defaulted as its spec dataclass declares them."""
@@ -324,16 +317,7 @@ def _sizes_schema(family: str) -> type[_Schema]:
             Field(defaults.get(a, ...), description=need, validate_default=True)) for a in fam.size_axes})
 
 
-def _axis(name: str, form: Any) -> Axis:
-    """An axis's parsed form as the grid or the sampler (kind, args, step) it describes."""
-    if isinstance(form, _Range | list | int | float):
-        values = tuple(form.range if isinstance(form, _Range) else form if isinstance(form, list) else [form])
-        return Axis(name, values, kind=type(values[0]))
-    (kind, args), *step = form.model_dump().items()  # choice, randint or uniform (and its step)
-    return Axis(name, sampler=(kind, tuple(args), dict(step).get("step")), kind=type(args[0]))
-
-
-# --------------------------------------------------------------------------------------------- the file
+# --------------------------------------------------------------------------------------------- the space
 
 
 def _strategy(name: str) -> str:
@@ -353,29 +337,57 @@ def _sweepable(name: str) -> str:
     return name
 
 
-def _tasks(v: Any) -> Any:
-    """A task is a mapping or just a dataset name; one task need not be a list."""
-    v = [v] if isinstance(v, str | dict) else v
-    return [{"data": t} if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
-
-
 NEEDS = "a space needs tasks, strategies and sizes"
 
 
-class SpaceFile(_Schema):
-    """A space as written; once validated, ``sizes`` holds the family's axes as :class:`Axis`."""
+class Space(_Schema):
+    """A validated space (nothing expanded yet): ``axes`` are its family's size axes, in the family's order, and
+    each task's ``training`` is resolved (the defaults, the space's ``training``, the task's own)."""
 
     name: Annotated[str, _name("a name without spaces, quotes or slashes", "/\\ '\"")] = "sweep"
     description: str = ""
     family: Annotated[str, AfterValidator(_sweepable)] = DEFAULT_FAMILY
-    tasks: Annotated[list[TaskSpec], BeforeValidator(_tasks), Field(min_length=1, description=NEEDS)]
-    strategies: Annotated[list[Annotated[str, AfterValidator(_strategy)]], BeforeValidator(_as_list),
+    training: Training = Field(default_factory=Training)  # before tasks: an error here is reported as its own
+    tasks: Annotated[list[TaskSpec], Field(min_length=1, description=NEEDS)]
+    strategies: Annotated[list[Annotated[str, AfterValidator(_strategy)]], AsList,
                           *_distinct("strategy", "strategies"), Field(description=NEEDS)]
     sizes: Annotated[dict[str, Any], Field(description=NEEDS)]
     constraints: Constraints = Field(default_factory=Constraints)
-    training: Annotated[dict[str, Any], BeforeValidator(_overrides)] = {}
     samples: Int1 | None = None
     sample_seed: Int0 = 0
+    _path: Path | None = PrivateAttr(None)
+    _text: str = PrivateAttr("")  # the file as written, logged as the parent run's artifact
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    @property
+    def axes(self) -> dict[str, Axis]:
+        return self.sizes
+
+    def content_hash(self) -> str:
+        """Identity of the space's content (a resumed sweep must run the same space)."""
+        return hashlib.sha256(self._text.encode()).hexdigest()[:16]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_settings(cls, data: Any) -> Any:
+        """A task is a mapping or a dataset name (one task need not be a list); its settings are the space's
+        ``training`` updated by its own, merged here and validated as one block."""
+        tasks = data.get("tasks") if isinstance(data, dict) else None
+        tasks = [tasks] if isinstance(tasks, str | dict) else tasks
+        if not isinstance(tasks, list):
+            return data
+        tasks = [{"data": t} if isinstance(t, str) else t for t in tasks]
+        top = data.get("training") or {}
+        return {**data, "tasks": [{**t, "training": {**top, **(t.get("training") or {})}}
+                                  if isinstance(top, dict) and isinstance(t, dict)
+                                  and isinstance(t.get("training") or {}, dict) else t for t in tasks]}
 
     @field_validator("sizes")
     @classmethod
@@ -384,6 +396,23 @@ class SpaceFile(_Schema):
             return {}
         parsed = _sizes_schema(info.data["family"]).model_validate(sizes)
         return {a: _axis(a, getattr(parsed, a)) for a in type(parsed).model_fields}
+
+    @model_validator(mode="after")
+    def _across_keys(self) -> Space:
+        fam, sampled = get_family(self.family), any(not ax.is_grid for ax in self.sizes.values())
+        if sampled != (self.samples is not None):
+            raise _at("samples", "a size axis is a sampler, so the space needs `samples: N` (how many size points "
+                      "to draw)" if sampled else "only meaningful when a size axis is a sampler (randint/choice/"
+                      "uniform); remove it")
+        for key, needed in CONSTRAINT_AXES.items():
+            if getattr(self.constraints, key) not in (None, "block") and not set(needed) <= set(fam.size_axes):
+                raise _at(f"constraints.{key}", f"reads {' and '.join(needed)}, which {fam.name} sizes do not have "
+                          f"(their axes: {', '.join(fam.size_axes)})")
+        names = [t.name for t in self.tasks]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise _at(f"tasks[{i}].name", f"task name {name!r} used twice; give each task its own `name`")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -419,7 +448,9 @@ def one_line(source: str, err: Any) -> SpaceError:
     if kind == "missing_key":
         text = f"missing required key {ctx['key']!r}" + (f" ({ctx['hint']})" if ctx["hint"] else "")
         return SpaceError(f"{source}: {where + ': ' if where else ''}{text}")
-    if kind in _EXPECTED:
+    if kind == "at":
+        where, text = ".".join(filter(None, (where, ctx["at"]))), ctx["text"]
+    elif kind in _EXPECTED:
         text = f"expected {_EXPECTED[kind]}, got {got}"
     elif kind in _BOUNDS:
         text = f"must be {_BOUNDS[kind][1]} {ctx[_BOUNDS[kind][0]]:g}, got {err['input']}"
@@ -433,101 +464,45 @@ def one_line(source: str, err: Any) -> SpaceError:
     return SpaceError(f"{source}: {where or 'top level'}: {text}")
 
 
-def read_space(raw: Any, source: str, base_dir: Path, default_name: str) -> SpaceFile:
-    """Validate a space as loaded from YAML, each task's settings resolved (the defaults, the space's
-    ``training``, the task's); rules across keys are checked here too, each one line."""
+def load_space(path: str | Path) -> Space:
+    """Read and validate a space file; every problem is a :class:`SpaceError` naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "tune_spaces").glob("*.yaml"))
+        raise SpaceError(f"search space {path} not found; pass a YAML file (shipped: tune_spaces/"
+                         f"{{{','.join(shipped)}}})")
+    return parse_space(path.read_text(), source=str(path), base_dir=path.resolve().parent, default_name=path.stem)
+
+
+def parse_space(text: str, source: str = "<space>", base_dir: Path | None = None,
+                default_name: str = "sweep") -> Space:
+    """Validate a space given as YAML text; relative parquet paths are resolved against ``base_dir``."""
     try:
-        doc = SpaceFile.model_validate({"name": default_name, **raw} if isinstance(raw, dict) else raw,
-                                       context={"base_dir": base_dir})
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{source}: not valid YAML ({' '.join(str(e).split())})") from e
+    try:
+        space = Space.model_validate({"name": default_name, **raw} if isinstance(raw, dict) else raw,
+                                     context={"base_dir": base_dir or Path.cwd()})
     except ValidationError as e:
         raise one_line(source, e.errors(include_url=False)[0]) from None
-    fam, sampled = get_family(doc.family), any(not ax.is_grid for ax in doc.sizes.values())
-    if sampled != (doc.samples is not None):
-        raise SpaceError(f"{source}: samples: " + ("a size axis is a sampler, so the space needs `samples: N` (how "
-                                                   "many size points to draw)" if sampled else
-                                                   "only meaningful when a size axis is a sampler (randint/choice/"
-                                                   "uniform); remove it"))
-    for key, needed in CONSTRAINT_AXES.items():
-        if getattr(doc.constraints, key) not in (None, "block") and not set(needed) <= set(fam.size_axes):
-            raise SpaceError(f"{source}: constraints.{key}: reads {' and '.join(needed)}, which {fam.name} sizes "
-                             f"do not have (their axes: {', '.join(fam.size_axes)})")
-    for i, t in enumerate(doc.tasks):
-        if t.name in [u.name for u in doc.tasks[:i]]:
-            raise SpaceError(f"{source}: tasks[{i}].name: task name {t.name!r} used twice; give each task its own "
-                             "`name`")
-    top = _settings(TRAINING_DEFAULTS, doc.training, "training", source)
-    doc.tasks = [t.model_copy(update={"training": _settings(top, t.training, f"tasks[{i}].training", source)})
-                 for i, t in enumerate(doc.tasks)]
-    return doc
-
-
-def _settings(base: dict, given: dict, where: str, source: str) -> dict:
-    """``base`` with the ``given`` settings; stage 2 needs examples wherever it takes steps."""
-    out = {**base, **given}
-    if out["fit_steps"] > 0 and out["fit_examples"] == 0:
-        raise SpaceError(f"{source}: {where}.fit_examples: is 0 but fit_steps > 0; stage 2 needs examples to fit on")
-    return out
+    space._path, space._text = None if source.startswith("<") else Path(source), text
+    return space
 
 
 # --------------------------------------------------------------------------------------------- expansion
 
 
-SPACE_DROP_REASONS = {
-    "width_not_multiple": "width is not a multiple of constraints.width_multiple",
-    "head_dim_out_of_range": "width / heads outside [min_head_dim, max_head_dim]",
-    "params_below_min": "fewer parameters than constraints.min_params",
-    "params_above_max": "more parameters than constraints.max_params",
-    "flops_above_max": "more FLOPs than constraints.max_flops",
-}
-"""The space's own reasons to drop a size (its ``constraints``), beside what its family cannot build."""
-
-
-def drop_reasons(family: Any = DEFAULT_FAMILY) -> dict[str, str]:
-    """Every reason a size of this family can be dropped, in words (a size counts under the first it fails,
-    in :func:`check_size`'s order)."""
-    return {**get_family(family).drop_reasons, **SPACE_DROP_REASONS}
-
-
-@dataclass
-class Space:
-    """A validated space (nothing expanded yet)."""
-
-    path: Path | None
-    name: str
-    description: str
-    tasks: list[TaskSpec]
-    strategies: list[str]
-    axes: dict[str, Axis]  # the family's size axes, in its order
-    constraints: Constraints
-    samples: int | None
-    sample_seed: int
-    text: str  # the file as written, logged as the parent run's artifact
-    family: str = DEFAULT_FAMILY  # the architecture family its sizes are
-
-    def content_hash(self) -> str:
-        """Identity of the space's content (a resumed sweep must run the same space)."""
-        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class TaskShape:
-    """What the model sizes of a task depend on, read from its data."""
-
-    in_chans: int
-    img_size: int
-    num_classes: int
-
-
 @dataclass
 class Expansion:
-    """The trials of a space, the size combinations dropped (by reason), the (strategy, size) pairs dropped
-    because the strategy cannot make that size (by reason, a key of ``CANNOT_MAKE``) and what was looked at."""
+    """The trials of a space, the size combinations dropped and the (strategy, size) pairs a strategy cannot
+    make (each by reason; a pair's is a key of ``CANNOT_MAKE``), and what was looked at."""
 
     trials: list[dict]
     dropped: Counter
     sizes_total: int  # size combinations looked at, summed over tasks
     sizes_valid: dict[str, int]  # per task
-    pairs_dropped: Counter = field(default_factory=Counter)  # (task, strategy, size) triples, by reason
+    pairs_dropped: Counter = field(default_factory=Counter)
     reasons: dict[str, str] = field(default_factory=drop_reasons)  # each ``dropped`` key in words
 
     @property
@@ -550,31 +525,6 @@ class Expansion:
             parts = ", ".join(f"{n} {r} ({CANNOT_MAKE[r]})" for r, n in self.pairs_dropped.most_common())
             text += f"; dropped {self.n_pairs_dropped} (strategy, size) pairs a strategy cannot make: {parts}"
         return text
-
-
-def load_space(path: str | Path) -> Space:
-    """Read and validate a space file; every problem is a :class:`SpaceError` naming the key."""
-    path = Path(path)
-    if not path.is_file():
-        shipped = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "tune_spaces").glob("*.yaml"))
-        raise SpaceError(f"search space {path} not found; pass a YAML file (shipped: tune_spaces/"
-                         f"{{{','.join(shipped)}}})")
-    return parse_space(path.read_text(), source=str(path), base_dir=path.resolve().parent, default_name=path.stem)
-
-
-def parse_space(text: str, source: str = "<space>", base_dir: Path | None = None,
-                default_name: str = "sweep") -> Space:
-    """Validate a space given as YAML text; relative parquet paths are resolved against ``base_dir``."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{source}: not valid YAML ({' '.join(str(e).split())})") from e
-    doc = read_space(raw, source, base_dir or Path.cwd(), default_name)
-    return Space(None if source.startswith("<") else Path(source), doc.name.strip(), doc.description, doc.tasks,
-                 doc.strategies, doc.sizes, doc.constraints, doc.samples, doc.sample_seed, text, doc.family)
-
-
-# --------------------------------------------------------------------------------------------- expansion
 
 
 def inspect_tasks(space: Space) -> dict[str, TaskShape]:
@@ -605,120 +555,15 @@ def inspect_tasks(space: Space) -> dict[str, TaskShape]:
     return shapes
 
 
-def _draw(axis: Axis, rng: np.random.Generator) -> int | float:
-    kind, args, step = axis.sampler
-    if kind == "choice":
-        return args[int(rng.integers(len(args)))]
-    low, high = args
-    if kind == "randint":
-        step = int(step or 1)
-        return int(low + step * rng.integers((high - low) // step + 1))
-    v = float(rng.uniform(low, high))
-    return round(round(v / step) * step, 10) if step else v
-
-
 def size_points(space: Space) -> list[dict]:
-    """Every combination of the size axes before constraints: the grid product, or ``samples`` seeded draws of
-    the sampler axes crossed with the grid axes; duplicates removed, order kept."""
-    axes = space.axes
-    grid_axes = [a for a in axes if axes[a].is_grid]
-    grid = [dict(zip(grid_axes, combo, strict=True)) for combo in itertools.product(*(axes[a].values for a in grid_axes))]
-    rng = np.random.default_rng(space.sample_seed)
-    draws = [{a: _draw(axes[a], rng) for a in axes if not axes[a].is_grid} for _ in range(space.samples or 0)]
-    points = [{**g, **d} for d in draws for g in grid] if draws else grid
-    seen, out = set(), []
-    for p in points:
-        p = {a: axes[a].kind(p[a]) for a in axes}
-        if (key := tuple(p.values())) not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
-
-
-def check_size(size: dict, shape: TaskShape, patch: int, cons: Constraints, block: int | None,
-               family: Any = DEFAULT_FAMILY) -> str | None:
-    """The first reason ``size`` is dropped (a key of :func:`drop_reasons`; None: it is kept): what the family
-    cannot build, the width multiple, what the bank's blocks cannot tile, the head width, then the budgets."""
-    fam, io = get_family(family), {"patch": patch, **dataclasses.asdict(shape)}
-    can_build = fam.check_size or (lambda size, block: None)
-    if reason := can_build({**io, **size}, None):  # a family may test the size against the task's images
-        return reason
-    if isinstance(cons.width_multiple, int) and size["width"] % cons.width_multiple:
-        return "width_not_multiple"
-    if block and (reason := can_build(size, block)):
-        return reason
-    if cons.min_head_dim or cons.max_head_dim:
-        hd = size["width"] // size["heads"]
-        if (cons.min_head_dim and hd < cons.min_head_dim) or (cons.max_head_dim and hd > cons.max_head_dim):
-            return "head_dim_out_of_range"
-    spec = fam.make_spec(size, io)
-    n = spec.num_params()
-    if cons.min_params and n < cons.min_params:
-        return "params_below_min"
-    if cons.max_params and n > cons.max_params:
-        return "params_above_max"
-    if cons.max_flops and spec.flops() > cons.max_flops:
-        return "flops_above_max"
-    return None
+    """Every combination of the space's size axes before constraints (:func:`weit_core.sizes.points`)."""
+    return points(space.sizes, space.samples, space.sample_seed)
 
 
 def trial_key(config: dict) -> str:
-    """Deterministic identity of a trial (its whole config, canonical JSON): the MLflow child run of a
-    trial is found again by it, so a resumed sweep never logs a trial twice."""
+    """A trial's identity (its whole config as canonical JSON): a resumed sweep finds its MLflow run by it."""
     body = {k: v for k, v in config.items() if k != "key"}
     return hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def learning_rates(training: dict) -> list[float]:
-    """The stage-3 learning rates of a resolved training block (``lr`` is a number or a grid)."""
-    lr = training["lr"]
-    return list(lr) if isinstance(lr, list | tuple) else [lr]
-
-
-def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = None,
-           ancestry_spec: Any = None) -> Expansion:
-    """All trials: per task, every valid size x seed x lr x strategy (strategy innermost, so a truncated
-    list still compares strategies on the same sizes). ``bank_block`` is the bank's template block when a
-    strategy of the space uses the bank; ``width_multiple: block`` then means that block. A (strategy,
-    size) pair the strategy cannot make (``can_make``, against ``ancestry_spec``, the ancestry's spec) is
-    dropped and counted by reason, never a trial; without ``ancestry_spec`` the strategies that need an
-    ancestry are not judged (nothing to judge them by: a sweep refuses them without ``--ancestry`` first).
-    A config names its ``family`` unless it is the default, so ViT trial keys are those of older sweeps."""
-    from weit_core.strategies import can_make, strategy_info
-
-    judged = [s for s in space.strategies if ancestry_spec is not None or "ancestry" not in strategy_info(s).needs]
-    fam = get_family(space.family)
-    named = {} if space.family == DEFAULT_FAMILY else {"family": space.family}
-    points = size_points(space)
-    dropped: Counter = Counter()
-    pairs_dropped: Counter = Counter()
-    trials, valid = [], {}
-    for task in space.tasks:
-        shape, tr = shapes[task.name], task.training
-        valid[task.name] = 0
-        for size in points:
-            if reason := check_size(size, shape, task.patch, space.constraints, bank_block, fam):
-                dropped[reason] += 1
-                continue
-            valid[task.name] += 1
-            base = {"task": task.name, **named, **task.data_key(), **size, "patch": task.patch,
-                    "img_size": shape.img_size, "in_chans": shape.in_chans, "num_classes": shape.num_classes}
-            spec = spec_of(base)
-            strategies = []
-            for strategy in space.strategies:
-                cannot = can_make(strategy, spec, ancestry_spec=ancestry_spec) if strategy in judged else None
-                if cannot:
-                    pairs_dropped[cannot] += 1
-                else:
-                    strategies.append(strategy)
-            for seed in tr["seeds"]:
-                for lr in learning_rates(tr):
-                    for strategy in strategies:
-                        cfg = {**base, "strategy": strategy, "seed": seed,
-                               **{k: v for k, v in tr.items() if k != "seeds"}, "lr": lr}
-                        cfg["key"] = trial_key(cfg)
-                        trials.append(cfg)
-    return Expansion(trials, dropped, len(points) * len(space.tasks), valid, pairs_dropped, drop_reasons(fam))
 
 
 def spec_of(config: dict, family: Any = None) -> Any:
@@ -727,45 +572,39 @@ def spec_of(config: dict, family: Any = None) -> Any:
     return fam.make_spec({a: config[a] for a in fam.size_axes}, config)
 
 
-# --------------------------------------------------------------------------------------------- data
+def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = None,
+           ancestry_spec: Any = None) -> Expansion:
+    """All trials: per task, every valid size x seed x lr x strategy (strategy innermost, so a truncated list
+    still compares strategies on the same sizes). ``width_multiple: block`` means ``bank_block``. A (strategy,
+    size) pair the strategy cannot make against ``ancestry_spec`` is counted by reason, never a trial (without
+    it, strategies needing an ancestry are not judged). A config names its ``family`` unless it is the default,
+    so ViT trial keys are those of older sweeps."""
+    from weit_core.strategies import can_make, strategy_info
 
-_DATA_CACHE: dict[str, Any] = {}
-
-
-def data_key_of(config: dict) -> dict:
-    """The part of a trial config that decides which arrays it sees (``Task.data_key`` of its task)."""
-    return {k: config[k] for k in DATA_KEYS}
-
-
-def data_cache_key(data_key: dict) -> str:
-    return json.dumps(data_key, sort_keys=True)
-
-
-def provide_task_data(data_key: dict, fetch: Callable[[], Any]) -> None:
-    """Cache splits this process does not load itself (a Tune worker fetches the driver's copy from Ray's
-    object store), once, so a worker needs neither the data files nor the time to parse them."""
-    key = data_cache_key(data_key)
-    if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = fetch()
-
-
-def load_task_data(data_key: dict):
-    """A task's splits, loaded once per process (a Tune worker reused across trials keeps them) and
-    capped by ``limit`` / ``val_limit``."""
-    from weit_core.data import DatasetSplits, load_dataset
-
-    cache_key = data_cache_key(data_key)
-    if cache_key not in _DATA_CACHE:
-        kwargs: dict[str, Any] = {"seed": data_key["data_seed"]}
-        if data_key["data"] not in BUILTIN_DATA:
-            kwargs.update({k: data_key[k] for k in ("val_fraction", "test_fraction") if data_key[k] is not None})
-        splits = load_dataset(data_key["data"], **kwargs)
-        if data_key["limit"] or data_key["val_limit"]:
-            splits = DatasetSplits(
-                splits.name, splits.train.subset(data_key["limit"] or len(splits.train), seed=0),
-                splits.val.subset(data_key["val_limit"] or len(splits.val), seed=0), splits.test, splits.num_classes)
-        _DATA_CACHE[cache_key] = splits
-    return _DATA_CACHE[cache_key]
+    judged = [s for s in space.strategies if ancestry_spec is not None or "ancestry" not in strategy_info(s).needs]
+    fam, sizes = get_family(space.family), size_points(space)
+    named = {} if space.family == DEFAULT_FAMILY else {"family": space.family}
+    exp = Expansion([], Counter(), len(sizes) * len(space.tasks), {}, Counter(), drop_reasons(fam))
+    for task in space.tasks:
+        shape, tr = shapes[task.name], task.training
+        exp.sizes_valid[task.name] = 0
+        for size in sizes:
+            if reason := check_size(size, shape, task.patch, space.constraints, bank_block, fam):
+                exp.dropped[reason] += 1
+                continue
+            exp.sizes_valid[task.name] += 1
+            base = {"task": task.name, **named, **task.data_key(), **size, "patch": task.patch,
+                    "img_size": shape.img_size, "in_chans": shape.in_chans, "num_classes": shape.num_classes}
+            spec = spec_of(base)
+            cannot = {s: can_make(s, spec, ancestry_spec=ancestry_spec) if s in judged else None
+                      for s in space.strategies}
+            exp.pairs_dropped.update(c for c in cannot.values() if c)
+            settings = {k: v for k, v in tr.items() if k != "seeds"}
+            for seed, lr, strategy in itertools.product(tr["seeds"], learning_rates(tr),
+                                                        [s for s, c in cannot.items() if not c]):
+                cfg = {**base, "strategy": strategy, "seed": seed, **settings, "lr": lr}
+                exp.trials.append({**cfg, "key": trial_key(cfg)})
+    return exp
 
 
 def summarize_space(space: Space, expansion: Expansion) -> str:
@@ -783,3 +622,42 @@ def block_of_bank(kinds: dict) -> int:
     """The template block a bank tiles widths with (the lcm of its matrix kinds' block sides)."""
     sides = [s for k, spec in kinds.items() if k != "patch" for s in (spec.a, spec.b)]
     return math.lcm(*sides) if sides else 1
+
+
+# --------------------------------------------------------------------------------------------- data
+
+_DATA_CACHE: dict[str, Any] = {}
+
+
+def data_key_of(config: dict) -> dict:
+    """The part of a trial config that decides which arrays it sees (``TaskSpec.data_key`` of its task)."""
+    return {k: config[k] for k in DATA_KEYS}
+
+
+def data_cache_key(data_key: dict) -> str:
+    return json.dumps(data_key, sort_keys=True)
+
+
+def provide_task_data(data_key: dict, fetch: Callable[[], Any]) -> None:
+    """Cache splits this process does not load itself (a Tune worker fetches the driver's copy from Ray's
+    object store), once, so a worker needs neither the data files nor the time to parse them."""
+    if (key := data_cache_key(data_key)) not in _DATA_CACHE:
+        _DATA_CACHE[key] = fetch()
+
+
+def load_task_data(data_key: dict):
+    """A task's splits, loaded once per process (a Tune worker keeps them across trials), capped by ``limit`` /
+    ``val_limit``."""
+    from weit_core.data import DatasetSplits, load_dataset
+
+    if (key := data_cache_key(data_key)) not in _DATA_CACHE:
+        kwargs: dict[str, Any] = {"seed": data_key["data_seed"]}
+        if data_key["data"] not in BUILTIN_DATA:
+            kwargs.update({k: data_key[k] for k in ("val_fraction", "test_fraction") if data_key[k] is not None})
+        splits = load_dataset(data_key["data"], **kwargs)
+        if data_key["limit"] or data_key["val_limit"]:
+            splits = DatasetSplits(
+                splits.name, splits.train.subset(data_key["limit"] or len(splits.train), seed=0),
+                splits.val.subset(data_key["val_limit"] or len(splits.val), seed=0), splits.test, splits.num_classes)
+        _DATA_CACHE[key] = splits
+    return _DATA_CACHE[key]

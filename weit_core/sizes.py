@@ -1,13 +1,106 @@
-"""What stage 1 trains: the reference size that holds a bank's parameters and the range of sizes around it
-that the sandwich rule trains, for any family. ``weit distill`` (from flags or a space) and
-``benchmarks/make_banks.py`` plan their ranges here."""
+"""Sizes of a family: the points a space's axes describe, the first reason a size is dropped (what its family
+cannot build, or a space's constraints), and what stage 1 trains (the reference size that holds a bank's
+parameters and the range around it that the sandwich rule trains). ``weit sweep``, ``weit distill`` and
+``benchmarks/make_banks.py`` plan their sizes here."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from weit_core.models.family import Family
+import numpy as np
+
+from weit_core.models.family import Family, get_family
+
+CONSTRAINT_DROP_REASONS = {  # a space's own reasons to drop a size, beside what its family cannot build
+    "width_not_multiple": "width is not a multiple of constraints.width_multiple",
+    "head_dim_out_of_range": "width / heads outside [min_head_dim, max_head_dim]",
+    "params_below_min": "fewer parameters than constraints.min_params",
+    "params_above_max": "more parameters than constraints.max_params",
+    "flops_above_max": "more FLOPs than constraints.max_flops",
+}
+
+
+def _family(family: Family | str) -> Family:
+    return get_family(family) if isinstance(family, str) else family
+
+
+def drop_reasons(family: Family | str = "vit") -> dict[str, str]:
+    """Every reason a size can be dropped, in words (it counts under the first it fails, in :func:`check_size`)."""
+    return {**_family(family).drop_reasons, **CONSTRAINT_DROP_REASONS}
+
+
+@dataclass(frozen=True)
+class TaskShape:
+    """What the model sizes of a task depend on, read from its data."""
+
+    in_chans: int
+    img_size: int
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A size axis: a grid (``values``) or a sampler (``sampler`` = kind, args, step) drawn with a seed."""
+
+    name: str
+    values: tuple = ()
+    sampler: tuple[str, tuple, float | None] | None = None
+    kind: type = int
+
+    @property
+    def is_grid(self) -> bool:
+        return self.sampler is None
+
+    def draw(self, rng: np.random.Generator) -> int | float:
+        kind, args, step = self.sampler
+        if kind == "choice":
+            return args[int(rng.integers(len(args)))]
+        low, high = args
+        if kind == "randint":
+            step = int(step or 1)
+            return int(low + step * rng.integers((high - low) // step + 1))
+        v = float(rng.uniform(low, high))
+        return round(round(v / step) * step, 10) if step else v
+
+
+def points(axes: dict[str, Axis], samples: int | None, seed: int) -> list[dict]:
+    """Every combination of the axes: the grid product, or ``samples`` seeded draws of the sampler axes crossed
+    with the grid axes; duplicates removed, order kept."""
+    grid_axes = [a for a in axes if axes[a].is_grid]
+    combos = [dict(zip(grid_axes, c, strict=True)) for c in itertools.product(*(axes[a].values for a in grid_axes))]
+    rng = np.random.default_rng(seed)
+    draws = [{a: axes[a].draw(rng) for a in axes if not axes[a].is_grid} for _ in range(samples or 0)]
+    typed = ({a: axes[a].kind(p[a]) for a in axes} for p in ([{**g, **d} for d in draws for g in combos] or combos))
+    return list({tuple(p.values()): p for p in typed}.values())
+
+
+def check_size(size: dict, shape: TaskShape, patch: int, cons: Any, block: int | None,
+               family: Family | str = "vit") -> str | None:
+    """The first reason ``size`` is dropped (a key of :func:`drop_reasons`; None: it is kept): what the family
+    cannot build, the width multiple, what the bank's blocks cannot tile, the head width, then the budgets
+    (``cons`` has a space's constraints as attributes)."""
+    fam, io = _family(family), {"patch": patch, **dataclasses.asdict(shape)}
+    can_build = fam.check_size or (lambda size, block: None)
+    if reason := can_build({**io, **size}, None):  # a family may test the size against the task's images
+        return reason
+    if isinstance(cons.width_multiple, int) and size["width"] % cons.width_multiple:
+        return "width_not_multiple"
+    if block and (reason := can_build(size, block)):
+        return reason
+    if cons.min_head_dim or cons.max_head_dim:
+        hd = size["width"] // size["heads"]
+        if (cons.min_head_dim and hd < cons.min_head_dim) or (cons.max_head_dim and hd > cons.max_head_dim):
+            return "head_dim_out_of_range"
+    spec = fam.make_spec(size, io)
+    n = spec.num_params()
+    if cons.min_params and n < cons.min_params:
+        return "params_below_min"
+    if cons.max_params and n > cons.max_params:
+        return "params_above_max"
+    return "flops_above_max" if cons.max_flops and spec.flops() > cons.max_flops else None
 
 
 @dataclass
