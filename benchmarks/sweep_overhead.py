@@ -322,7 +322,7 @@ def main() -> None:
         if args.mlflow:
             import mlflow
 
-            from pipelines.common import prepare_mlflow
+            from pipelines.tracking import prepare_mlflow
 
             uri, exp_id = prepare_mlflow(f"sqlite:///{tmp}/mlruns.db", "overhead")
             client = mlflow.MlflowClient(uri)
