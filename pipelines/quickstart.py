@@ -1,18 +1,11 @@
-"""``weit quickstart``: the whole pipeline on Fashion-MNIST in one command, sized for 2 CPU cores.
+"""``weit quickstart``: ancestry -> distill -> sweep -> report on Fashion-MNIST in one command, sized for 2 CPU
+cores. By default from the pair shipped in ``docs/data`` (an 89.3% ancestry and the size-aware bank made from
+it); stage 1 is then shown on a slice with 2 Ray Train workers, and the sweep (``tune_spaces/quickstart.yaml``)
+uses the shipped bank. ``--from-scratch`` trains both here on small budgets: a demonstration of the machinery,
+not of the method (a short-trained ancestry has little to pass on).
 
-By default it starts from the recommended pair kept in the repository (``docs/data/fmnist_ancestry.safetensors``,
-89.3% test, and the size-aware bank made from it, ``docs/data/fmnist_bank.safetensors``): ancestry (the
-shipped one) -> distill (stage 1 shown on 2 Ray Train workers: a small size-aware bank on a slice, which the
-sweep does not use) -> sweep (stages 2+3: ``tune_spaces/quickstart.yaml``, six ViT sizes x WAVE, its controls
-and the baselines, two learning rates, Ray Tune, with the shipped bank) -> report (leaderboard + plots from
-MLflow). ``--from-scratch`` trains the ancestry and the sweep's bank too, on small budgets: a demonstration of
-the machinery, not of the method (a short-trained ancestry has little to pass on; docs/design.md, "The
-evaluation protocol").
-
-Re-running is cheap: what was built is remembered in ``<out-dir>/quickstart.json`` (settings + sha256 of
-every file) and reused when nothing upstream changed; a finished sweep is not run again. ``--fresh``
-starts a new generation (new files, new Ray job and sweep names; old MLflow runs stay where they are).
-"""
+``<out-dir>/quickstart.json`` remembers each stage's settings and the sha256 of its file, so a re-run reuses
+what nothing upstream changed; ``--fresh`` starts a new generation (new files, Ray job and sweep names)."""
 
 from __future__ import annotations
 
@@ -30,29 +23,20 @@ import typer
 
 from pipelines.common import UserError, storage_path
 from pipelines.sweep import file_sha256
-from pipelines.tracking import (
-    SWEEP_EXPERIMENT,
-    client_for,
-    find_sweep,
-    mlflow_ui_url,
-    prepare_mlflow,
-    tracking_uri,
-)
+from pipelines.tracking import SWEEP_EXPERIMENT, find_sweep, mlflow_ui_url, prepare_mlflow, tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SPACE = REPO / "tune_spaces" / "quickstart.yaml"
 SHIPPED_ANCESTRY = REPO / "docs" / "data" / "fmnist_ancestry.safetensors"
 SHIPPED_BANK = REPO / "docs" / "data" / "fmnist_bank.safetensors"
 DEFAULT_OUT = "weit_runs/quickstart"
-STATE_FILE = "quickstart.json"
 
 
 @dataclass
 class QuickstartBudget:
-    """The settings that decide how long the quickstart takes (defaults: <= 10 minutes on 2 CPU cores with
-    the shipped ancestry and bank; ``from_scratch`` adds the ancestry's and the bank's training)."""
+    """What decides how long it takes (defaults: <= 10 minutes on 2 CPU cores from the shipped pair)."""
 
-    from_scratch: bool = False  # train the ancestry and the sweep's bank here, not the shipped pair
+    from_scratch: bool = False
     ancestry_depth: int = 6
     ancestry_width: int = 96
     ancestry_heads: int = 3
@@ -71,8 +55,6 @@ class QuickstartBudget:
 
 @dataclass
 class QuickstartResult:
-    """Where everything ended up, and how long each stage took."""
-
     ancestry: Path
     bank: Path
     sweep: str
@@ -97,53 +79,14 @@ def _test_metric(metrics: dict) -> str:
     return f", {name} {metrics[name]:.4f}" if name is not None else ""
 
 
-class _State:
-    """``quickstart.json``: per stage the fingerprint of its inputs and the sha256 of its output file."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / STATE_FILE
-        try:
-            self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        except json.JSONDecodeError:
-            self.data = {}
-        self.data.setdefault("generation", 0)
-
-    def reusable(self, stage: str, key: str, path: Path | None = None) -> bool:
-        rec = self.data.get(stage, {})
-        if rec.get("key") != key:
-            return False
-        return bool(rec.get("done")) if path is None else path.is_file() and rec.get("sha256") == file_sha256(path)
-
-    def record(self, stage: str, key: str, path: Path | None = None, **extra: Any) -> None:
-        self.data[stage] = {"key": key, **({"sha256": file_sha256(path)} if path is not None else {}), **extra}
-        self.save()
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1, default=str))
-
-
-def _sweep_exists(name: str, uri: str, store: str) -> bool:
-    """Whether ``weit sweep --name NAME`` ran before (MLflow parent run or Tune state): then we resume it."""
-    from ray import tune
-
-    exp = client_for(uri).get_experiment_by_name(SWEEP_EXPERIMENT)
-    return (exp is not None and find_sweep(client_for(uri), exp.experiment_id, name) is not None) or \
-        tune.Tuner.can_restore(f"{store.rstrip('/')}/{name}")
-
-
 def mlflow_ui_command(uri: str) -> str:
-    """The exact command that opens this tracking store in the MLflow UI (loopback only)."""
-    exe = Path(sys.executable).with_name("mlflow")
-    try:
-        exe_text = str(exe.relative_to(Path.cwd()))
-    except ValueError:
-        exe_text = str(exe)
-    if shutil.which("mlflow") == str(exe):
-        exe_text = "mlflow"
+    """The command that opens this tracking store in the MLflow UI (loopback only)."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser (the MLflow server is already running)"
-    return f"{shlex.quote(exe_text)} ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
+    exe = Path(sys.executable).with_name("mlflow")
+    shown = "mlflow" if shutil.which("mlflow") == str(exe) else str(
+        exe.relative_to(Path.cwd()) if exe.is_relative_to(Path.cwd()) else exe)
+    return f"{shlex.quote(shown)} ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
 
 
 def run_quickstart(
@@ -152,43 +95,63 @@ def run_quickstart(
     storage: str | None = None, quiet: bool = False,
 ) -> QuickstartResult:
     """ancestry -> distill -> sweep -> report, reusing what an earlier run built with the same settings."""
+    from rich.console import Console
+
     from weit_core.data import find_fashion_mnist
 
     t_start = time.perf_counter()
-    budget = budget or QuickstartBudget()
-    from rich.console import Console
-
+    b = budget or QuickstartBudget()
     console = Console(highlight=False)
     say = (lambda *_a, **_k: None) if quiet else console.print
     data_dir = find_fashion_mnist()  # DataNotFoundError (exit 2, with the install line) before any work
+    import mlflow
+    from ray import tune
+
+    from pipelines.ancestry import train_ancestry
+    from pipelines.distill import DistillConfig, run_distill
+    from pipelines.report import build_report
+    from pipelines.spaces import load_space
+    from pipelines.sweep import run_sweep
+    from weit_core.io import read_header
     space_path = Path(space) if space else DEFAULT_SPACE
     if not space_path.is_file():
         raise UserError(f"quickstart space {space_path} not found; pass --space tune_spaces/quickstart.yaml from "
                         f"a weit checkout")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    state = _State(out)
+    state_file = out / "quickstart.json"
+    try:
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    except json.JSONDecodeError:
+        state = {}
+    gen = state.get("generation", 0) + fresh
+    state = {"generation": gen} if fresh else {"generation": gen, **state}
+
+    def reusable(stage: str, key: str, path: Path | None = None) -> bool:
+        rec = state.get(stage, {})
+        return rec.get("key") == key and (bool(rec.get("done")) if path is None else
+                                          path.is_file() and rec.get("sha256") == file_sha256(path))
+
+    def record(stage: str, key: str, path: Path | None = None, **extra: Any) -> None:
+        state[stage] = {"key": key, **({"sha256": file_sha256(path)} if path is not None else {}), **extra}
+        state_file.write_text(json.dumps(state, indent=1, default=str))
+
     if fresh:
-        state.data = {"generation": state.data["generation"] + 1}
-        state.save()
-    gen = state.data["generation"]
-    uri = tracking_uri(mlflow_uri)
-    store = storage_path(storage)
-    scratch = budget.from_scratch
+        state_file.write_text(json.dumps(state, indent=1, default=str))
+    uri, store, scratch = tracking_uri(mlflow_uri), storage_path(storage), b.from_scratch
     ancestry_path = out / "ancestry.safetensors" if scratch else SHIPPED_ANCESTRY
     bank_path = out / "bank.safetensors" if scratch else SHIPPED_BANK
     stage1_path = bank_path if scratch else out / "bank_demo.safetensors"
     result = QuickstartResult(ancestry_path, bank_path, "", uri)
+    generation = "" if gen == 0 else f" (generation {gen})"
     say(f"[bold]weit quickstart[/bold]: Fashion-MNIST from {data_dir}; outputs in {out}, MLflow at {uri}")
     if scratch:
-        say(f"from scratch: ancestry {budget.ancestry_depth}x{budget.ancestry_width} for {budget.ancestry_epochs} "
-            f"epochs on {budget.ancestry_limit:,} images, bank over the space's sizes for {budget.distill_epochs} "
-            f"epochs on {budget.distill_limit:,} images with {budget.workers} Ray Train workers, sweep "
-            f"{space_path.name}" + ("" if gen == 0 else f" (generation {gen})"))
+        say(f"from scratch: ancestry {b.ancestry_depth}x{b.ancestry_width} for {b.ancestry_epochs} epochs on "
+            f"{b.ancestry_limit:,} images, bank over the space's sizes for {b.distill_epochs} epochs on "
+            f"{b.distill_limit:,} images with {b.workers} Ray Train workers, sweep {space_path.name}{generation}")
     else:
         say(f"from the shipped ancestry and bank (docs/data; --from-scratch trains both here), a stage-1 "
-            f"demonstration on {budget.workers} Ray Train workers, sweep {space_path.name}"
-            + ("" if gen == 0 else f" (generation {gen})"))
+            f"demonstration on {b.workers} Ray Train workers, sweep {space_path.name}{generation}")
         for f in (SHIPPED_ANCESTRY, SHIPPED_BANK):
             if not f.is_file():
                 raise UserError(f"{f} is missing (it ships with weit); restore it from git or pass --from-scratch")
@@ -200,91 +163,69 @@ def run_quickstart(
         return time.perf_counter()
 
     def done(name: str, t0: float, reused: bool, what: str) -> None:
-        result.stage_s[name] = time.perf_counter() - t0
-        result.reused[name] = reused
+        result.stage_s[name], result.reused[name] = time.perf_counter() - t0, reused
         say(f"[green]done[/green] {name}: {what} ({result.stage_s[name]:.0f} s{', reused' if reused else ''})")
-
-    # 1. ancestry --------------------------------------------------------------------------------------------
-    from pipelines.ancestry import train_ancestry
-    from weit_core.io import read_header
 
     if not scratch:
         t0 = stage(1, "ancestry: the shipped teacher ViT (docs/data)")
         info = read_header(ancestry_path).get("info", {})
-        state.record("ancestry", "shipped", ancestry_path)
+        record("ancestry", "shipped", ancestry_path)
         done("ancestry", t0, True, f"{ancestry_path}{_test_metric({**info.get('metrics', {}), **info})}")
     else:
         t0 = stage(1, "ancestry: train the teacher ViT (in-process)")
-        anc_settings = {"dataset": "fashion_mnist", "depth": budget.ancestry_depth, "width": budget.ancestry_width,
-                        "heads": budget.ancestry_heads, "epochs": budget.ancestry_epochs,
-                        "limit": budget.ancestry_limit, "seed": budget.seed, "generation": gen}
-        anc_key = _hash(anc_settings)
-        if state.reusable("ancestry", anc_key, ancestry_path):
+        settings = {"dataset": "fashion_mnist", "depth": b.ancestry_depth, "width": b.ancestry_width,
+                    "heads": b.ancestry_heads, "epochs": b.ancestry_epochs, "limit": b.ancestry_limit, "seed": b.seed}
+        key = _hash({**settings, "generation": gen})
+        if reusable("ancestry", key, ancestry_path):
             metrics = read_header(ancestry_path).get("info", {}).get("metrics", {})
             done("ancestry", t0, True, f"{ancestry_path} already built with these settings{_test_metric(metrics)}; "
                                        f"--fresh to retrain")
         else:
-            _, m = train_ancestry("fashion_mnist", depth=budget.ancestry_depth, width=budget.ancestry_width,
-                                  heads=budget.ancestry_heads, epochs=budget.ancestry_epochs,
-                                  limit=budget.ancestry_limit, seed=budget.seed, out=ancestry_path, workers=0,
-                                  mlflow_uri=uri, quiet=quiet)
-            state.record("ancestry", anc_key, ancestry_path)
+            _, m = train_ancestry(**settings, out=ancestry_path, workers=0, mlflow_uri=uri, quiet=quiet)
+            record("ancestry", key, ancestry_path)
             done("ancestry", t0, False, f"{ancestry_path}{_test_metric(m)}")
-    anc_sha = state.data["ancestry"]["sha256"]
-
-    # 2. distill ---------------------------------------------------------------------------------------------
-    from pipelines.distill import DistillConfig, run_distill
+    anc_sha = state["ancestry"]["sha256"]
 
     what = "the sweep's template bank" if scratch else "a size-aware bank on a slice (a demonstration)"
-    t0 = stage(2, f"distill: stage 1, {what} ({budget.workers} Ray Train workers)")
+    t0 = stage(2, f"distill: stage 1, {what} ({b.workers} Ray Train workers)")
     if scratch:  # the bank the sweep uses: trained over the space's sizes
-        range_args = {"space": str(space_path)}
-        epochs, limit = budget.distill_epochs, budget.distill_limit
+        range_args, epochs, limit = {"space": str(space_path)}, b.distill_epochs, b.distill_limit
     else:
-        range_args = {"depths": list(budget.demo_depths), "widths": list(budget.demo_widths)}
-        epochs, limit = 1, budget.demo_limit
-    bank_settings = {"epochs": epochs, "limit": limit, "workers": budget.workers, "n_templates": budget.n_templates,
-                     "block": budget.block, "seed": budget.seed, "ancestry_sha256": anc_sha, "generation": gen,
-                     **range_args}
-    bank_key = _hash(bank_settings)
-    if state.reusable("bank", bank_key, stage1_path):
+        range_args, epochs, limit = {"depths": list(b.demo_depths), "widths": list(b.demo_widths)}, 1, b.demo_limit
+    key = _hash({"epochs": epochs, "limit": limit, "workers": b.workers, "n_templates": b.n_templates,
+                 "block": b.block, "seed": b.seed, "ancestry_sha256": anc_sha, "generation": gen, **range_args})
+    if reusable("bank", key, stage1_path):
         done("distill", t0, True, f"{stage1_path} already built from this ancestry with these settings; --fresh "
                                   f"to rebuild")
     else:
         _, m = run_distill(DistillConfig(
-            teacher=str(ancestry_path), dataset="fashion_mnist", limit=limit, epochs=epochs, workers=budget.workers,
-            n_templates=budget.n_templates, block=budget.block, seed=budget.seed, out=str(stage1_path),
-            name=f"quickstart-bank-{bank_key}", storage=store, address=address, mlflow_uri=uri, quiet=quiet,
-            **range_args))
-        state.record("bank", bank_key, stage1_path)
+            teacher=str(ancestry_path), dataset="fashion_mnist", limit=limit, epochs=epochs, workers=b.workers,
+            n_templates=b.n_templates, block=b.block, seed=b.seed, out=str(stage1_path),
+            name=f"quickstart-bank-{key}", storage=store, address=address, mlflow_uri=uri, quiet=quiet, **range_args))
+        record("bank", key, stage1_path)
         done("distill", t0, False, f"{stage1_path} (aux model{_test_metric(m)})"
              + ("" if scratch else f" (the sweep uses the shipped {SHIPPED_BANK.name})"))
-    bank_sha = file_sha256(bank_path)
-
-    # 3. sweep -----------------------------------------------------------------------------------------------
-    from pipelines.spaces import load_space
-    from pipelines.sweep import run_sweep
 
     t0 = stage(3, f"sweep: stages 2+3 over {space_path.name} (Ray Tune)")
-    sweep_key = _hash({"space": load_space(space_path).content_hash(), "bank": bank_sha, "ancestry": anc_sha,
-                       "generation": gen, "uri": uri})
-    result.sweep = f"quickstart-{sweep_key}"
-    if state.reusable("sweep", sweep_key):
+    key = _hash({"space": load_space(space_path).content_hash(), "bank": file_sha256(bank_path), "ancestry": anc_sha,
+                 "generation": gen, "uri": uri})
+    result.sweep = f"quickstart-{key}"
+    if reusable("sweep", key):
         done("sweep", t0, True, f"sweep {result.sweep} already finished; --fresh to run it again")
     else:
-        resume = _sweep_exists(result.sweep, uri, store)
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+        resume = (exp is not None and find_sweep(client, exp.experiment_id, result.sweep) is not None
+                  ) or tune.Tuner.can_restore(f"{store.rstrip('/')}/{result.sweep}")
         if resume:
             say(f"sweep {result.sweep} was interrupted before: resuming it (finished trials are not re-run)")
-        summary = run_sweep(space_path, bank=str(bank_path), ancestry=str(ancestry_path), name=result.sweep,
-                            resume=resume, storage=store, address=address, mlflow_uri=uri, quiet=quiet)
-        state.record("sweep", sweep_key, done=summary.n_failed == 0 and summary.n_finished >= summary.n_trials,
-                     name=result.sweep, finished=summary.n_finished, failed=summary.n_failed)
-        done("sweep", t0, False, f"{summary.n_finished}/{summary.n_trials} trials finished, {summary.n_failed} failed")
+        s = run_sweep(space_path, bank=str(bank_path), ancestry=str(ancestry_path), name=result.sweep,
+                      resume=resume, storage=store, address=address, mlflow_uri=uri, quiet=quiet)
+        record("sweep", key, done=s.n_failed == 0 and s.n_finished >= s.n_trials, name=result.sweep,
+               finished=s.n_finished, failed=s.n_failed)
+        done("sweep", t0, False, f"{s.n_finished}/{s.n_trials} trials finished, {s.n_failed} failed")
 
-    # 4. report ----------------------------------------------------------------------------------------------
     t0 = stage(4, "report: leaderboard and plots from MLflow")
-    from pipelines.report import build_report
-
     result.report_dir = out / "report"
     result.leaderboard = build_report(result.sweep, out=result.report_dir, mlflow_uri=uri, show=False)
     result.plots = [Path(f) for f in result.leaderboard.files if Path(f).suffix == ".png"]
@@ -312,8 +253,7 @@ def _print_summary(console: Any, result: QuickstartResult) -> None:
         table.add_row(name + (" (reused)" if result.reused.get(name) else ""), f"{s:.0f}")
     table.add_row("[bold]total", f"[bold]{result.wall_s:.0f}")
     console.print(table)
-    console.print(f"leaderboard: {result.report_dir / 'leaderboard.md'} (all rows; also leaderboard.csv)")
-    console.print("plots:")
+    console.print(f"leaderboard: {result.report_dir / 'leaderboard.md'} (all rows; also leaderboard.csv)\nplots:")
     for p in result.plots:
         console.print(f"  {p}", soft_wrap=True)
     console.print(f"ancestry: {result.ancestry}\nbank:     {result.bank}\nsweep:    {result.sweep}  "
@@ -342,13 +282,12 @@ def quickstart_command(
     mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite ./mlruns.db).")] = None,
 ) -> None:
     """ancestry -> distill -> sweep -> report on Fashion-MNIST, sized for a laptop (<= 10 min on 2 CPU cores)."""
+    if min(ancestry_limit, distill_limit) < 0 or ancestry_epochs < 1 or distill_epochs < 1 or workers < 1:
+        raise UserError("--ancestry-epochs, --distill-epochs and --workers must be >= 1")
     space_path = Path(space)
     if not space_path.is_absolute() and not space_path.is_file():
         space_path = REPO / space  # the shipped space, from any working directory
-    budget = QuickstartBudget(from_scratch=from_scratch, ancestry_epochs=ancestry_epochs,
-                              ancestry_limit=ancestry_limit, distill_epochs=distill_epochs,
-                              distill_limit=distill_limit, workers=workers)
-    if min(ancestry_limit, distill_limit) < 0 or ancestry_epochs < 1 or distill_epochs < 1 or workers < 1:
-        raise UserError("--ancestry-epochs, --distill-epochs and --workers must be >= 1")
+    budget = QuickstartBudget(from_scratch=from_scratch, ancestry_epochs=ancestry_epochs, ancestry_limit=ancestry_limit,
+                              distill_epochs=distill_epochs, distill_limit=distill_limit, workers=workers)
     run_quickstart(out_dir, fresh=fresh, budget=budget, space=space_path, mlflow_uri=mlflow_uri, address=address,
                    storage=storage)
