@@ -1,23 +1,18 @@
 """``weit sweep``: stages 2+3 over a search space on Ray Tune, every trial recorded once in MLflow.
 
-The driver expands the space (``pipelines.spaces``), loads the bank and the ancestry once and checks them
-against what the strategies declare they need, opens the sweep's parent run (``pipelines.tracking``), and
-hands Tune the trials (``pipelines.trial``). Tune ranks, and ASHA stops, by each task's own metric and
-direction (``val_<metric>``, ``max`` or ``min``).
-
-Exactly-once logging: a child run carries ``weit.trial_key`` (hash of the trial config). A trial that
-starts again (Tune restore after a killed driver) looks its key up under the parent: a FINISHED run is
-replayed to Tune from MLflow without recomputing; a deterministic NaN failure fails again at once; a
-half-written run (the killed attempt) is deleted and the trial runs afresh.
-"""
+The driver expands the space, loads the bank and the ancestry once and checks them against what the
+strategies declare they need, opens the parent run, and hands Tune the trials (``pipelines.trial``). Tune
+ranks, and ASHA stops, by each task's ``val_<metric>`` and direction. A trial that starts again (Tune
+restore after a killed driver) finds its child run by ``weit.trial_key``: a FINISHED run is replayed, a NaN
+failure fails again, a half-written run is replaced (``TrialTracker.start``)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import logging
+import operator
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,45 +20,15 @@ from typing import Annotated, Any
 
 import typer
 
+from pipelines import tracking
+from pipelines import trial as tr
 from pipelines.common import UserError, git_revision, init_ray, storage_path
-from pipelines.spaces import (
-    Space,
-    block_of_bank,
-    expand,
-    inspect_tasks,
-    load_space,
-    spec_of,
-    summarize_space,
-)
-from pipelines.tracking import (
-    NOTE_TAG,
-    SWEEP_EXPERIMENT,
-    TrialTracker,
-    as_metrics,
-    client_for,
-    experiment_note,
-    mlflow_ui_url,
-    open_sweep,
-    prepare_mlflow,
-    publish_comparison_view,
-    sweep_note,
-)
-from pipelines.trial import (
-    HOW_TO_GIVE,
-    SweepContext,
-    family_of,
-    reported,
-    run_trial,
-    share_task_data,
-    task_of,
-    trial_config,
-    trial_param_space,
-    tune_trial,
-)
+from pipelines.spaces import Space, block_of_bank, expand, inspect_tasks, load_space, spec_of, summarize_space
+from pipelines.trial import HOW_TO_GIVE, family_of, reported, task_of, trial_config, trial_param_space
 
-EXPERIMENT = SWEEP_EXPERIMENT
+EXPERIMENT = tracking.SWEEP_EXPERIMENT
 PREFIX = "[weit sweep]"
-__all__ = ["EXPERIMENT", "SweepContext", "SweepSummary", "TrialTracker", "run_sweep", "run_trial", "sweep_note"]
+_trial_dirname = operator.attrgetter("trial_id")  # Tune's default dirname repeats the whole config
 
 
 def file_sha256(path: str | Path) -> str:
@@ -73,8 +38,6 @@ def file_sha256(path: str | Path) -> str:
 
 @dataclass
 class SweepSummary:
-    """What a sweep did: where it is recorded and how many trials ended how."""
-
     name: str
     parent_run_id: str
     experiment_id: str
@@ -90,67 +53,58 @@ class SweepSummary:
     wall_s: float
 
 
-# ------------------------------------------------------------------------------------------ sources
-
-
 def _load_sources(space: Space, bank: str | None, ancestry: str | None) -> tuple[Any, Any, dict]:
-    """Load the bank and the ancestry once, in the driver, refusing at once what the space's strategies
-    declare they need and were not given."""
+    """Load the bank and the ancestry once, refusing at once what the strategies need and were not given."""
     from weit_core.io import WeitFileError, load_bank, load_model
     from weit_core.models import get_family
     from weit_core.strategies import strategy_info
 
-    needs = {s: strategy_info(s).needs for s in space.strategies}
-    need = {source: sorted(s for s, n in needs.items() if source in n) for source in HOW_TO_GIVE}
+    need = {source: sorted(s for s in space.strategies if source in strategy_info(s).needs) for source in HOW_TO_GIVE}
     if need["learngene"]:
         raise UserError(f"strategies {need['learngene']} need a TLEG-trained learngene, which "
                         f"{HOW_TO_GIVE['learngene']}; drop them from the space")
-    if need["bank"] and not bank:
-        raise UserError(f"strategies {need['bank']} need a template bank; {HOW_TO_GIVE['bank']} or drop them from "
-                        f"the space")
-    if need["ancestry"] and not ancestry:
-        raise UserError(f"strategies {need['ancestry']} need an ancestry model; {HOW_TO_GIVE['ancestry']} or drop "
-                        f"them from the space")
+    for source, given in (("bank", bank), ("ancestry", ancestry)):
+        if need[source] and not given:
+            what = "a template bank" if source == "bank" else "an ancestry model"
+            raise UserError(f"strategies {need[source]} need {what}; {HOW_TO_GIVE[source]} or drop them from the space")
     no_fit = [t.name for t in space.tasks if t.training["fit_examples"] == 0]
     if need["fit_data"] and no_fit:
         raise UserError(f"strategies {need['fit_data']} need a labeled subset for stage 2, but task(s) {no_fit} have "
                         f"training.fit_examples: 0; give them fit_examples > 0 or drop the strategies")
     meta: dict[str, Any] = {"need_bank": bool(need["bank"])}
+
+    def load(flag: str, read: Any, path: str) -> Any:
+        try:
+            return read(path)
+        except WeitFileError as e:
+            raise UserError(f"{flag}: {e}") from e
+
     loaded_bank = loaded_anc = None
     if bank:
-        try:
-            loaded_bank = load_bank(bank)
-        except WeitFileError as e:
-            raise UserError(f"--bank: {e}") from e
+        loaded_bank = load("--bank", load_bank, bank)
         meta.update(bank_path=str(Path(bank).resolve()), bank_sha256=file_sha256(bank),
                     bank_block=block_of_bank(loaded_bank.bank.kinds))
     if ancestry:
-        try:
-            model, header = load_model(ancestry)
-        except WeitFileError as e:
-            raise UserError(f"--ancestry: {e}") from e
+        model, header = load("--ancestry", load_model, ancestry)
         loaded_anc = (model, get_family(header.get("family", "vit")).spec_from_dict(header["spec"]))
         meta.update(ancestry_path=str(Path(ancestry).resolve()), ancestry_sha256=file_sha256(ancestry))
     return loaded_bank, loaded_anc, meta
 
 
 def _check_bank(loaded: Any, trials: list[dict], block: int, where: str) -> None:
-    """The bank has the kinds, blocks and kernels each task's targets are templated with (its family's
-    ``kinds`` for the task's first trial)."""
+    """The bank has the kinds, blocks and kernels each task's family templates its targets with."""
     from weit_core.io import WeitFileError, check_bank_kinds
 
     n = next(iter(loaded.bank.kinds.values())).n
     for config in {t["task"]: t for t in reversed(trials)}.values():
-        family = family_of(config)
         try:
-            check_bank_kinds(loaded.bank.kinds, family.kinds(spec_of(config), n, block), where)
+            check_bank_kinds(loaded.bank.kinds, family_of(config).kinds(spec_of(config), n, block), where)
         except WeitFileError as e:
             raise UserError(f"task {config['task']!r}: {e}") from e
 
 
 def _objective(trials: list[dict], asha: bool) -> tuple[str | None, str | None]:
-    """What Tune ranks by, and ASHA stops on: the tasks' ``val_<metric>`` and direction (None, None for
-    tasks that disagree, which ASHA cannot serve)."""
+    """The tasks' ``val_<metric>`` and direction (None, None where tasks disagree, which ASHA cannot serve)."""
     goals = {(reported(task)[0], task.mode) for task in map(task_of, trials)}
     if len(goals) == 1:
         return next(iter(goals))
@@ -160,13 +114,6 @@ def _objective(trials: list[dict], asha: bool) -> tuple[str | None, str | None]:
     return None, None
 
 
-# ------------------------------------------------------------------------------------------ progress
-
-
-def _trial_dirname(trial: Any) -> str:
-    return trial.trial_id
-
-
 _QUIET = False
 
 
@@ -174,18 +121,14 @@ def _progress_callback_cls():
     from ray.tune import Callback
 
     class Progress(Callback):
-        """Terminal progress in place of Tune's tables: trials done/total and the best so far per task."""
+        """One line per ended trial in place of Tune's tables: trials done/total and the best so far per task."""
 
         def __init__(self, total: int) -> None:
             self.total = total
 
-        @property
-        def quiet(self) -> bool:  # read at call time: a restored sweep reuses the pickled callback
-            return _QUIET
-
         def _config(self, trial: Any) -> tuple[dict, Any]:
-            """A trial's decoded config and its task, once: every completion scans every trial, so decoding
-            them each time would cost the driver O(trials^2) JSON parses (~150 s at 4,104 trials)."""
+            """Each trial's config and task decoded once: every completion scans every trial (O(trials^2)
+            JSON parses otherwise, ~150 s at 4,104 trials)."""
             decoded = self.__dict__.setdefault("_judged", {})  # setdefault: callbacks pickled before it
             if trial.trial_id not in decoded:
                 cfg = trial_config(trial.config)
@@ -195,38 +138,32 @@ def _progress_callback_cls():
         def _line(self, trials: list, current: Any = None, current_status: str = "") -> str:
             # the hooks run before Tune updates the trial's status: count the current trial as ended
             status = {id(t): (current_status if t is current else t.status) for t in trials}
-            done = sum(s == "TERMINATED" for s in status.values())
-            failed = sum(s == "ERROR" for s in status.values())
+            done, failed = (sum(s == want for s in status.values()) for want in ("TERMINATED", "ERROR"))
             best: dict[str, tuple[str, float, dict]] = {}
             for t in trials:
-                if status[id(t)] != "TERMINATED" or not t.last_result:
-                    continue
-                cfg, task = self._config(t)
-                metric = reported(task)[0]
-                value = t.last_result.get(metric)
-                if value is not None and (cfg["task"] not in best or task.better(value, best[cfg["task"]][1])):
-                    best[cfg["task"]] = (metric, value, cfg)
-            parts = [f"{PREFIX} {done + failed}/{self.total} trials done" + (f" ({failed} failed)" if failed else "")]
-            for name, (metric, value, c) in sorted(best.items()):
-                parts.append(f"best {name}: {c['strategy']} {family_of(c).size_name(c)} s{c['seed']} lr{c['lr']:g} "
-                             f"{metric}={value:.4f}")
-            return " | ".join(parts)
+                if status[id(t)] == "TERMINATED" and t.last_result:
+                    cfg, task = self._config(t)
+                    metric = reported(task)[0]
+                    value = t.last_result.get(metric)
+                    if value is not None and (cfg["task"] not in best or task.better(value, best[cfg["task"]][1])):
+                        best[cfg["task"]] = (metric, value, cfg)
+            return " | ".join([f"{PREFIX} {done + failed}/{self.total} trials done"
+                               + (f" ({failed} failed)" if failed else "")] + [
+                f"best {name}: {c['strategy']} {family_of(c).size_name(c)} s{c['seed']} lr{c['lr']:g} {m}={v:.4f}"
+                for name, (m, v, c) in sorted(best.items())])
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if not self.quiet:
+            if not _QUIET:  # read at call time: a restored sweep reuses the pickled callback
                 print(self._line(trials, trial, "TERMINATED"), flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if not self.quiet:
+            if not _QUIET:
                 c = trial_config(trial.config)
                 print(f"{PREFIX} trial failed: {c.get('task')}/{c.get('strategy')} {family_of(c).size_name(c)} "
                       f"s{c.get('seed')} (see its MLflow run's weit.failure tag)", flush=True)
                 print(self._line(trials, trial, "ERROR"), flush=True)
 
     return Progress
-
-
-# ------------------------------------------------------------------------------------------ driver
 
 
 def _parent_record(name: str, space: Space, meta: dict, expansion: Any, settings: dict) -> tuple[dict, dict, dict]:
@@ -241,17 +178,16 @@ def _parent_record(name: str, space: Space, meta: dict, expansion: Any, settings
     params = {"space": str(space.path or space.name), "space_name": space.name, "space_hash": digest,
               "git_revision": rev, "bank": bank_path, "bank_sha256": bank_sha,
               "bank_id": f"{bank_path}@{bank_sha[:16]}" if bank_path else "", "ancestry": meta.get("ancestry_path", ""),
-              "ancestry_sha256": meta.get("ancestry_sha256", ""), "n_trials": settings["n_trials"],
-              "n_dropped": expansion.n_dropped, "sizes_total": expansion.sizes_total,
-              "strategies": ",".join(space.strategies), "tasks": ",".join(t.name for t in space.tasks),
+              "ancestry_sha256": meta.get("ancestry_sha256", ""), "n_dropped": expansion.n_dropped,
+              "sizes_total": expansion.sizes_total, "strategies": ",".join(space.strategies),
+              "tasks": ",".join(t.name for t in space.tasks), "n_pairs_dropped": expansion.n_pairs_dropped,
               **{f"dropped.{r}": expansion.dropped.get(r, 0) for r in expansion.reasons},
-              "n_pairs_dropped": expansion.n_pairs_dropped,
-              **{f"dropped.{r}": expansion.pairs_dropped.get(r, 0) for r in CANNOT_MAKE},
-              **{k: v for k, v in settings.items() if k != "n_trials"}}
+              **{f"dropped.{r}": expansion.pairs_dropped.get(r, 0) for r in CANNOT_MAKE}, **settings}
     files: dict[str, Any] = {"space": space.path} if space.path is not None else {"space/space.yaml": space.text}
     files["space/dropped.json"] = {
         "dropped": dict(expansion.dropped), "reasons": expansion.reasons, "sizes_total": expansion.sizes_total,
-        "sizes_valid": expansion.sizes_valid, "pairs_dropped": dict(expansion.pairs_dropped), "pair_reasons": CANNOT_MAKE}
+        "sizes_valid": expansion.sizes_valid, "pairs_dropped": dict(expansion.pairs_dropped),
+        "pair_reasons": CANNOT_MAKE}
     files["space/trials.json"] = {"trials": expansion.trials[: settings["n_trials"]]}
     return tags, params, files
 
@@ -263,8 +199,8 @@ def run_sweep(
     mlflow_uri: str | None = None, limit_trials: int | None = None, save_models: bool = True,
     experiment: str = EXPERIMENT, quiet: bool = False,
 ) -> SweepSummary:
-    """Expand the space, open (or find again) the parent MLflow run, and run every trial on Ray Tune.
-    ``resume=True`` continues an interrupted sweep of the same name without re-running finished trials."""
+    """Expand the space, open (or on ``resume`` find again) the parent run, and run every trial on Ray Tune;
+    a resumed sweep does not re-run its finished trials."""
     global _QUIET
     _QUIET = quiet
     t_start = time.perf_counter()
@@ -291,89 +227,81 @@ def run_sweep(
     if block:
         _check_bank(loaded_bank, trials, block, f"--bank {bank}")
     metric, mode = _objective(trials, asha)
-    shown = (metric, mode) if metric else (reported(task_of(trials[0]))[0], task_of(trials[0]).mode)  # views sort by one
+    first = task_of(trials[0])
+    shown = (metric, mode) if metric else (reported(first)[0], first.mode)  # the view sorts by one
     say = (lambda *_: None) if quiet else (lambda msg: print(f"{PREFIX} {msg}", flush=True))
     say(summarize_space(sp, expansion) + (f"; running the first {len(trials)}" if limit_trials else ""))
 
-    uri, exp_id = prepare_mlflow(mlflow_uri, experiment, experiment_note(EXPERIMENT))
-    client = client_for(uri)
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial json/csv/tensorboard files
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record: no per-trial files
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import mlflow
     from ray import tune
 
+    uri, exp_id = tracking.prepare_mlflow(mlflow_uri, experiment, tracking.experiment_note(EXPERIMENT))
+    client = mlflow.MlflowClient(uri)
     store = storage_path(storage)
     exp_path = f"{store.rstrip('/')}/{name}"
-    exists_in_tune = tune.Tuner.can_restore(exp_path)
+    restore = tune.Tuner.can_restore(exp_path)
     settings = {"n_trials": len(trials), "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
                 "max_concurrent": max_concurrent, "asha": asha, "tune_path": exp_path, "limit_trials": limit_trials,
                 "save_models": save_models}
-    parent_id, resumed = open_sweep(client, exp_id, name, *_parent_record(name, sp, meta, expansion, settings),
-                                    resume=resume, exists_in_tune=exists_in_tune)
-    note = functools.partial(sweep_note, name, sp, expansion, trials, experiment=experiment, exp_id=exp_id, uri=uri,
-                             parent_id=parent_id, metric=shown[0])
-    client.set_tag(parent_id, NOTE_TAG, note())
-    publish_comparison_view(client, exp_id, name, len({t["task"] for t in trials}), *shown)
+    record = _parent_record(name, sp, meta, expansion, settings)
+    parent_id, resumed = tracking.open_sweep(client, exp_id, name, *record, resume=resume, exists_in_tune=restore)
+    note = functools.partial(tracking.sweep_note, name, sp, expansion, trials, experiment=experiment, exp_id=exp_id,
+                             uri=uri, parent_id=parent_id, metric=shown[0])
+    client.set_tag(parent_id, tracking.NOTE_TAG, note())
+    tracking.publish_comparison_view(client, exp_id, name, len({t["task"] for t in trials}), *shown)
     say(f"MLflow parent run {parent_id} (experiment {experiment!r} at {uri})")
 
     init_ray(address)
     import ray
 
-    ctx = SweepContext(
+    ctx = tr.SweepContext(
         tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent_id, sweep=name, save_models=save_models,
-        bank_ref=ray.put(loaded_bank) if loaded_bank is not None else None, bank_id=meta.get("bank_sha256"),
-        ancestry_ref=ray.put(loaded_anc) if loaded_anc is not None else None, ancestry_id=meta.get("ancestry_sha256"),
+        bank_ref=ray.put(loaded_bank) if loaded_bank is not None else None,
+        ancestry_ref=ray.put(loaded_anc) if loaded_anc is not None else None,
         threads=max(1, int(cpus_per_trial)), device="cuda" if gpus_per_trial > 0 else "cpu",
-        report_each_epoch=asha or (exists_in_tune and resume),  # a restored scheduler may be ASHA
-        data_refs=share_task_data(trials))
+        report_each_epoch=asha or restore,  # a restored scheduler may be ASHA (restore implies resume here)
+        data_refs=tr.share_task_data(trials))
     resources = {"cpu": cpus_per_trial, **({"gpu": gpus_per_trial} if gpus_per_trial else {})}
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, ctx=ctx), resources)
-    if exists_in_tune and resume:
+    trainable = tune.with_resources(tune.with_parameters(tr.tune_trial, ctx=ctx), resources)
+    if restore:
         say(f"resuming Tune experiment {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         if resume:
             say("no Tune state to restore; re-running the trial list (finished trials replay from MLflow)")
-        scheduler = None
-        if asha:
-            from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.schedulers import ASHAScheduler
 
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(t["epochs"] for t in trials),
-                                      grace_period=1, reduction_factor=2)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(t["epochs"] for t in trials),
+                                  grace_period=1, reduction_factor=2) if asha else None
         tuner = tune.Tuner(
-            trainable,
-            param_space=trial_param_space(trials),
+            trainable, param_space=trial_param_space(trials),
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, reuse_actors=True,
-                                        max_concurrent_trials=max_concurrent,
-                                        trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(
-                name=name, storage_path=store, verbose=0, failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=[_progress_callback_cls()(len(trials))]),
-        )
-    # per-trial result files are off (MLflow is the record), so the result grid's metric fetch is expected to miss
+                                        max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=name, storage_path=store, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=[_progress_callback_cls()(len(trials))]))
+    # per-trial result files are off, so the result grid's metric fetch is expected to miss
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     n_errors = tuner.fit().num_errors
     children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50000)
+    failed = [r.data.tags.get("weit.failure_kind", "unknown") for r in children if r.info.status == "FAILED"]
     n_finished = sum(r.info.status == "FINISHED" for r in children)
-    n_failed = sum(r.info.status == "FAILED" for r in children)
-    client.log_batch(parent_id, metrics=as_metrics(
-        {"trials_finished": n_finished, "trials_failed": n_failed, "tune_errors": n_errors}, 0))
-    client.set_tag(parent_id, NOTE_TAG, note(counts={
-        "finished": n_finished, "failed": n_failed, "tune_errors": n_errors,
-        "failure_kinds": [r.data.tags.get("weit.failure_kind", "unknown") for r in children
-                          if r.info.status == "FAILED"]}))
+    client.log_batch(parent_id, metrics=tracking.as_metrics(
+        {"trials_finished": n_finished, "trials_failed": len(failed), "tune_errors": n_errors}, 0))
+    client.set_tag(parent_id, tracking.NOTE_TAG, note(counts={"finished": n_finished, "failed": len(failed),
+                                                     "tune_errors": n_errors, "failure_kinds": failed}))
     client.set_terminated(parent_id, "FINISHED")
     summary = SweepSummary(name, parent_id, exp_id, uri, exp_path, len(trials), expansion.n_dropped,
-                           dict(expansion.dropped), dict(expansion.pairs_dropped), n_finished, n_failed, resumed,
+                           dict(expansion.dropped), dict(expansion.pairs_dropped), n_finished, len(failed), resumed,
                            time.perf_counter() - t_start)
-    say(f"done: {n_finished}/{len(trials)} trials finished, {n_failed} failed, in {summary.wall_s:.1f}s; "
+    say(f"done: {n_finished}/{len(trials)} trials finished, {len(failed)} failed, in {summary.wall_s:.1f}s; "
         f"report with `weit report --sweep {name}`")
     serve = "" if uri.startswith(("http://", "https://")) else f" (after `mlflow ui --backend-store-uri {uri}`)"
-    say(f"compare the trials in the MLflow UI: {mlflow_ui_url(uri, exp_id, name)}{serve}")
+    say(f"compare the trials in the MLflow UI: {tracking.mlflow_ui_url(uri, exp_id, name)}{serve}")
     return summary
-
-
-# ------------------------------------------------------------------------------------------ command
 
 
 def sweep_command(
@@ -397,10 +325,4 @@ def sweep_command(
     mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
 ) -> None:
     """Stages 2+3: initialize and train every size x strategy x seed of a space on Ray Tune, logged to MLflow."""
-    run_sweep(space, bank=bank, ancestry=ancestry, name=name, resume=resume, cpus_per_trial=cpus_per_trial,
-              gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, asha=asha, storage=storage,
-              address=address, mlflow_uri=mlflow_uri, limit_trials=limit_trials, save_models=save_models)
-
-
-if __name__ == "__main__":  # python -m pipelines.sweep --space ...
-    sys.exit(typer.run(sweep_command))
+    run_sweep(**locals())

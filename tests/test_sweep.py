@@ -644,8 +644,9 @@ def test_restarted_trial_replays_a_finished_run_and_replaces_a_killed_one(mlflow
     space = parse_space(MINIMAL + "training: {epochs: 2, fit_steps: 0, fit_examples: 0}\n")
     (config,) = expand(space, {"digits": DIGITS}).trials
 
-    def active() -> list:
-        return TrialTracker(uri, exp_id, parent, "t").find(config["key"])
+    def active() -> list:  # search_runs lists active runs only by default
+        return client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                            f"tags.`weit.trial_key` = '{config['key']}'")
 
     stale = client.create_run(exp_id, tags={"mlflow.parentRunId": parent, "weit.trial_key": config["key"]})
     first_reports: list[dict] = []
