@@ -1,11 +1,7 @@
-"""Search spaces (``tune_spaces/*.yaml``, keys in ``tune_spaces/README.md``): a strict pydantic model that IS the
-space (its first error one line naming the key), and its expansion into trial configs.
-
-Strict types (``"3"`` is no integer, ``true`` no number, every key known) check a whole space before anything runs,
-so a typo costs a second, not a cluster hour. ``sizes`` are the axes of an architecture family (``family:``,
-default ``vit``), typed and defaulted as its spec dataclass declares them; sizes the family cannot build or that
-break the space's ``constraints`` are dropped and counted by reason instead of failing as trials.
-"""
+"""Search spaces (``tune_spaces/*.yaml``, keys in ``tune_spaces/README.md``): a strict pydantic model that is the
+space, checked whole before anything runs (a typo costs a second, not a cluster hour; its first error is one line
+naming the key), and its expansion into trial configs. ``sizes`` are an architecture family's axes
+(``weit_core.sizes`` plans them: the sizes a family cannot build or a space's constraints drop are counted)."""
 
 from __future__ import annotations
 
@@ -21,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Generic, TypeVar, Union
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 
 import yaml
 from pydantic import (
@@ -44,11 +40,10 @@ from pydantic_core import PydanticCustomError
 
 from pipelines.common import UserError
 from weit_core.models.family import get_family
-from weit_core.sizes import Axis, TaskShape, check_size, drop_reasons, points
+from weit_core.sizes import Axis, TaskShape, drop_reasons, keep_sizes, points
+from weit_core.sizes import check_size as check_size  # re-exported: callers judge sizes as a space does
 
 BUILTIN_DATA = ("fashion_mnist", "digits")
-SCHEDULES = ("cosine", "constant")
-INIT_MODES = ("", "jax", "moco")
 DATA_KEYS = ("data", "val_fraction", "test_fraction", "data_seed", "limit", "val_limit")  # which arrays a trial sees
 DEFAULT_FAMILY = "vit"
 # the size axes a constraint reads: a space whose family lacks them cannot set it
@@ -108,14 +103,6 @@ def _name(what: str, banned: str) -> Any:
     return _rule(lambda v: _is_name(v, banned), f"expected {what}, got {{shown}}", before=True)
 
 
-def _one_of(allowed: tuple, text: str) -> Any:
-    return _rule(lambda v: v in allowed, text + ", got {shown}", before=True)
-
-
-def _fraction(what: str) -> Any:
-    return _rule(lambda v: 0 <= v < 1, what + ", got {v:g}")
-
-
 def _distinct(one: str, many: str) -> tuple:
     return (_rule(bool, f"empty list; give at least one {one}"),
             _rule(lambda v: len(set(v)) == len(v), f"repeated {many} {{v}}"))
@@ -125,6 +112,7 @@ AsList = BeforeValidator(lambda v: v if isinstance(v, list) else [v])
 Int1 = Annotated[int, Field(ge=1)]
 Int0 = Annotated[int, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
 class Training(_Schema):
@@ -140,12 +128,11 @@ class Training(_Schema):
     fit_lr: Positive = 1e-3
     fit_batch_size: Int1 = 64
     seeds: Annotated[list[Int0], AsList, *_distinct("seed", "seeds")] = [0]
-    init_mode: Annotated[str, _one_of(INIT_MODES, "timm init mode must be '' (timm default), 'jax' or 'moco'"),
-                         BeforeValidator(lambda v: "" if v is None else v)] = ""
+    init_mode: Annotated[Literal["", "jax", "moco"], BeforeValidator(lambda v: "" if v is None else v)] = ""  # timm's
     eval_batch_size: Int1 = 512
     test_eval: bool = True
-    schedule: Annotated[str, _one_of(SCHEDULES, f"expected one of {', '.join(SCHEDULES)}")] = "cosine"
-    warmup: Annotated[float, _fraction("a fraction of the stage-3 steps, in [0, 1)")] = 0.1
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup: Fraction = 0.1  # of the stage-3 steps
 
     @field_validator("lr", mode="wrap")
     @classmethod
@@ -176,8 +163,8 @@ class TaskSpec(_Schema):
     data: Annotated[str, Field(description="fashion_mnist or digits, or a parquet file/folder path")]
     patch: Int1 = 4
     img_size: Int1 | None = None  # only a check: the data's image size
-    val_fraction: Annotated[float, _fraction("must be in [0, 1)")] | None = None  # parquet only
-    test_fraction: Annotated[float, _fraction("must be in [0, 1)")] | None = None  # parquet only
+    val_fraction: Fraction | None = None  # parquet only
+    test_fraction: Fraction | None = None  # parquet only
     data_seed: Int0 = 0
     limit: Int1 | None = None  # cap on training examples
     val_limit: Int1 | None = None  # cap on validation examples
@@ -420,7 +407,7 @@ class Space(_Schema):
 _EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false", "string_type": "text",
              "model_type": "a mapping (key: value lines)", "dict_type": "a mapping (key: value lines)",
              "list_type": "a list"}
-_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">")}
+_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than": ("lt", "<")}
 _VALUE_OR_LIST = ("lr", "seeds")
 
 
@@ -457,6 +444,8 @@ def one_line(source: str, err: Any) -> SpaceError:
     elif kind in ("too_short", "too_long"):
         n = ctx.get("min_length", ctx.get("max_length"))
         text = f"expected {'a non-empty list' if n == 1 and kind == 'too_short' else f'{n} values'}, got {got}"
+    elif kind == "literal_error":
+        text = f"expected one of {ctx['expected']}, got {got}"
     elif kind == "value_error":
         text = str(ctx["error"])
     else:  # an axis in no known form, or anything else in pydantic's words
@@ -587,12 +576,10 @@ def expand(space: Space, shapes: dict[str, TaskShape], bank_block: int | None = 
     exp = Expansion([], Counter(), len(sizes) * len(space.tasks), {}, Counter(), drop_reasons(fam))
     for task in space.tasks:
         shape, tr = shapes[task.name], task.training
-        exp.sizes_valid[task.name] = 0
-        for size in sizes:
-            if reason := check_size(size, shape, task.patch, space.constraints, bank_block, fam):
-                exp.dropped[reason] += 1
-                continue
-            exp.sizes_valid[task.name] += 1
+        kept, dropped = keep_sizes(sizes, shape, task.patch, space.constraints, bank_block, fam)
+        exp.dropped.update(dropped)
+        exp.sizes_valid[task.name] = len(kept)
+        for size in kept:
             base = {"task": task.name, **named, **task.data_key(), **size, "patch": task.patch,
                     "img_size": shape.img_size, "in_chans": shape.in_chans, "num_classes": shape.num_classes}
             spec = spec_of(base)
