@@ -25,8 +25,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):  # tests/mlflow_machinery.py starts and stops the loopback server
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -222,7 +223,8 @@ def check_page(dom: _Dom, expected: dict) -> list[dict]:
 
 def run_check(uri: str, out: Path, *, sweep: str | None = None, experiment: str = "weit-sweep",
               browser: str | None = None, window: str = "1800,1100", budget_ms: int = 25000) -> dict:
-    from pipelines.mlflow_server import start_mlflow_server
+    from mlflow_machinery import start_mlflow_server
+
     from pipelines.tracking import mlflow_ui_url, tracking_uri
 
     uri = tracking_uri(uri)

@@ -88,7 +88,7 @@ def mlflow_uri(tmp_path):
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A loopback ``mlflow server`` over a fresh sqlite file, for tests with many concurrent writers."""
-    from pipelines.mlflow_server import start_mlflow_server
+    from mlflow_machinery import start_mlflow_server
 
     server = start_mlflow_server(tmp_path / "mlflow.db")
     yield server

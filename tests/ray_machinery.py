@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.mlflow_server import LOOPBACK, free_port, live_pids, wait_http
+from mlflow_machinery import LOOPBACK, free_port, live_pids, spawn, started
 
 
 def ship_by_value() -> None:
@@ -119,13 +119,6 @@ def start_local_head(num_cpus: int = 2, *, temp_dir: str | Path | None = None, e
     full_env.pop("RAY_ADDRESS", None)
     log = tmp / "ray-start.log"
     tmp.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=full_env)
-    head = LocalHead(f"{LOOPBACK}:{ports['port']}", f"http://{LOOPBACK}:{ports['dashboard-port']}", tmp, proc)
-    try:
-        wait_http(f"{head.dashboard_url}/api/version", timeout, proc, log)
-    except BaseException:
-        head.stop()
-        raise
-    return head
+    head = LocalHead(f"{LOOPBACK}:{ports['port']}", f"http://{LOOPBACK}:{ports['dashboard-port']}", tmp,
+                     spawn(cmd, log, full_env))
+    return started(head, f"{head.dashboard_url}/api/version", timeout, log)

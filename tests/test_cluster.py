@@ -86,49 +86,52 @@ def test_cluster_network_exposure(cluster_raw):
     head = cluster_raw["head_start_ray_commands"]
     start = next(c for c in head if "ray start --head" in c)
     assert "--dashboard-host=127.0.0.1" in start
-    mlflow = next(c for c in head if "pipelines.mlflow_server start" in c)
+    mlflow = next(c for c in head if "mlflow server" in c)
     assert "HEAD_IP=$(hostname -I | awk '{print $1}')" in mlflow and '--host "$HEAD_IP"' in mlflow
+    assert head.index(mlflow) < head.index(start)  # the server is up before Ray's workers look for it
     for cmd, ip in ((start, "$HEAD_IP"), (next(c for c in cluster_raw["worker_start_ray_commands"]
                                                  if "ray start" in c), "$RAY_HEAD_IP")):
         export = cmd.index(f"export MLFLOW_TRACKING_URI=http://{ip}:5000 RAY_AUTH_MODE=token")
         assert export < cmd.index("ray start")  # raylet (and so every worker and job) inherits it
 
 
-def test_head_mlflow_command_from_cluster_yaml_runs(cluster_raw, tmp_path):
-    """Run the head's MLflow line from cluster.yaml as the head would (login shell, ~/weit = the checkout),
-    with `hostname -I` answering loopback: the server comes up, takes runs, and stops by its pidfile."""
+def test_head_mlflow_commands_from_cluster_yaml_run(cluster_raw, tmp_path):
+    """Run the head's MLflow lines from cluster.yaml as the head would (bash, its own HOME), with `hostname -I`
+    answering loopback: the server outlives the starting shell, binds only there and takes runs; a second
+    `ray up` (stop line, start line) replaces it on the same port and database; the stop line ends it."""
     from mlflow import MlflowClient
+    from mlflow_machinery import free_port, live_pids
 
-    from pipelines.mlflow_server import free_port, live_pids
-
-    line = next(c for c in cluster_raw["head_start_ray_commands"] if "pipelines.mlflow_server start" in c)
+    head = cluster_raw["head_start_ray_commands"]
+    stop = next(c for c in head if "server.pid" in c and "kill" in c)
     port = free_port()
-    line = line.replace("--port 5000", f"--port {port}") + " --workers 1"  # one worker: 2 shared cores
+    start = next(c for c in head if "mlflow server" in c).replace("5000", str(port)).replace(
+        "--workers 4", "--workers 1")  # one worker: 2 shared cores
     home, fakebin = tmp_path / "home", tmp_path / "bin"
-    home.mkdir(), fakebin.mkdir()
-    (home / "weit").symlink_to(ROOT)
-    (home / "mlflow").mkdir()
+    (home / "mlflow").mkdir(parents=True), fakebin.mkdir()
     (fakebin / "hostname").write_text("#!/bin/sh\necho 127.0.0.1\n")  # the head's private IP, here loopback
     (fakebin / "hostname").chmod(0o755)
     env = {**os.environ, "HOME": str(home), "PATH": f"{fakebin}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    out = subprocess.run(["bash", "-c", line], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    pid = int((home / "mlflow" / "server.pid").read_text())
+
+    def sh(line: str) -> int:
+        out = subprocess.run(["bash", "-c", line], env=env, capture_output=True, text=True, timeout=150)
+        log = home / "mlflow" / "server.log"
+        assert out.returncode == 0, out.stderr[-2000:] + (log.read_text()[-2000:] if log.exists() else "")
+        return int((home / "mlflow" / "server.pid").read_text()) if "mlflow server" in line else 0
+
+    pids = [sh(stop) + sh(start)]  # the first `ray up`: nothing to stop yet
     try:
-        assert listening(port) == {"127.0.0.1"}
+        assert listening(port) == {"127.0.0.1"} and live_pids(pgid=pids[0])
         client = MlflowClient(f"http://127.0.0.1:{port}")
-        exp = client.create_experiment("head")
-        run = client.create_run(exp)
+        run = client.create_run(client.create_experiment("head"))
         client.log_metric(run.info.run_id, "acc", 0.5)
-        assert (home / "mlflow" / "mlflow.db").exists()
+        pids.append(sh(stop) + sh(start))  # a second `ray up`
+        assert pids[1] != pids[0] and not live_pids(pgid=pids[0])
+        assert client.get_metric_history(run.info.run_id, "acc")[0].value == 0.5  # same database
     finally:
-        subprocess.run([sys.executable, "-m", "pipelines.mlflow_server", "stop", "--pidfile",
-                        str(home / "mlflow" / "server.pid")], cwd=ROOT, check=True, timeout=60)
-    deadline = time.monotonic() + 20
-    while listening(port) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not listening(port)
-    assert not live_pids(pgid=pid)
+        sh(stop)
+    assert not (home / "mlflow" / "server.pid").exists()
+    assert not live_pids(pgid=pids[-1]) and not listening(port)
 
 
 def test_servers_bind_loopback_by_default(mlflow_server):
@@ -157,10 +160,10 @@ def test_private_head_loopback_submit_exit_code_and_clean_stop(capsys, monkeypat
     checkout, runs the command there and exits with the job's own code (2 and the one-line error for bad
     input inside the job); `stop()` ends exactly this head's processes (no `ray stop`, which would stop
     every Ray on the machine)."""
+    from mlflow_machinery import live_pids
     from ray_machinery import start_local_head
 
     from pipelines.cli import main
-    from pipelines.mlflow_server import live_pids
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     head = start_local_head(num_cpus=1)

@@ -149,7 +149,7 @@ def test_sweep_survives_mlflow_server_outage_and_every_run_arrives(digits_bank, 
 
 
 def _train_worker_pids(session: int) -> list[int]:
-    from pipelines.mlflow_server import live_pids
+    from mlflow_machinery import live_pids
 
     pids = []
     for pid in live_pids(sid=session):
