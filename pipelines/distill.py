@@ -29,9 +29,9 @@ from weit_core.data import PreparedData, prepare_parquet
 from weit_core.io import load_bank
 from weit_core.models import ViTSpec, get_family, vit_kinds, vit_layout
 from weit_core.models.elastic import AtSize, Sandwich, range_model
-from weit_core.models.vit import VIT
 from weit_core.resize import RULES
-from weit_core.sizes import SizeRange, common_head_dim, grid, largest, size_range
+from weit_core.sizes import SizeRange, TaskShape, check_range, drop_reasons, keep_sizes
+from weit_core.sizes import plan_range as plan_ranges
 from weit_core.stage1 import build_elastic, save_elastic
 from weit_core.tasks import CLASSIFICATION, get_task
 from weit_core.teacher import check_teacher, load_teacher, no_teacher
@@ -45,11 +45,14 @@ NOT_SETTINGS = ("out", "storage", "name", "address", "mlflow_uri", "quiet", "wra
 
 
 def parse_sizes(text: str | None, flag: str) -> list[int] | None:
-    """``"2,4,6"`` -> ``[2, 4, 6]`` (an empty list is refused by :func:`check_range_flags`)."""
+    """``"2,4,6"`` -> ``[2, 4, 6]``."""
     try:
-        return None if text is None else [int(v) for v in text.replace(" ", "").split(",") if v]
+        values = None if text is None else [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError as e:
         raise UserError(f"{flag} {text!r}: expected whole numbers separated by commas, e.g. 2,4,6") from e
+    if values == []:
+        raise UserError(f"{flag} is empty; give a comma-separated list such as 2,4,6")
+    return values
 
 
 @dataclass
@@ -120,17 +123,13 @@ class DistillConfig:
 # ------------------------------------------------------------------------------------------ sizes
 
 
-def aux_spec(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec | None) -> ViTSpec:
-    """Aux size: explicit flags, else the weit teacher's size, else ``DEFAULT_AUX``; I/O from the data."""
-    if unknown := set(config.aux) - set(DEFAULT_AUX):
-        raise UserError(f"unknown aux size key(s) {sorted(unknown)}; use {sorted(DEFAULT_AUX)}")
-    base = {k: getattr(teacher_spec, k) for k in DEFAULT_AUX} if teacher_spec else dict(DEFAULT_AUX)
-    base.update({k: v for k, v in config.aux.items() if v is not None})
+def _spec(config: DistillConfig, data: PreparedData, size: dict) -> ViTSpec:
+    """An aux (reference) size with the data's I/O, checked against the bank's templates."""
     c, h, w = data.input_shape
     if h != w:
         raise UserError(f"images are {h}x{w}; the ViT specs here need square images")
     try:
-        spec = ViTSpec(img_size=h, in_chans=c, num_classes=data.num_classes, **base)
+        spec = ViTSpec(img_size=h, in_chans=c, num_classes=data.num_classes, **size)
         Scalers(vit_layout(spec), vit_kinds(spec, config.n_templates, config.block))
     except ValueError as e:
         raise UserError(f"aux model: {e}") from e
@@ -138,106 +137,64 @@ def aux_spec(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec | 
 
 
 def check_range_flags(config: DistillConfig) -> None:
-    """What is wrong with a range's flags, one line each, before anything is read or Ray is started."""
-    c, heads = config, config.aux.get("heads")
-    if c.width_rule not in RULES or c.depth_rule not in RULES:
-        raise UserError(f"--width-rule {c.width_rule} / --depth-rule {c.depth_rule}: choose from {', '.join(RULES)}")
-    if c.n_random < 0:
-        raise UserError(f"--n-random must be >= 0, got {c.n_random}")
+    """What is wrong with a range's flags, one line, before anything is read or Ray is started."""
+    c = config
     if c.space is not None and (c.depths, c.widths, c.head_dim) != (None, None, None):
         raise UserError("--space lists the sizes itself; drop --depths / --widths / --head-dim")
-    if heads is not None and c.head_dim is not None:
-        raise UserError("pass --heads (the same heads for every size) or --head-dim (heads = width / head dim), "
-                        "not both")
-    if c.head_dim is not None and c.head_dim < 1:
-        raise UserError(f"--head-dim must be >= 1, got {c.head_dim}")
-    for flag, values, example in (("--depths", c.depths, "2,4,6"), ("--widths", c.widths, "64,96")):
-        if values is not None and not values:
-            raise UserError(f"{flag} is empty; give a comma-separated list such as {example}")
-        if values and min(values) < 1:
-            raise UserError(f"{flag} {','.join(map(str, values))}: every entry must be >= 1")
-    for w in c.widths or []:
-        if w % c.block:
-            raise UserError(f"width {w} of --widths is not a multiple of the template block {c.block}; use "
-                            f"multiples of --block {c.block}")
-        if heads is not None and w % heads:
-            raise UserError(f"--heads {heads} does not divide width {w} of --widths; pass --head-dim instead (heads = "
-                            f"width / head dim) or widths that {heads} divides")
-        if c.head_dim is not None and w % c.head_dim:
-            raise UserError(f"--head-dim {c.head_dim} does not divide width {w} of --widths; pick a head dim "
-                            f"that divides every width")
+    try:
+        check_range(depths=c.depths, widths=c.widths, heads=c.aux.get("heads"), head_dim=c.head_dim, block=c.block,
+                    n_random=c.n_random, width_rule=c.width_rule, depth_rule=c.depth_rule)
+    except ValueError as e:
+        raise UserError(f"distill range: {e}") from e
 
 
 def plan_range(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec | None) -> SizeRange:
-    """The reference size and the range of a job (without one: ``aux_spec`` alone). The reference defaults
-    to the range's largest size, so every size is a sub-model of it; explicit aux keys still set it."""
+    """The reference size and the range of a job (``weit_core.sizes.plan_range``): aux keys given by flags,
+    the rest from a weit teacher's size, else ``DEFAULT_AUX``; the range from --depths/--widths or --space."""
     check_range_flags(config)
-    if not config.has_range:
-        return SizeRange(aux_spec(config, data, teacher_spec), [])
+    if unknown := set(config.aux) - set(DEFAULT_AUX):
+        raise UserError(f"unknown aux size key(s) {sorted(unknown)}; use {sorted(DEFAULT_AUX)}")
     base = {k: getattr(teacher_spec, k) for k in DEFAULT_AUX} if teacher_spec else dict(DEFAULT_AUX)
     given = {k: v for k, v in config.aux.items() if v is not None}
-    if config.space is not None:
-        points, dropped, patch = _space_sizes(config, data, given.get("patch"), base["patch"])
-        source, head_dim = f"space {config.space}", common_head_dim(points)
-    else:
-        head_dim = config.head_dim or base["width"] // base["heads"]
-        patch, dropped, source = given.get("patch", base["patch"]), {}, "--depths/--widths"
-        widths = config.widths or [given.get("width", base["width"])]
-        for w in widths:
-            if "heads" not in given and w % head_dim:
-                raise UserError(f"width {w} is not a multiple of the head dim {head_dim} (the teacher's, else "
-                                f"the default's); pass --head-dim or --heads")
-        points = grid(config.depths or [given.get("depth", base["depth"])], widths, head_dim=head_dim,
-                      mlp_ratio=given.get("mlp_ratio", base["mlp_ratio"]), heads=given.get("heads"))
-    width = given.get("width", max(p["width"] for p in points))
-    if "heads" not in given and width % head_dim:
-        raise UserError(f"the reference width {width} is not a multiple of the head dim {head_dim}; pass --heads")
-    ref_size = {**largest(points, head_dim), **given, "width": width, "patch": patch}
-    if "heads" not in given:
-        ref_size["heads"] = width // head_dim
-    ref = aux_spec(replace(config, aux=ref_size), data, None)
+    space = (_space_sizes(config, data, given.get("patch"), base) if config.space is not None
+             else {"source": "--depths/--widths"})
     try:
-        return size_range(VIT, ref, points, block=config.block, width_rule=config.width_rule,
-                          depth_rule=config.depth_rule, source=source, dropped=dropped)
+        return plan_ranges(lambda size: _spec(config, data, size), base, given, depths=config.depths,
+                           widths=config.widths, head_dim=config.head_dim, block=config.block,
+                           width_rule=config.width_rule, depth_rule=config.depth_rule, **space)
     except ValueError as e:
         raise UserError(str(e)) from e
 
 
-def _space_sizes(config: DistillConfig, data: PreparedData, patch: int | None,
-                 default_patch: int) -> tuple[list[dict], dict, int]:
-    """The sizes of a search space this bank can serve: those the sweep would keep for the data's shape and
-    this bank's block (``pipelines.spaces.check_size``), the drops counted by reason."""
-    from pipelines.spaces import TaskShape, check_size, load_space, size_points
+def aux_spec(config: DistillConfig, data: PreparedData, teacher_spec: ViTSpec | None) -> ViTSpec:
+    """The aux size without a range: explicit flags, else the weit teacher's size, else ``DEFAULT_AUX``."""
+    return plan_range(replace(config, depths=None, widths=None, space=None), data, teacher_spec).ref
+
+
+def _space_sizes(config: DistillConfig, data: PreparedData, patch: int | None, base: dict) -> dict:
+    """The sizes of a search space this bank can serve (those the sweep would keep for the data's shape and
+    this bank's block), the drops counted by reason; ``base["patch"]`` becomes the space's."""
+    from pipelines.spaces import load_space, size_points
 
     space = load_space(config.space)
     patches = sorted({t.patch for t in space.tasks})
-    if patch is None:
-        if len(patches) > 1:
-            raise UserError(f"{config.space}: its tasks use patches {patches}; pass --patch for this bank")
-        patch = patches[0] if patches else default_patch
+    if patch is None and len(patches) > 1:
+        raise UserError(f"{config.space}: its tasks use patches {patches}; pass --patch for this bank")
+    base["patch"] = patch or (patches[0] if patches else base["patch"])
     c, h, _ = data.input_shape
-    shape = TaskShape(int(c), int(h), data.num_classes)
-    kept, dropped = [], Counter()
-    for p in size_points(space):
-        try:
-            reason = check_size(p, shape, patch, space.constraints, config.block)
-        except ValueError as e:
-            raise UserError(f"{config.space}: size {p}: {e}") from e
-        if reason:
-            dropped[reason] += 1
-        else:
-            kept.append(p)
+    try:
+        kept, dropped = keep_sizes(size_points(space), TaskShape(int(c), int(h), data.num_classes), base["patch"],
+                                   space.constraints, config.block)
+    except ValueError as e:
+        raise UserError(f"{config.space}: {e}") from e
     if not kept:
         raise UserError(f"{config.space}: no size of the space can be trained by a block-{config.block} bank on "
                         f"this data ({_describe_drops(dropped)})")
-    return kept, dict(dropped), patch
+    return {"points": kept, "dropped": dropped, "source": f"space {config.space}"}
 
 
 def _describe_drops(dropped: dict) -> str:
-    from pipelines.spaces import drop_reasons
-
-    reasons = drop_reasons()
-    return ", ".join(f"{n} {reasons.get(k, k)}" for k, n in Counter(dropped).most_common())
+    return ", ".join(f"{n} {drop_reasons().get(k, k)}" for k, n in Counter(dropped).most_common())
 
 
 # ----------------------------------------------------------------------------------------- the job

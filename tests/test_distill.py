@@ -286,12 +286,12 @@ def test_distill_flags_and_make_banks_plan_the_same_range(digits_parquet, work):
 
 
 BAD_RANGES = {
-    "width off the block": (["--widths", "24,32"], r"width 24 of --widths is not a multiple of the template block 16"),
+    "width off the block": (["--widths", "24,32"], r"width 24 of the widths is not a multiple of the template block 16"),
     "empty list": (["--depths", ""], r"--depths is empty; give a comma-separated list"),
     "not a number": (["--depths", "2,x"], r"--depths '2,x': expected whole numbers"),
-    "heads not dividing a width": (["--widths", "16,32", "--heads", "3"], r"--heads 3 does not divide width 16"),
+    "heads not dividing a width": (["--widths", "16,32", "--heads", "3"], r"heads 3 does not divide width 16"),
     "head dim not dividing a width": (["--widths", "16,32", "--head-dim", "32"],
-                                      r"--head-dim 32 does not divide width 16"),
+                                      r"head_dim 32 does not divide width 16"),
     "unknown rule": (["--widths", "32", "--width-rule", "grow"], r"choose from nested, spread, interp"),
 }
 

@@ -173,3 +173,78 @@ def size_range(family: Family, ref: Any, points: list[dict], *, block: int, widt
             sizes.append(spec)
     return SizeRange(ref, sorted(sizes, key=lambda s: s.num_params()), source, dict(dropped or {}))
 
+
+
+def keep_sizes(points: list[dict], shape: TaskShape, patch: int, cons: Any, block: int | None,
+               family: Family | str = "vit") -> tuple[list[dict], dict[str, int]]:
+    """The points :func:`check_size` keeps, and how many it drops by reason (in the order first met)."""
+    reasons = []
+    for p in points:
+        try:
+            reasons.append(check_size(p, shape, patch, cons, block, family))
+        except ValueError as e:
+            raise ValueError(f"size {p}: {e}") from e
+    dropped: dict[str, int] = {}
+    for r in filter(None, reasons):
+        dropped[r] = dropped.get(r, 0) + 1
+    return [p for p, r in zip(points, reasons, strict=True) if not r], dropped
+
+
+def check_range(*, depths: list[int] | None, widths: list[int] | None, heads: int | None, head_dim: int | None,
+                block: int, n_random: int = 1, width_rule: str = "nested", depth_rule: str = "nested") -> None:
+    """What is wrong with a stage-1 range's settings (a ValueError naming the setting), before anything runs."""
+    from weit_core.resize import RULES
+
+    if width_rule not in RULES or depth_rule not in RULES:
+        raise ValueError(f"width rule {width_rule} / depth rule {depth_rule}: choose from {', '.join(RULES)}")
+    if n_random < 0:
+        raise ValueError(f"n_random must be >= 0, got {n_random}")
+    if heads is not None and head_dim is not None:
+        raise ValueError("give heads (the same heads for every size) or head_dim (heads = width / head dim), not both")
+    if head_dim is not None and head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+    for name, values in (("depths", depths), ("widths", widths)):
+        if values is not None and (not values or min(values) < 1):
+            raise ValueError(f"{name} {values}: give at least one, each >= 1")
+    for w in widths or []:
+        if w % block:
+            raise ValueError(f"width {w} of the widths is not a multiple of the template block {block}; use multiples "
+                             f"of the block {block}")
+        if heads is not None and w % heads:
+            raise ValueError(f"heads {heads} does not divide width {w} of the widths; give head_dim instead (heads = "
+                             f"width / head dim) or widths that {heads} divides")
+        if head_dim is not None and w % head_dim:
+            raise ValueError(f"head_dim {head_dim} does not divide width {w} of the widths; pick a head dim that "
+                             "divides every width")
+
+
+def plan_range(make_ref: Any, base: dict, given: dict, *, depths: list[int] | None = None,
+               widths: list[int] | None = None, head_dim: int | None = None, points: list[dict] | None = None,
+               block: int, width_rule: str = "nested", depth_rule: str = "nested", source: str = "sizes",
+               dropped: dict | None = None) -> SizeRange:
+    """A ViT stage-1 plan: the reference (``make_ref(size)``, ``base`` the default size, ``given`` the keys set
+    explicitly) and the range around it: depths x widths (heads = width / ``head_dim``, else the default's head
+    dim; or the given heads), or ``points`` (a space's kept sizes). The reference defaults to the range's
+    largest size, so every size is a sub-model of it; explicit keys still set it. No range: the reference alone."""
+    if depths is None and widths is None and points is None:
+        return SizeRange(make_ref({**base, **given}), [])
+    if points is not None:
+        head_dim = common_head_dim(points)
+    else:
+        head_dim = head_dim or base["width"] // base["heads"]
+        widths = widths or [given.get("width", base["width"])]
+        for w in widths:
+            if "heads" not in given and w % head_dim:
+                raise ValueError(f"width {w} is not a multiple of the head dim {head_dim} (the teacher's, else the "
+                                 "default's); give head_dim or heads")
+        points = grid(depths or [given.get("depth", base["depth"])], widths, head_dim=head_dim,
+                      mlp_ratio=given.get("mlp_ratio", base["mlp_ratio"]), heads=given.get("heads"))
+    width = given.get("width", max(p["width"] for p in points))
+    if "heads" not in given and width % head_dim:
+        raise ValueError(f"the reference width {width} is not a multiple of the head dim {head_dim}; give heads")
+    ref = {**largest(points, head_dim), "patch": base["patch"], **given, "width": width}
+    ref["heads"] = given.get("heads", width // head_dim)
+    from weit_core.models.vit import VIT
+
+    return size_range(VIT, make_ref(ref), points, block=block, width_rule=width_rule, depth_rule=depth_rule,
+                      source=source, dropped=dropped)
