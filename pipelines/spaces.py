@@ -328,8 +328,8 @@ NEEDS = "a space needs tasks, strategies and sizes"
 
 
 class Space(_Schema):
-    """A validated space (nothing expanded yet): ``axes`` are its family's size axes, in the family's order, and
-    each task's ``training`` is resolved (the defaults, the space's ``training``, the task's own)."""
+    """A validated space (nothing expanded yet): ``sizes`` are its family's size axes (:class:`Axis`, in the
+    family's order), and each task's ``training`` is resolved (the defaults, the space's, the task's own)."""
 
     name: Annotated[str, _name("a name without spaces, quotes or slashes", "/\\ '\"")] = "sweep"
     description: str = ""
@@ -352,10 +352,6 @@ class Space(_Schema):
     @property
     def text(self) -> str:
         return self._text
-
-    @property
-    def axes(self) -> dict[str, Axis]:
-        return self.sizes
 
     def content_hash(self) -> str:
         """Identity of the space's content (a resumed sweep must run the same space)."""

@@ -50,7 +50,7 @@ BOX = register_family(Family(
 def test_sizes_are_the_familys_axes_typed_and_defaulted_by_its_spec():
     space = parse_space(TASK + "family: spaces_test_box\nsizes: {side: {range: [2, 7, 1]}}\n"
                         "constraints: {max_params: 40}\n")
-    assert space.family == "spaces_test_box" and list(space.axes) == ["side", "ratio"]
+    assert space.family == "spaces_test_box" and list(space.sizes) == ["side", "ratio"]
     assert size_points(space) == [{"side": s, "ratio": 1.5} for s in range(2, 8)]  # 1.5: BoxSpec's default
     assert all(isinstance(p["ratio"], float) for p in size_points(parse_space(
         TASK + "family: spaces_test_box\nsizes: {side: 2, ratio: [1, 2]}\n")))  # a float axis keeps floats
