@@ -1,9 +1,8 @@
 """``weit ancestry``: train an ordinary timm ViT on a task, for users with no pre-trained checkpoint.
 
-A bank can only carry what its ancestry knows, so the default recipe is the one that gets a 6x96 ViT (patch 4)
-to >= 88% Fashion-MNIST test accuracy on 2 CPU cores. ``workers=0`` trains in this process (fastest on one
-small machine); ``workers>0`` runs the same loop on Ray Train (``pipelines.runner``: DDP, checkpoints,
-resume). The result is a weit model file that ``weit distill --teacher`` reads.
+A bank can only carry what its ancestry knows, so the default recipe gets a 6x96 ViT (patch 4) to >= 88%
+Fashion-MNIST test accuracy on 2 CPU cores. ``workers=0`` trains in this process (fastest on one small machine);
+``workers>0`` runs the same loop on Ray Train (``pipelines.runner``: DDP, checkpoints, resume).
 """
 
 from __future__ import annotations
@@ -16,10 +15,10 @@ import torch
 import typer
 
 from pipelines import runner as r
-from pipelines.common import UserError, git_revision, init_ray, storage_path
-from pipelines.runner import EVAL_BATCH, PREFIX, Built, job_name
+from pipelines.common import UserError, git_revision, init_ray
+from pipelines.runner import EVAL_BATCH, PREFIX, Built
 from pipelines.tracking import Tracker
-from weit_core.data import load_splits, prepare_parquet
+from weit_core.data import load_splits
 from weit_core.io import save_model
 from weit_core.models import ViTSpec, create_vit
 from weit_core.tasks import CLASSIFICATION
@@ -28,6 +27,7 @@ from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed
 EXPERIMENT = "weit-ancestry"
 TASK = CLASSIFICATION  # what an ancestry is trained and scored on
 METRIC = TASK.metric
+NOT_SETTINGS = ("out", "mlflow_uri", "storage", "address", "experiment", "quiet")
 
 
 def build_plain(cfg: dict) -> Built:
@@ -39,110 +39,97 @@ def build_plain(cfg: dict) -> Built:
 def train_ancestry(
     dataset: str = "fashion_mnist", *, depth: int = 6, width: int = 96, heads: int = 3, patch: int = 4,
     mlp_ratio: float = 4.0, epochs: int = 12, lr: float = 1e-3, weight_decay: float = 0.05,
-    warmup_epochs: float = 1.0, batch_size: int = 128, out: str | Path = "ancestry.safetensors", seed: int = 0,
-    workers: int = 0, cpus_per_worker: float = 0.5, threads: int | None = None, limit: int | None = None,
+    warmup_epochs: float = 1.0, batch_size: int = 128, seed: int = 0, workers: int = 0, limit: int | None = None,
+    cpus_per_worker: float = 0.5, threads: int | None = None, out: str | Path = "ancestry.safetensors",
     mlflow_uri: str | None = None, storage: str | None = None, address: str | None = None,
     experiment: str = EXPERIMENT, quiet: bool = False,
 ) -> tuple[Path, dict]:
-    """Train and save an ancestry ViT; returns (model file, metrics incl. test_acc and wall_s)."""
+    """Train and save an ancestry ViT; returns (model file, metrics incl. test_acc and wall_s). In process and
+    on Ray share everything but where the data lives and who runs the loop."""
+    s = {k: v for k, v in locals().items() if k not in NOT_SETTINGS}
     if epochs < 1 or batch_size < 1 or workers < 0:
         raise UserError("need --epochs >= 1, --batch-size >= 1 and --workers >= 0")
-    out = Path(out).resolve()
-    settings = {"dataset": dataset, "depth": depth, "width": width, "heads": heads, "patch": patch,
-                "mlp_ratio": mlp_ratio, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-                "warmup_epochs": warmup_epochs, "batch_size": batch_size, "seed": seed, "workers": workers,
-                "limit": limit, "cpus_per_worker": cpus_per_worker, "threads": threads}
-    t_start = time.perf_counter()
-    train = _train_on_ray if workers else _train_in_process
-    model, spec, metrics, info, tracker = train(settings, out, mlflow_uri, experiment, quiet, storage, address)
-    now = {"epochs_now": info.pop("epochs_now")} if "epochs_now" in info else {}
+    out, t_start = Path(out).resolve(), time.perf_counter()
+    name = r.job_name(out, "ancestry")
+    if workers:
+        storage, directory, data = r.prepare_job(name, storage, dataset, limit, seed)
+        shape, n_classes, data_name, info = data.input_shape, data.num_classes, data.info["name"], {"data": data.info}
+    else:
+        splits = load_splits(dataset, limit, seed)
+        shape, n_classes, data_name, info = splits.input_shape, splits.num_classes, splits.name, {"data": splits.name}
+    c, h, w = shape
+    if h != w:
+        raise UserError(f"images are {h}x{w}; the ViT specs here need square images")
+    try:
+        spec = ViTSpec(depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio, patch=patch, img_size=h,
+                       in_chans=c, num_classes=n_classes)
+    except ValueError as e:
+        raise UserError(f"ancestry spec: {e}") from e
+    if workers:
+        resumed = r.job_guard(directory, s)
+        init_ray(address)
+        cfg = r.worker_config(build_plain, spec, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                              warmup_epochs=warmup_epochs, batch_size=batch_size, workers=workers,
+                              train_rows=data.train_rows, seed=seed, task=TASK.name, threads=threads,
+                              cpus_per_worker=cpus_per_worker)
+    elif threads:
+        torch.set_num_threads(threads)
+    params = {**s, **{f"spec.{k}": v for k, v in spec.to_dict().items()}, "git": git_revision(),
+              "num_params": spec.num_params()}
+    # in process, a fresh MLflow run per job (resuming is what --workers > 0 is for)
+    tracker = Tracker(mlflow_uri, experiment, name if workers else f"{name}-{int(time.time())}", params,
+                      {"weit.stage": "ancestry", "weit.task": data_name, "weit.task_type": TASK.name})
     with tracker:
+        if workers:
+            if not quiet:
+                print(f"{PREFIX} ancestry {spec.depth}x{spec.width} on {data_name}: {data.train_rows:,} train "
+                      f"examples, {workers} Ray Train worker(s){', resuming' if resumed else ''}", flush=True)
+            run = r.run_on_ray(cfg, data, tracker, stage="ancestry", name=name, storage=storage, workers=workers,
+                               cpus_per_worker=cpus_per_worker, quiet=quiet)
+            model, metrics, info = run.weights(cfg), run.final, {**info, "job": name}
+        else:
+            model, metrics = _fit_here(s, splits, spec, tracker, quiet)
         wall = time.perf_counter() - t_start
         save_model(out, model, spec, {"dataset": dataset, **info, "metrics": metrics, "wall_s": wall,
-                                      "recipe": settings, "git": git_revision(), "mlflow_run_id": tracker.run_id})
+                                      "recipe": s, "git": git_revision(), "mlflow_run_id": tracker.run_id})
         tracker.finish({f"final_test_{METRIC}": metrics[f"test_{METRIC}"], "wall_s": wall,
                         **({f"final_val_{METRIC}": metrics[f"val_{METRIC}"]} if f"val_{METRIC}" in metrics else {})},
                        [out])
     if not quiet:
         print(f"{PREFIX} ancestry written to {out}: test_{METRIC} {metrics[f'test_{METRIC}']:.4f} in {wall:.0f}s",
               flush=True)
+    now = {"epochs_now": len(run.epochs_now)} if workers else {}
     return out, {**metrics, "wall_s": wall, "run_id": tracker.run_id, "spec": spec.to_dict(), **now}
 
 
-def _spec(s: dict, input_shape, num_classes: int) -> ViTSpec:
-    c, h, w = input_shape
-    if h != w:
-        raise UserError(f"images are {h}x{w}; the ViT specs here need square images")
-    try:
-        return ViTSpec(depth=s["depth"], width=s["width"], heads=s["heads"], mlp_ratio=s["mlp_ratio"],
-                       patch=s["patch"], img_size=h, in_chans=c, num_classes=num_classes)
-    except ValueError as e:
-        raise UserError(f"ancestry spec: {e}") from e
-
-
-def _tracker(uri, experiment, job, settings, spec: ViTSpec, data_name: str) -> Tracker:
-    params = {**settings, **{f"spec.{k}": v for k, v in spec.to_dict().items()}, "git": git_revision(),
-              "num_params": spec.num_params()}
-    return Tracker(uri, experiment, job, params, {"weit.stage": "ancestry", "weit.task": data_name,
-                                                  "weit.task_type": TASK.name})
-
-
-def _train_in_process(s: dict, out: Path, mlflow_uri, experiment, quiet, *_):
-    splits = load_splits(s["dataset"], s["limit"], s["seed"])
-    spec = _spec(s, splits.input_shape, splits.num_classes)
-    if s["threads"]:
-        torch.set_num_threads(s["threads"])
-    # a fresh MLflow run per in-process job (resuming is what --workers > 0 is for)
-    tracker = _tracker(mlflow_uri, experiment, f"{job_name(out, 'ancestry')}-{int(time.time())}", s, spec,
-                       splits.name)
+def _fit_here(s: dict, splits, spec: ViTSpec, tracker: Tracker, quiet: bool) -> tuple[torch.nn.Module, dict]:
+    """The in-process loop: ``weit_core.train.fit``, scoring val and test every epoch."""
     x, y = splits.train.x, splits.train.y
-    with tracker:
-        seed_everything(s["seed"])
-        model = create_vit(spec)
-        optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
-        steps = -(-len(x) // s["batch_size"])
-        scheduler = warmup_cosine(optimizer, steps * s["epochs"], round(steps * s["warmup_epochs"]))
-        if not quiet:
-            print(f"{PREFIX} ancestry {spec.depth}x{spec.width} ({spec.num_params():,} params) on {splits.name}: "
-                  f"{len(x):,} train examples, {s['epochs']} epochs, in-process ({torch.get_num_threads()} threads)",
-                  flush=True)
-        metrics: dict = {}
-
-        def on_epoch(epoch: int, st: dict) -> None:
-            t0 = time.perf_counter()
-            val, test = (evaluate(model, iterate_batches(split.x, split.y, EVAL_BATCH, shuffle=False), task=TASK)
-                         for split in (splits.val, splits.test))
-            metrics.update({"epoch": epoch, "loss": st["loss"], f"train_{METRIC}": st[METRIC],
-                            f"val_{METRIC}": val[METRIC], f"test_{METRIC}": test[METRIC],
-                            "lr": optimizer.param_groups[0]["lr"], "epoch_s": st["train_s"] + time.perf_counter() - t0})
-            tracker.log_epoch(metrics)
-            if not quiet:
-                r.print_epoch("ancestry", s["epochs"], metrics, METRIC)
-
-        fit(model, lambda epoch: iterate_batches(x, y, s["batch_size"], seed=s["seed"] * 100_003 + epoch), optimizer,
-            epochs=s["epochs"], on_epoch=on_epoch, task=TASK, scheduler=scheduler)
-    return model, spec, metrics, {"data": splits.name}, tracker
-
-
-def _train_on_ray(s: dict, out: Path, mlflow_uri, experiment, quiet, storage, address):
-    name, storage = job_name(out, "ancestry"), storage_path(storage)
-    directory = r.job_dir(storage, name)
-    data = prepare_parquet(s["dataset"], directory / "data", s["limit"], s["seed"])
-    spec = _spec(s, data.input_shape, data.num_classes)
-    resumed = r.job_guard(directory, s)
-    init_ray(address)
-    cfg = r.worker_config(build_plain, spec, epochs=s["epochs"], lr=s["lr"], weight_decay=s["weight_decay"],
-                        warmup_epochs=s["warmup_epochs"], batch_size=s["batch_size"], workers=s["workers"],
-                        train_rows=data.train_rows, seed=s["seed"], task=TASK.name,
-                        threads=r.threads_for(s["cpus_per_worker"], s["threads"]))
-    tracker = _tracker(mlflow_uri, experiment, name, s, spec, data.info["name"])
+    seed_everything(s["seed"])
+    model = create_vit(spec)
+    optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
+    steps = -(-len(x) // s["batch_size"])
+    scheduler = warmup_cosine(optimizer, steps * s["epochs"], round(steps * s["warmup_epochs"]))
     if not quiet:
-        print(f"{PREFIX} ancestry {spec.depth}x{spec.width} on {data.info['name']}: {data.train_rows:,} train "
-              f"examples, {s['workers']} Ray Train worker(s){', resuming' if resumed else ''}", flush=True)
-    with tracker:
-        run = r.run_on_ray(cfg, data, tracker, stage="ancestry", name=name, storage=storage, workers=s["workers"],
-                         cpus_per_worker=s["cpus_per_worker"], quiet=quiet)
-    return run.weights(cfg), spec, run.final, {"data": data.info, "job": name, "epochs_now": len(run.epochs_now)}, tracker
+        print(f"{PREFIX} ancestry {spec.depth}x{spec.width} ({spec.num_params():,} params) on {splits.name}: "
+              f"{len(x):,} train examples, {s['epochs']} epochs, in-process ({torch.get_num_threads()} threads)",
+              flush=True)
+    metrics: dict = {}
+
+    def on_epoch(epoch: int, st: dict) -> None:
+        t0 = time.perf_counter()
+        val, test = (evaluate(model, iterate_batches(split.x, split.y, EVAL_BATCH, shuffle=False), task=TASK)
+                     for split in (splits.val, splits.test))
+        metrics.update({"epoch": epoch, "loss": st["loss"], f"train_{METRIC}": st[METRIC], f"val_{METRIC}": val[METRIC],
+                        f"test_{METRIC}": test[METRIC], "lr": optimizer.param_groups[0]["lr"],
+                        "epoch_s": st["train_s"] + time.perf_counter() - t0})
+        tracker.log_epoch(metrics)
+        if not quiet:
+            r.print_epoch("ancestry", s["epochs"], metrics, METRIC)
+
+    fit(model, lambda epoch: iterate_batches(x, y, s["batch_size"], seed=s["seed"] * 100_003 + epoch), optimizer,
+        epochs=s["epochs"], on_epoch=on_epoch, task=TASK, scheduler=scheduler)
+    return model, metrics
 
 
 def ancestry_command(

@@ -22,10 +22,10 @@ import ray
 import typer
 
 from pipelines import runner as r
-from pipelines.common import UserError, git_revision, init_ray, storage_path
+from pipelines.common import UserError, git_revision, init_ray
 from pipelines.runner import PREFIX, Built
 from pipelines.tracking import Tracker
-from weit_core.data import PreparedData, prepare_parquet
+from weit_core.data import PreparedData
 from weit_core.io import load_bank
 from weit_core.models import ViTSpec, get_family, vit_kinds, vit_layout
 from weit_core.models.elastic import AtSize, Sandwich, range_model
@@ -114,10 +114,6 @@ class DistillConfig:
     @property
     def mode(self) -> str:
         return "weit" if no_teacher(self.teacher) else "wave"
-
-    @property
-    def has_range(self) -> bool:
-        return self.depths is not None or self.widths is not None or self.space is not None
 
 
 # ------------------------------------------------------------------------------------------ sizes
@@ -225,11 +221,10 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
         raise UserError("need --epochs >= 1, --workers >= 1 and --batch-size >= --workers")
     check_range_flags(config)  # before the data is read or Ray started
     task, out = CLASSIFICATION, Path(config.out).resolve()
-    metric, name, storage = task.metric, config.name or r.job_name(out, "distill"), storage_path(config.storage)
-    directory = r.job_dir(storage, name)
+    metric, name = task.metric, config.name or r.job_name(out, "distill")
     teacher = None if no_teacher(config.teacher) else load_teacher(
         config.teacher, config.teacher_checkpoint, config.teacher_kwargs)
-    data = prepare_parquet(config.dataset, directory / "data", config.limit, config.seed)
+    storage, directory, data = r.prepare_job(name, config.storage, config.dataset, config.limit, config.seed)
     plan = plan_range(config, data, teacher.spec if teacher else None)
     spec, labels = plan.ref, [s.label for s in plan.sizes]
     if teacher is not None:
@@ -248,7 +243,7 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
     cfg = r.worker_config(
         build_aux, spec, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
         warmup_epochs=config.warmup_epochs, batch_size=config.batch_size, workers=config.workers,
-        train_rows=data.train_rows, seed=config.seed, threads=r.threads_for(config.cpus_per_worker, config.threads),
+        train_rows=data.train_rows, seed=config.seed, threads=config.threads, cpus_per_worker=config.cpus_per_worker,
         n_templates=config.n_templates, block=config.block, order=config.order, tau=config.tau, task=task.name,
         # through the object store: workers on other nodes need no access to the teacher's file
         teacher=[ray.put(teacher.shipment())] if teacher is not None else None, wrap_batches=config.wrap_batches,

@@ -1,12 +1,10 @@
-"""The one Ray Train runner, for ``weit distill`` and ``weit ancestry --workers N``.
-
-Each worker builds what the job trains (``cfg["build"](cfg)``, a :class:`Built`), resumes from the last
-checkpoint and runs ``weit_core.train.fit`` over its Ray Data shard (DDP). After every epoch it scores the
-test split with the task's metric (each rank a slice, the sums all-reduced), reports, and rank 0 checkpoints.
-Data order is a function of (seed, epoch) only, so a restarted worker group redoes a lost epoch exactly, and
-re-running a command resumes it: Ray Train restores a run from ``(storage_path, name)``, and the name comes
-from the output file. The driver hands rank 0's report of each epoch, as it comes, to MLflow and the terminal.
-"""
+"""The one Ray Train runner, for ``weit distill`` and ``weit ancestry --workers N``: each worker builds what the
+job trains (``cfg["build"](cfg)``, a :class:`Built`), resumes from the last checkpoint, runs
+``weit_core.train.fit`` over its Ray Data shard (DDP) and after every epoch scores the test split (each rank a
+slice, the sums all-reduced), reports, and rank 0 checkpoints. Data order is a function of (seed, epoch) only,
+so a restarted worker group redoes a lost epoch exactly; re-running a command resumes it (Ray Train restores a
+run from ``(storage_path, name)``, the name from the output file). The driver hands rank 0's reports to MLflow
+and the terminal as they come."""
 
 from __future__ import annotations
 
@@ -31,9 +29,9 @@ import typer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipelines.common import UserError
+from pipelines.common import UserError, storage_path
 from pipelines.tracking import Tracker
-from weit_core.data import PreparedData, batch_to_tensors
+from weit_core.data import PreparedData, batch_to_tensors, prepare_parquet
 from weit_core.tasks import get_task
 from weit_core.teacher import rebuild_teacher
 from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything, warmup_cosine
@@ -83,15 +81,18 @@ def job_name(out: str | Path, prefix: str) -> str:
     return f"{prefix}-{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
-def job_dir(storage: str, name: str) -> Path:
-    """Where a job keeps its settings and prepared data (a local temp dir when storage is remote)."""
-    return Path(storage) / name if "://" not in storage else Path(tempfile.gettempdir()) / name
+def prepare_job(name: str, storage: str | None, dataset: str, limit: int | None, seed: int) -> tuple[str, Path,
+                                                                                                       PreparedData]:
+    """The job's storage, its directory (settings, prepared data; a local temp dir when storage is remote)
+    and its data as parquet there."""
+    storage = storage_path(storage)
+    directory = Path(storage) / name if "://" not in storage else Path(tempfile.gettempdir()) / name
+    return storage, directory, prepare_parquet(dataset, directory / "data", limit, seed)
 
 
 def job_guard(directory: Path, settings: dict) -> bool:
     """Refuse to resume a job directory made with different settings; returns True when resuming."""
-    settings = json.loads(json.dumps(settings, default=str))
-    f = directory / JOB_FILE
+    settings, f = json.loads(json.dumps(settings, default=str)), directory / JOB_FILE
     if f.is_file():
         before = json.loads(f.read_text())
         if diff := sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k)):
@@ -103,16 +104,13 @@ def job_guard(directory: Path, settings: dict) -> bool:
     return False
 
 
-def threads_for(cpus_per_worker: float, threads: int | None) -> int:
-    return threads or max(1, math.floor(cpus_per_worker + 0.5))
-
-
 def worker_config(build: Callable[[dict], Built], spec: Any, *, epochs: int, lr: float, weight_decay: float,
-                  warmup_epochs: float, batch_size: int, workers: int, train_rows: int, seed: int, threads: int,
-                  **extra) -> dict:
+                  warmup_epochs: float, batch_size: int, workers: int, train_rows: int, seed: int,
+                  threads: int | None, cpus_per_worker: float = 1.0, **extra) -> dict:
     """``train_loop_config`` for :func:`train_worker`: the global batch split over workers, the LR schedule
-    laid out over the steps each worker takes (equal shards, so equal step counts)."""
-    per_worker = max(1, batch_size // workers)
+    laid out over the steps each worker takes (equal shards, so equal step counts); torch threads default to
+    the worker's CPUs, rounded."""
+    threads, per_worker = threads or max(1, math.floor(cpus_per_worker + 0.5)), max(1, batch_size // workers)
     rows_per_worker = train_rows // workers
     steps_per_epoch = max(1, math.ceil(rows_per_worker / per_worker))
     return {"build": build, "spec": spec.to_dict(), "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
@@ -165,13 +163,10 @@ def train_worker(cfg: dict) -> None:
     """Per-worker body: build, maybe resume, then ``fit`` with evaluation + report + checkpoint per epoch."""
     import ray.train.torch
 
-    t_setup = time.perf_counter()
+    t_setup, ctx = time.perf_counter(), ray.train.get_context()
     torch.set_num_threads(cfg["threads"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    task = get_task(cfg["task"])
-    metric = task.metric
+    rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+    task, metric = get_task(cfg["task"]), get_task(cfg["task"]).metric
     seed_everything(cfg["seed"])
     built: Built = cfg["build"](cfg)
     ddp = ray.train.torch.prepare_model(built.model)  # moves to the device; DDP when world > 1
@@ -193,9 +188,7 @@ def train_worker(cfg: dict) -> None:
     tx, ty = torch.cat(xs)[rank::world], torch.cat(ys)[rank::world]
     t_out = _outputs(teacher, tx, device) if teacher is not None else None
     teacher_score = float(task.score(t_out, ty)) if teacher is not None else 0.0
-    train_shard = ray.train.get_dataset_shard("train")
-    wrap: WrapBatches | None = cfg["wrap_batches"]
-    t_first: list[float] = []
+    train_shard, wrap, t_first = ray.train.get_dataset_shard("train"), cfg["wrap_batches"], []
 
     def batches(epoch: int) -> Iterator:
         t_first.append(time.perf_counter())
@@ -326,8 +319,7 @@ def run_on_ray(cfg: dict, data: PreparedData, tracker: Tracker, *, stage: str, n
                            datasets=ray_datasets(data), dataset_config=DataConfig(
                                datasets_to_split=["train"], execution_options=ingest, enable_shard_locality=False))
     epochs_now: list[int] = []
-    stop = threading.Event()
-    metric = get_task(cfg["task"]).metric
+    stop, metric = threading.Event(), get_task(cfg["task"]).metric
 
     def pump() -> None:
         while True:
@@ -356,8 +348,8 @@ def run_on_ray(cfg: dict, data: PreparedData, tracker: Tracker, *, stage: str, n
         q.shutdown()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train job {name} ended without a checkpoint")
-    ckpt_dir = Path(result.checkpoint.path)
-    run = RayRun(ckpt_dir, json.loads((ckpt_dir / "state.json").read_text()), epochs_now, fit_s)
+    ckpt = Path(result.checkpoint.path)
+    run = RayRun(ckpt, json.loads((ckpt / "state.json").read_text()), epochs_now, fit_s)
     for m in run.state["history"]:  # epochs whose report the driver missed (e.g. a driver restart)
         tracker.log_epoch(m)
     return run
