@@ -40,18 +40,6 @@ def reported(task: Any) -> tuple[str, ...]:
     return f"val_{task.metric}", "val_loss", "train_loss", "epoch"
 
 
-def scaler_count(spec: Any, kinds: dict) -> int | None:
-    """How many scalers this size needs under the bank's kinds (None when its sizes do not tile)."""
-    from weit_core.models import family_of as family_of_spec
-    from weit_core.templates import grid_shape
-
-    try:
-        return sum(group.depth * kinds[kind].n * p * q for kind, group in family_of_spec(spec).layout(spec).items()
-                   for p, q in [grid_shape(kind, group, kinds[kind])])
-    except (KeyError, ValueError):
-        return None
-
-
 @dataclass
 class SweepContext:
     """What a Tune trial needs besides its config, passed once through ``tune.with_parameters``."""
@@ -133,6 +121,7 @@ def run_trial(
 
     from weit_core.stage3 import Recipe, init_target, train_target
     from weit_core.strategies import strategy_info
+    from weit_core.templates import Scalers
     from weit_core.train import NonFiniteLossError
 
     if threads:
@@ -167,8 +156,11 @@ def run_trial(
         init_s = time.perf_counter() - t0
         if tracker is not None:
             n_scalers = res.info.get("scaler_count")
-            if n_scalers is None and bank is not None:
-                n_scalers = scaler_count(spec, bank.bank.kinds)
+            if n_scalers is None and bank is not None:  # what wave would fit at this size (none if it does not tile)
+                try:
+                    n_scalers = Scalers(family_of(config).layout(spec), bank.bank.kinds).num_numbers()
+                except (KeyError, ValueError):
+                    pass
             tracker.log_params({
                 **{k: v for k, v in config.items() if k != "key"}, "trial_key": config["key"],
                 "num_params": spec.num_params(), "flops": spec.flops(), "scaler_count": n_scalers or 0,
