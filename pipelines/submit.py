@@ -1,13 +1,11 @@
-"""``weit submit``: run a weit command as a Ray job (the cluster from cluster.yaml, or a local head) through
-the Jobs API, this checkout shipped as the job's working directory and first on its ``PYTHONPATH``, so the
-code that runs is the code you have here. The plain Ray equivalent::
-
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- weit sweep --space tune_spaces/ci.yaml
-"""
+"""``weit submit``: run a weit command as a Ray job through Ray's JobSubmissionClient, this checkout shipped as
+the job's working directory (so the code that runs is the code you have here); the plain Ray equivalent is
+``ray job submit --address http://127.0.0.1:8265 --working-dir . -- weit sweep --space tune_spaces/ci.yaml``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
@@ -15,7 +13,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, NamedTuple, TextIO
+from typing import Annotated, TextIO
 
 import typer
 
@@ -23,25 +21,15 @@ from pipelines.common import UserError
 
 SUBMITTABLE = ("distill", "sweep", "quickstart")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-EXCLUDES = [".venv", ".git", "mlruns", "mlruns.db", "mlartifacts", "weit_runs", "ray_results", "*.egg-info",
-            "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", ".whl", ".gl"]
-"""Never uploaded (Ray caps the package at 500 MiB and honours ``.gitignore`` too)."""
+EXCLUDES = [".git", ".hypothesis"]
+"""Never uploaded, beside what ``.gitignore`` names (Ray honours it; it caps the package at 500 MiB)."""
 PASS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-            "MLFLOW_HTTP_REQUEST_TIMEOUT", "WEIT_STORAGE", "WEIT_DATA")
-"""Submitter environment variables the job gets when set (else the cluster's own)."""
+            "MLFLOW_HTTP_REQUEST_TIMEOUT", "WEIT_STORAGE", "WEIT_DATA")  # the job gets these when set here
 JOB_DEFAULTS = ('WEIT_STORAGE="${WEIT_STORAGE:-$HOME/weit_runs}" '
                 'MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$HOME/mlruns.db}"')
 """A job's cwd is a fresh copy of the checkout, so run state (``--resume``) and an embedded MLflow store
 default to stable places on the head."""
-SUBMIT_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
-"""The submitted command's options pass through click."""
-
-
-class JobOutcome(NamedTuple):
-    job_id: str
-    status: str
-    exit_code: int
-    message: str
+SUBMIT_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}  # its options pass through
 
 
 def connect(address: str | None):
@@ -54,7 +42,7 @@ def connect(address: str | None):
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # ConnectionError, RuntimeError, ValueError depending on what is wrong
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = (str(e).splitlines() or [""])[0]
         if "Authentication" in type(e).__name__:
             raise UserError(f"the Ray cluster at {address} requires its auth token ({first[:160]}); run with "
                             "RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN") from e
@@ -75,9 +63,8 @@ def submit_job(command: str, args: list[str], *, address: str | None = None, wor
         command, args = args[0], args[1:]
     if command not in SUBMITTABLE:
         raise UserError(f"cannot submit {command!r}; choose one of {', '.join(SUBMITTABLE)}")
-    env = {k: os.environ[k] for k in PASS_ENV if os.environ.get(k)}
-    if mlflow_uri:
-        env["MLFLOW_TRACKING_URI"] = mlflow_uri
+    env = {k: os.environ[k] for k in PASS_ENV if os.environ.get(k)} | ({"MLFLOW_TRACKING_URI": mlflow_uri}
+                                                                       if mlflow_uri else {})
     return connect(address).submit_job(
         entrypoint=f"{JOB_DEFAULTS} {shlex.join([python, '-m', 'pipelines.cli', command, *args])}",
         runtime_env={"working_dir": str(wd), "excludes": EXCLUDES + list(excludes or []), "env_vars": env},
@@ -86,39 +73,27 @@ def submit_job(command: str, args: list[str], *, address: str | None = None, wor
 
 
 def follow_job(job_id: str, *, address: str | None = None, out: TextIO | None | bool = True, poll: float = 1.0,
-               timeout: float | None = None) -> JobOutcome:
-    """Stream the job's log to ``out`` (True: the current ``sys.stdout``) until it ends; if the stream drops,
-    the rest is fetched once the job is over. The exit code is the driver's own (2 for bad input inside the
-    job), 1 for other failures or a stopped job."""
-    out = sys.stdout if out is True else out
-    client = connect(address)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    shown = 0
+               timeout: float | None = None):
+    """Ray's ``JobDetails`` once the job ends, its log streamed to ``out`` meanwhile (True: ``sys.stdout``)."""
+    out, client, shown = sys.stdout if out is True else out, connect(address), 0
+    deadline = time.monotonic() + (float("inf") if timeout is None else timeout)
 
     async def tail() -> None:
         nonlocal shown
         async for chunk in client.tail_job_logs(job_id):
-            out.write(chunk)
-            out.flush()
+            print(chunk, end="", file=out, flush=True)
             shown += len(chunk)
 
     if out is not None:
-        try:
+        with contextlib.suppress(Exception):  # stream dropped (proxy, network) or timed out: poll below
             asyncio.run(asyncio.wait_for(tail(), timeout))
-        except TimeoutError as e:
-            raise TimeoutError(f"job {job_id} still running after {timeout:.0f} s") from e
-        except Exception:  # stream dropped (proxy, network): poll the status instead
-            pass
     while not (info := client.get_job_info(job_id)).status.is_terminal():
-        if deadline is not None and time.monotonic() > deadline:
+        if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {info.status} after {timeout:.0f} s")
         time.sleep(poll)
     if out is not None and (rest := client.get_job_logs(job_id)[shown:]):
-        out.write(rest)
-        out.flush()
-    status = str(info.status)
-    code = 0 if status == "SUCCEEDED" else int(info.driver_exit_code or 1) if status == "FAILED" else 1
-    return JobOutcome(job_id, status, code, info.message or "")
+        print(rest, end="", file=out, flush=True)
+    return info
 
 
 def submit_command(
@@ -143,11 +118,12 @@ def submit_command(
         typer.echo(f"follow it with: ray job logs --follow --address {address or DEFAULT_ADDRESS} {job_id}")
         return
     try:
-        outcome = follow_job(job_id, address=address)
+        info = follow_job(job_id, address=address)
     except KeyboardInterrupt:
-        typer.echo(f"\nstopped following; job {job_id} keeps running (stop it with `ray job stop {job_id}`)",
-                   err=True)
+        typer.echo(f"\nstopped following; {job_id} keeps running (stop it: `ray job stop {job_id}`)", err=True)
         raise
-    reason = outcome.message.splitlines()[0].split(", last available logs")[0] if outcome.exit_code else ""
-    typer.echo(f"job {job_id} {outcome.status}" + (f": {reason}" if reason else ""))
-    raise typer.Exit(outcome.exit_code)
+    status = str(info.status)  # exit code: the driver's own (2 for bad input in the job), else 1 unless it succeeded
+    code = 0 if status == "SUCCEEDED" else int(info.driver_exit_code or 1) if status == "FAILED" else 1
+    reason = (info.message or "").splitlines()[0].split(", last available logs")[0] if code else ""
+    typer.echo(f"job {job_id} {status}" + (f": {reason}" if reason else ""))
+    raise typer.Exit(code)
