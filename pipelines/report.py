@@ -16,13 +16,13 @@ from typing import Annotated, Any
 
 import typer
 
+from pipelines import tracking
 from pipelines.common import UserError
 from pipelines.tracking import SWEEP_EXPERIMENT, find_sweep, parse_budget, tracking_uri
 from weit_core import leaderboard as lb
 from weit_core.leaderboard import Winner, budgets
 
 EXPERIMENT = SWEEP_EXPERIMENT
-MODEL_ARTIFACT = "model/model.safetensors"
 
 
 @dataclass
@@ -191,39 +191,6 @@ def print_report(report: Report) -> None:
         console.print(f"{report.n_failed} trial(s) FAILED (see their weit.failure tag); not ranked")
 
 
-def _has_model(client: Any, run_id: str) -> bool:
-    return any(f.path == MODEL_ARTIFACT for f in client.list_artifacts(run_id, "model"))
-
-
-def register_champion(client: Any, report: Report, w: Winner) -> str | None:
-    """The winner's initialized model as ``weit-<task>@champion``, its leaderboard row as tags; no new
-    version while the champion is unchanged."""
-    from mlflow.exceptions import MlflowException
-
-    name = f"weit-{w.task}"
-    if not _has_model(client, w.run_id):
-        print(f"[weit report] {w.task}: the winning run {w.run_id} has no {MODEL_ARTIFACT} (sweep ran with "
-              f"--no-save-models); not registered")
-        return None
-    if not client.search_registered_models(f"name = '{name}'"):
-        client.create_registered_model(name, description=f"Best initialized model for task {w.task} (weit).")
-    try:
-        current = client.get_model_version_by_alias(name, "champion")
-        if current.run_id == w.run_id:
-            return f"{name}/{current.version}"
-    except MlflowException:  # no champion yet
-        pass
-    tags = {"task": w.task, "strategy": w.strategy, "size": w.size, "num_params": w.num_params,
-            "budget_epochs": w.budget, "metric": w.metric, "mode": w.mode, f"{w.metric}_mean": f"{w.mean:.6f}",
-            f"{w.metric}_std": f"{w.std:.6f}", "n_seeds": w.n_seeds, "best_strategy": w.best_strategy,
-            "lr": f"{w.lr:g}", "n_lrs": w.n_lrs, "sweep": report.sweep, "parent_run_id": report.parent_run_id}
-    mv = client.create_model_version(name, f"{client.get_run(w.run_id).info.artifact_uri}/model", run_id=w.run_id,
-                                     tags={k: str(v) for k, v in tags.items()},
-                                     description=f"{w.strategy} {w.size} from sweep {report.sweep}")
-    client.set_registered_model_alias(name, "champion", mv.version)
-    return f"{name}/{mv.version}"
-
-
 def build_report(
     sweep: str | None = None, *, parent_run_id: str | None = None, out: str | Path | None = None,
     mlflow_uri: str | None = None, register: bool = True, experiment: str = EXPERIMENT, show: bool = True,
@@ -257,14 +224,14 @@ def build_report(
     report.files = [out_dir / f for f in (*tables, "leaderboard.md")]
     for w in report.winners.values():
         report.files += _plots(board, w, out_dir)
-        w.registered = register_champion(client, report, w) if register else None
+        w.registered = (tracking.register_champion(client, w, report.sweep, report.parent_run_id)
+                        if register else None)
     (out_dir / "winners.json").write_text(json.dumps({t: {
         "strategy": w.strategy, "size": w.size, "metric": w.metric, "mode": w.mode, f"{w.metric}_mean": w.mean,
         f"{w.metric}_std": w.std, "budget": w.budget, "lr": w.lr, "n_lrs": w.n_lrs, "run_id": w.run_id,
         "best_strategy": w.best_strategy, "registered": w.registered} for t, w in report.winners.items()}, indent=1))
     report.files.append(out_dir / "winners.json")
-    for f in report.files:
-        client.log_artifact(parent.info.run_id, str(f), "report")
+    tracking.log_files(client, parent.info.run_id, report.files, "report")
     if show:
         print_report(report)
         print(f"[weit report] wrote {out_dir}/ (leaderboard.csv, leaderboard.md, plots); logged to run "
@@ -295,12 +262,12 @@ def export_run(run: str, out: str | Path, *, mlflow_uri: str | None = None) -> t
         client.get_run(run_id)
     except MlflowException as e:
         raise UserError(f"no MLflow run {run_id!r} at {uri}; check --run / --mlflow-uri") from e
-    if not _has_model(client, run_id):
-        raise UserError(f"run {run_id} has no {MODEL_ARTIFACT} artifact (not a sweep trial, or the sweep ran with "
+    if not tracking.has_model(client, run_id):
+        raise UserError(f"run {run_id} has no {tracking.MODEL_ARTIFACT} artifact (not a sweep trial, or the sweep ran with "
                         f"--no-save-models)")
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="weit-export-") as d:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACT, dst_path=d,
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.MODEL_ARTIFACT, dst_path=d,
                                                     tracking_uri=uri)
         try:
             _, header = load_model(local)

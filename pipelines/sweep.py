@@ -286,14 +286,7 @@ def run_sweep(
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     n_errors = tuner.fit().num_errors
-    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50000)
-    failed = [r.data.tags.get("weit.failure_kind", "unknown") for r in children if r.info.status == "FAILED"]
-    n_finished = sum(r.info.status == "FINISHED" for r in children)
-    client.log_batch(parent_id, metrics=tracking.as_metrics(
-        {"trials_finished": n_finished, "trials_failed": len(failed), "tune_errors": n_errors}, 0))
-    client.set_tag(parent_id, tracking.NOTE_TAG, note(counts={"finished": n_finished, "failed": len(failed),
-                                                     "tune_errors": n_errors, "failure_kinds": failed}))
-    client.set_terminated(parent_id, "FINISHED")
+    n_finished, failed = tracking.close_sweep(client, exp_id, parent_id, n_errors, note)
     summary = SweepSummary(name, parent_id, exp_id, uri, exp_path, len(trials), expansion.n_dropped,
                            dict(expansion.dropped), dict(expansion.pairs_dropped), n_finished, len(failed), resumed,
                            time.perf_counter() - t_start)

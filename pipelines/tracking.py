@@ -358,3 +358,59 @@ def sweep_note(name: str, space: Any, expansion: Any, trials: list[dict], *, exp
               "", f"**Leaderboard:** `{report} --mlflow-uri {uri}` ranks every init at its best lr, writes "
                   f"`reports/{name}/leaderboard.md` (with plots) and logs it to this run under `report/`."]
     return "\n".join(lines)
+
+
+MODEL_ARTIFACT = "model/model.safetensors"
+"""Where a trial logs its initialized model (what export and the registry read)."""
+
+
+def has_model(client: Any, run_id: str) -> bool:
+    return any(f.path == MODEL_ARTIFACT for f in client.list_artifacts(run_id, "model"))
+
+
+def register_champion(client: Any, w: Any, sweep: str, parent_run_id: str) -> str | None:
+    """The winner's initialized model as ``weit-<task>@champion``, its leaderboard row as tags; no new
+    version while the champion is unchanged."""
+    from mlflow.exceptions import MlflowException
+
+    name = f"weit-{w.task}"
+    if not has_model(client, w.run_id):
+        print(f"[weit report] {w.task}: the winning run {w.run_id} has no {MODEL_ARTIFACT} (sweep ran with "
+              f"--no-save-models); not registered")
+        return None
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name, description=f"Best initialized model for task {w.task} (weit).")
+    try:
+        current = client.get_model_version_by_alias(name, "champion")
+        if current.run_id == w.run_id:
+            return f"{name}/{current.version}"
+    except MlflowException:  # no champion yet
+        pass
+    tags = {"task": w.task, "strategy": w.strategy, "size": w.size, "num_params": w.num_params,
+            "budget_epochs": w.budget, "metric": w.metric, "mode": w.mode, f"{w.metric}_mean": f"{w.mean:.6f}",
+            f"{w.metric}_std": f"{w.std:.6f}", "n_seeds": w.n_seeds, "best_strategy": w.best_strategy,
+            "lr": f"{w.lr:g}", "n_lrs": w.n_lrs, "sweep": sweep, "parent_run_id": parent_run_id}
+    mv = client.create_model_version(name, f"{client.get_run(w.run_id).info.artifact_uri}/model", run_id=w.run_id,
+                                     tags={k: str(v) for k, v in tags.items()},
+                                     description=f"{w.strategy} {w.size} from sweep {sweep}")
+    client.set_registered_model_alias(name, "champion", mv.version)
+    return f"{name}/{mv.version}"
+
+def log_files(client: Any, run_id: str, files: list, folder: str) -> None:
+    for f in files:
+        client.log_artifact(run_id, str(f), folder)
+
+
+def close_sweep(client: Any, experiment_id: str, parent_id: str, tune_errors: int,
+                note: Any) -> tuple[int, list[str]]:
+    """Count the parent's children by status, record the counts (metrics and the description ``note(counts=)``
+    writes) and end the parent run; returns (finished, failure kinds)."""
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50000)
+    failed = [r.data.tags.get("weit.failure_kind", "unknown") for r in children if r.info.status == "FAILED"]
+    finished = sum(r.info.status == "FINISHED" for r in children)
+    client.log_batch(parent_id, metrics=as_metrics(
+        {"trials_finished": finished, "trials_failed": len(failed), "tune_errors": tune_errors}, 0))
+    client.set_tag(parent_id, NOTE_TAG, note(counts={"finished": finished, "failed": len(failed),
+                                                    "tune_errors": tune_errors, "failure_kinds": failed}))
+    client.set_terminated(parent_id, "FINISHED")
+    return finished, failed
