@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from convnext_assets import DEPTHS, WIDTHS  # noqa: E402
-from init_quality import base_name, cell_stats, parse_part, summarize  # noqa: E402
+from init_quality import base_name, cell_stats, done_jobs, load_ancestry, parse_part, summarize  # noqa: E402
 
 from weit_core.data import load_dataset  # noqa: E402
-from weit_core.io import load_bank, load_model  # noqa: E402
+from weit_core.io import load_bank  # noqa: E402
 from weit_core.models import CONVNEXT  # noqa: E402
 from weit_core.stage3 import Recipe, init_target, score, train_target  # noqa: E402
 from weit_core.strategies import can_make  # noqa: E402
@@ -108,13 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         data = load_dataset("fashion_mnist")
         train = data.train.subset(args.train_examples, seed=0)
         bank = load_bank(args.bank) if args.bank else None
-        ancestry = None
-        if args.ancestry:
-            model, header = load_model(args.ancestry)
-            ancestry = (model, CONVNEXT.spec_from_dict(header["spec"]))
-        done = set()
-        if args.out.exists():
-            done = {(r["size"], r["strategy"], r["seed"]) for r in map(json.loads, args.out.read_text().splitlines())}
+        ancestry = load_ancestry(args.ancestry)
+        done = done_jobs(args.out)
         jobs = [({"depth": d, "width": w}, lab, int(seed)) for seed in args.seeds.split(",") for d in DEPTHS
                 for w in WIDTHS for lab in args.strategies.split(",")]
         for size, lab, seed in jobs[i - 1::k]:

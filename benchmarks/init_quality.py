@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from weit_core.data import load_dataset  # noqa: E402
 from weit_core.io import load_bank, load_model  # noqa: E402
-from weit_core.models import ViTSpec  # noqa: E402
+from weit_core.models import ViTSpec, get_family  # noqa: E402
 from weit_core.stage3 import Recipe, init_target, score, train_target  # noqa: E402
 from weit_core.strategies import available, can_make, strategy_info  # noqa: E402
 from weit_core.train import cycle_batches  # noqa: E402
@@ -118,6 +118,22 @@ def run_job(size, label, seed, *, data, banks, ancestry, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ summary
+
+
+def load_ancestry(path: str | None) -> tuple | None:
+    """``(model, spec)`` of an ancestry file, its spec read by the family the file names."""
+    if not path:
+        return None
+    model, header = load_model(path)
+    return model, get_family(header.get("family", "vit")).spec_from_dict(header["spec"])
+
+
+def done_jobs(path: Path) -> set[tuple]:
+    """``(size, strategy, seed)`` of the rows a results file already holds (a rerun skips them)."""
+    if not path.exists():
+        return set()
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {(r["size"], r["strategy"], r["seed"]) for r in rows}
 
 
 def _rows(path: Path) -> tuple[list[dict], list[tuple]]:
@@ -268,16 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         for item in args.extra_bank:
             name, _, path = item.partition("=")
             banks[name] = load_bank(path)
-        ancestry = None
-        if args.ancestry:
-            model, header = load_model(args.ancestry)
-            ancestry = (model, ViTSpec.from_dict(header["spec"]))
-        done = set()
-        if args.out.exists():
-            for line in args.out.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    done.add((r["size"], r["strategy"], r["seed"]))
+        ancestry = load_ancestry(args.ancestry)
+        done = done_jobs(args.out)
         # seed-major: a run cut short has every size and strategy at the first seeds
         jobs = [(size, lab, int(seed)) for seed in args.seeds.split(",") for size in parse_sizes(args.sizes)
                 for lab in labels]
