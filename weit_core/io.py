@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -196,10 +195,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
         spec = family.spec_from_dict(header["spec"])
     except (KeyError, TypeError, ValueError) as e:
         raise WeitFileError(f"{path}: model header has no valid spec ({e})") from e
-    if family.name == "vit":
-        model = timm.create_model(header.get("timm_model", TIMM_MODEL), pretrained=False, **spec.timm_kwargs())
-    else:
-        model = family.build(spec)
+    model = family.build(spec)
     try:
         model.load_state_dict(_load_tensors(path), strict=True)
     except RuntimeError as e:
