@@ -38,9 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from pipelines.distill import DistillConfig, parse_sizes, plan_range, run_distill  # noqa: E402
-from weit_core.data import prepare_parquet, read_parquet_arrays  # noqa: E402
 from weit_core.models import TemplatedModel, create_vit, vit_layout  # noqa: E402
 from weit_core.models.vit import VIT  # noqa: E402
+from weit_core.parquet import prepare_parquet, read_parquet_arrays  # noqa: E402
 from weit_core.stage1 import build_elastic, make_bank  # noqa: E402
 from weit_core.teacher import load_teacher  # noqa: E402
 from weit_core.templates import Scalers, TemplateBank  # noqa: E402

@@ -94,6 +94,7 @@ def data_command(
 ) -> None:
     """Show where a dataset is and what it holds; with --out, convert it to parquet."""
     from weit_core import data as wdata
+    from weit_core.parquet import to_parquet
 
     fmnist = name == "fashion_mnist"  # find_fashion_mnist's DataNotFoundError says how to install it
     where = f" (files in {wdata.find_fashion_mnist()})" if fmnist else ""
@@ -103,7 +104,7 @@ def data_command(
                f"test images of {c}x{h}x{w}, {splits.num_classes} classes")
     if out is not None:
         for s in ("train", "val", "test"):  # with a `split` column: the folder reloads with exactly these splits
-            typer.echo(f"  {s:5s} -> {wdata.to_parquet(getattr(splits, s), Path(out) / f'{s}.parquet', split=s)}")
+            typer.echo(f"  {s:5s} -> {to_parquet(getattr(splits, s), Path(out) / f'{s}.parquet', split=s)}")
         typer.echo(f"use it with e.g. `weit ancestry --dataset {Path(out)}` (the folder is one dataset, same splits)")
 
 

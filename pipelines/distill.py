@@ -25,10 +25,10 @@ from pipelines import runner as r
 from pipelines.common import UserError, git_revision, init_ray
 from pipelines.runner import PREFIX, Built
 from pipelines.tracking import Tracker
-from weit_core.data import PreparedData
 from weit_core.io import load_bank
 from weit_core.models import ViTSpec, get_family, vit_kinds, vit_layout
 from weit_core.models.elastic import AtSize, Sandwich, range_model
+from weit_core.parquet import PreparedData
 from weit_core.resize import RULES
 from weit_core.sizes import SizeRange, TaskShape, check_range, drop_reasons, keep_sizes
 from weit_core.sizes import plan_range as plan_ranges

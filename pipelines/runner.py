@@ -31,7 +31,7 @@ from torch import nn
 
 from pipelines.common import UserError, storage_path
 from pipelines.tracking import Tracker
-from weit_core.data import PreparedData, batch_to_tensors, prepare_parquet
+from weit_core.parquet import PreparedData, batch_to_tensors, prepare_parquet
 from weit_core.tasks import get_task
 from weit_core.teacher import rebuild_teacher
 from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything, warmup_cosine

@@ -17,14 +17,19 @@ from weit_core import data
 from weit_core.data import (
     ArrayDataset,
     DataNotFoundError,
-    batch_to_tensors,
-    export_parquet,
+    DatasetSplits,
     find_fashion_mnist,
     load_dataset,
     load_digits,
     load_fashion_mnist,
     load_parquet,
     read_idx,
+)
+from weit_core.parquet import (
+    batch_to_tensors,
+    describe_parquet,
+    export_parquet,
+    prepare_parquet,
     read_parquet_arrays,
     to_parquet,
 )
@@ -67,10 +72,21 @@ def test_subset_is_deterministic_and_capped():
 
 
 def test_array_dataset_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="N×C×H×W"):
-        ArrayDataset(torch.zeros(3, 8, 8), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="N×..."):
+        ArrayDataset(torch.zeros(3), torch.zeros(3, dtype=torch.int64))  # no row shape
     with pytest.raises(ValueError):
         ArrayDataset(torch.zeros(3, 1, 8, 8), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError):
+        ArrayDataset(torch.zeros(3, 1, 8, 8), torch.tensor(1))
+
+
+def test_array_dataset_keeps_integer_targets_and_floats_the_rest():
+    """Classes and discrete actions stay int64 whatever int type they come in; continuous targets float32."""
+    ints = ArrayDataset(np.zeros((4, 8, 3)), np.arange(4, dtype=np.int32))
+    floats = ArrayDataset(np.zeros((4, 8, 3)), np.ones((4, 2), dtype=np.float64))
+    assert ints.x.dtype == floats.x.dtype == torch.float32 and ints.x.shape == (4, 8, 3)
+    assert ints.y.dtype == torch.int64 and floats.y.dtype == torch.float32 and floats.y.shape == (4, 2)
+    assert floats.subset(2, seed=1).y.shape == (2, 2)
 
 
 # Fashion-MNIST ----------------------------------------------------------------------------------------------
@@ -334,17 +350,15 @@ def test_batch_to_tensors_forms(tmp_path, digits):
     objects[:] = list(batch["image"])
     x2, y2 = batch_to_tensors({"image": objects, "label": batch["label"].astype(np.int32)})
     assert torch.equal(x2, x) and y2.dtype == torch.int64
-    x3, _ = batch_to_tensors({"image": batch["image"][:, 0], "label": batch["label"]})  # B×H×W
-    assert x3.shape == (8, 1, 8, 8)
+    x3, _ = batch_to_tensors({"image": batch["image"][:, 0], "label": batch["label"]})  # rows keep their shape
+    assert x3.shape == (8, 8, 8)
     with pytest.raises(ValueError):
-        batch_to_tensors({"image": np.zeros((8, 64), np.float32), "label": batch["label"]})
+        batch_to_tensors({"image": np.zeros(8, np.float32), "label": batch["label"]})
 
 
 def test_prepare_parquet_exports_once_and_reads_ready_folders(tmp_path, digits):
     """A job's data is exported once (a rerun with the same dataset, limit and seed reuses the files, other
     settings export again); a ready parquet folder is read in place, and --limit cannot shrink it."""
-    from weit_core.data import prepare_parquet
-
     first = prepare_parquet("digits", tmp_path / "job", limit=100, seed=0)
     assert (first.train_rows, first.num_classes, first.input_shape) == (100, 10, (1, 8, 8))
     assert first.info["val"] == first.info["test"] == 100
@@ -360,3 +374,57 @@ def test_prepare_parquet_exports_once_and_reads_ready_folders(tmp_path, digits):
     assert ready.train_rows == len(digits.train) and not (tmp_path / "unused").exists()
     with pytest.raises(ValueError, match="--limit does not apply to the ready parquet folder"):
         prepare_parquet(str(tmp_path / "ready"), tmp_path / "unused", limit=10)
+
+
+# any data: a policy's state contexts and actions ------------------------------------------------------------
+
+
+def _policy_splits(continuous: bool) -> DatasetSplits:
+    """Real rows reshaped as a policy's data: digits' 64 pixels as 8 states of 8 numbers, the digit's class
+    as a discrete action, or its pixel row-means as a 2-D continuous action."""
+    d = load_digits()
+
+    def split(s: ArrayDataset) -> ArrayDataset:
+        y = s.x.reshape(len(s), 8, 8).mean(-1)[:, :2] if continuous else s.y
+        return ArrayDataset(s.x.reshape(len(s), 8, 8), y)
+
+    io = {"obs_dim": 8, "act_dim": 2 if continuous else 10, "discrete": not continuous, "context": 8}
+    return DatasetSplits("policy", split(d.train), split(d.val), split(d.test), 0 if continuous else 10, io=io)
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_non_image_data_round_trips_through_parquet_and_ray_batches(tmp_path, continuous):
+    splits = _policy_splits(continuous)
+    paths = export_parquet(splits, tmp_path / "policy")
+    back = read_parquet_arrays(paths["train"])
+    assert torch.equal(back.x, splits.train.x) and torch.equal(back.y, splits.train.y)
+    assert back.y.dtype == (torch.float32 if continuous else torch.int64)
+    table = pq.read_table(paths["train"])
+    assert list(table.schema.field("image").type.shape) == [8, 8]
+    assert isinstance(table.schema.field("label").type, pa.FixedShapeTensorType) == continuous
+    # what Ray Data's numpy batches hold: one ndarray per fixed-shape tensor column
+    cols = {c: table.column(c).combine_chunks() for c in ("image", "label")}
+    batch = {c: (a.to_numpy_ndarray() if isinstance(a.type, pa.FixedShapeTensorType) else a.to_numpy())[:16]
+             for c, a in cols.items()}
+    x, y = batch_to_tensors(batch)
+    assert torch.equal(x, splits.train.x[:16]) and torch.equal(y, splits.train.y[:16])
+    prepared = describe_parquet(tmp_path / "policy", "policy")
+    assert prepared.io == splits.io and prepared.input_shape == (8, 8) and prepared.train_rows == len(splits.train)
+    again = prepare_parquet("unused", tmp_path / "job", load=lambda dataset, limit, seed: splits)
+    assert again.io == splits.io and again.num_classes == splits.num_classes
+
+
+def test_io_is_derived_for_images_and_required_otherwise(digits):
+    assert digits.io == {"in_chans": 1, "img_size": 8, "num_classes": 10}
+    assert data.limit_splits(digits, 10).io == digits.io
+    with pytest.raises(ValueError, match="pass io="):
+        DatasetSplits("states", *(ArrayDataset(torch.zeros(4, 8, 3), torch.zeros(4)) for _ in range(3)))
+
+
+def test_image_parquet_keeps_its_exact_form(tmp_path, digits):
+    """Image data is written as before the any-rank change: the same two columns, types and no io file."""
+    export_parquet(digits, tmp_path / "img")
+    schema = pq.read_schema(tmp_path / "img" / "train.parquet")
+    assert schema.names == ["image", "label"] and schema.field("label").type == pa.int64()
+    assert list(schema.field("image").type.shape) == [1, 8, 8] and not (tmp_path / "img" / "io.json").exists()
+    assert describe_parquet(tmp_path / "img", "digits").io == digits.io

@@ -22,11 +22,11 @@ from safetensors.torch import save_file
 from pipelines.common import UserError
 from pipelines.distill import DistillConfig, build_aux, plan_range, run_distill
 from pipelines.runner import load_train_state, scaling_config
-from weit_core.data import prepare_parquet
 from weit_core.io import load_bank, load_model, save_model
 from weit_core.models import ViTSpec, vit_kinds
 from weit_core.models.elastic import AtSize
 from weit_core.models.vit import VIT
+from weit_core.parquet import prepare_parquet
 from weit_core.stage1 import load_elastic
 from weit_core.strategies import init_model
 from weit_core.teacher import TeacherError, check_teacher, load_teacher, rebuild_teacher
@@ -54,7 +54,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def digits_parquet(work, digits) -> Path:
     """The digits splits as the parquet folder Ray Data reads (``export_parquet``)."""
-    from weit_core.data import export_parquet
+    from weit_core.parquet import export_parquet
 
     export_parquet(digits, work / "digits")
     return work / "digits"

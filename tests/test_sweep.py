@@ -359,7 +359,7 @@ def test_progress_line_names_the_best_finished_trial_per_task_decoding_each_conf
 
 def _user_parquet_space(tmp_path: Path, digits) -> tuple[dict, object]:
     """The user's own data: digits written as parquet files next to a space file that names them."""
-    from weit_core.data import export_parquet
+    from weit_core.parquet import export_parquet
 
     files = export_parquet(digits, tmp_path / "mydata")
     (tmp_path / "space.yaml").write_text("""

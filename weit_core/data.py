@@ -1,6 +1,6 @@
-"""Datasets as plain tensors: built-ins (Fashion-MNIST, digits) and user parquet, plus the parquet form Ray
-Data reads. Everything is loaded eagerly and normalized once, so every strategy and baseline sees exactly
-the same numbers; nothing here imports Ray or MLflow."""
+"""Datasets as plain tensors: built-ins (Fashion-MNIST, digits) and user parquet (the form Ray Data reads is
+``weit_core.parquet``). Everything is loaded eagerly and normalized once, so every strategy and baseline sees
+exactly the same numbers; nothing here imports Ray or MLflow."""
 
 from __future__ import annotations
 
@@ -34,16 +34,8 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3760
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-PARQUET_ROW_GROUP = 4096
-
-
-def _tensor(a: np.ndarray, dtype: np.dtype) -> torch.Tensor:
-    """numpy -> torch without a copy where possible; arrow and Ray hand out read-only buffers, which torch
-    warns about (and must not write into), so those are copied."""
-    a = np.ascontiguousarray(a, dtype=dtype)
-    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -52,17 +44,20 @@ class DataNotFoundError(FileNotFoundError):
 
 @dataclass
 class ArrayDataset:
-    """One split, already normalized: ``x`` float32 N×C×H×W, ``y`` int64 N."""
+    """One split, already normalized: ``x`` float32 with N rows of any shape (images N×C×H×W, a policy's state
+    contexts N×K×obs_dim), ``y`` int64 N (a class, a discrete action) or float32 N×... (a continuous action):
+    integer targets stay int64, floating ones become float32."""
 
     x: torch.Tensor
     y: torch.Tensor
 
     def __post_init__(self) -> None:
         self.x = torch.as_tensor(self.x, dtype=torch.float32)
-        self.y = torch.as_tensor(self.y, dtype=torch.int64)
-        if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
-            raise ValueError(f"ArrayDataset wants x N×C×H×W and y N, got {tuple(self.x.shape)} "
-                             f"and {tuple(self.y.shape)}")
+        self.y = torch.as_tensor(self.y)
+        self.y = self.y.to(torch.float32 if self.y.is_floating_point() else torch.int64)
+        if self.x.ndim < 2 or self.y.ndim < 1 or len(self.x) != len(self.y):
+            raise ValueError(f"ArrayDataset wants x N×... (N rows of some shape) and y N or N×..., got x "
+                             f"{tuple(self.x.shape)} and y {tuple(self.y.shape)}")
 
     def __len__(self) -> int:
         return len(self.y)
@@ -81,18 +76,37 @@ class ArrayDataset:
 
 @dataclass
 class DatasetSplits:
-    """A whole dataset, split once, so every strategy is trained and scored on the same rows."""
+    """A whole dataset, split once, so every strategy is trained and scored on the same rows.
+
+    ``io`` is what a family's ``make_spec(size, io)`` needs: derived for images (4-D ``x``: ``in_chans``,
+    ``img_size`` (``[h, w]`` when not square), ``num_classes``); set explicitly by non-image data (a control
+    task's ``obs_dim``, ``act_dim``, ...)."""
 
     name: str
     train: ArrayDataset
     val: ArrayDataset
     test: ArrayDataset
-    num_classes: int
+    num_classes: int = 0
+    io: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.io is None:
+            if self.train.x.ndim != 4:
+                raise ValueError(f"dataset {self.name!r}: rows of shape {tuple(self.train.x.shape[1:])} are not "
+                                 "images, so its io cannot be derived; pass io={...} (what the family's "
+                                 "make_spec needs)")
+            self.io = self.image_io(self.input_shape, self.num_classes)
+
+    @staticmethod
+    def image_io(shape: tuple[int, ...], num_classes: int) -> dict:
+        """The ``io`` of C×H×W images with ``num_classes`` classes."""
+        c, h, w = (int(d) for d in shape)
+        return {"in_chans": c, "img_size": h if h == w else [h, w], "num_classes": int(num_classes)}
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train.x.shape[1:]
-        return int(c), int(h), int(w)
+    def input_shape(self) -> tuple[int, ...]:
+        """One row's shape: C×H×W for images."""
+        return tuple(int(d) for d in self.train.x.shape[1:])
 
     def describe(self) -> dict:
         """Flat facts for run params/tags."""
@@ -224,14 +238,14 @@ def load_digits(*, seed: int = 0, img_size: int = 8) -> DatasetSplits:
         x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
     y = torch.from_numpy(bunch.target.astype(np.int64))
     parts = _split_indices(len(y), 0.15, 0.15, seed)
-    train, val, test = (ArrayDataset(x[torch.from_numpy(parts[s])], y[torch.from_numpy(parts[s])]) for s in _SPLITS)
+    train, val, test = (ArrayDataset(x[torch.from_numpy(parts[s])], y[torch.from_numpy(parts[s])]) for s in SPLITS)
     return DatasetSplits("digits" if img_size == 8 else f"digits{img_size}", train, val, test, num_classes=10)
 
 
 # parquet ----------------------------------------------------------------------------------------------------
 
 
-def _read_table(path: str | Path) -> pa.Table:
+def read_table(path: str | Path) -> pa.Table:
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith(("_", ".")))
@@ -283,7 +297,7 @@ def _decode_bytes(arr: pa.Array, column: str) -> list[np.ndarray]:
     return out
 
 
-def _column_images(table: pa.Table, column: str = "image") -> np.ndarray:
+def column_images(table: pa.Table, column: str = "image") -> np.ndarray:
     """The image column as one N×... numpy array, whatever form it was stored in."""
     field = table.schema.field(column)
     typ, meta, chunks = field.type, field.metadata or {}, table.column(column).chunks
@@ -315,7 +329,7 @@ def _column_images(table: pa.Table, column: str = "image") -> np.ndarray:
     return flat
 
 
-def _as_nchw(images: np.ndarray, column: str) -> np.ndarray:
+def as_nchw(images: np.ndarray, column: str) -> np.ndarray:
     """2D images get one channel; 3D channel-last images (H×W×{1,3,4}) are moved to channel-first."""
     if images.ndim == 3:
         return images.reshape(images.shape[0], 1, *images.shape[1:])
@@ -344,7 +358,7 @@ def load_parquet(path: str | Path, *, val_fraction: float = 0.1, test_fraction: 
     """User data: columns ``image`` and ``label`` (optional ``split``). Normalized per channel by the train
     split's mean/std, so any image format lands on the same scale. A ``split`` column is honoured; a split it
     leaves empty (val or test) is carved from train by the fractions."""
-    table = _read_table(path)
+    table = read_table(path)
     for col, fix in (("image", "an image per row (tensor, list of numbers, or PNG/JPEG bytes)"),
                      ("label", "integer class ids 0..K-1")):
         if col not in table.column_names:
@@ -352,7 +366,7 @@ def load_parquet(path: str | Path, *, val_fraction: float = 0.1, test_fraction: 
                              f"add a `{col}` column with {fix}")
     if table.num_rows == 0:
         raise ValueError(f"{path}: no rows; the `image` and `label` columns are empty")
-    raw = _as_nchw(_column_images(table), "image")
+    raw = as_nchw(column_images(table), "image")
     x = raw.astype(np.float32) / (255.0 if raw.dtype == np.uint8 else 1.0)
     y = _column_labels(table)
     if "split" in table.column_names:
@@ -362,7 +376,7 @@ def load_parquet(path: str | Path, *, val_fraction: float = 0.1, test_fraction: 
             raise ValueError(f"column `split` has unknown values {unknown}; use train / val / test "
                              "(or drop the column for a seeded split)")
         values = np.array([_SPLIT_ALIASES[v] for v in values])
-        parts = {s: np.flatnonzero(values == s) for s in _SPLITS}
+        parts = {s: np.flatnonzero(values == s) for s in SPLITS}
         if not len(parts["train"]):
             raise ValueError("column `split` has no `train` rows; mark some rows train (or drop the column)")
         rng = np.random.default_rng(seed)
@@ -414,104 +428,3 @@ def load_splits(dataset: str, limit: int | None = None, seed: int = 0) -> Datase
         return load_fashion_mnist(limit=limit, seed=seed)
     splits = load_dataset(dataset)
     return limit_splits(splits, limit, seed) if limit else splits
-
-
-def to_parquet(ds: ArrayDataset, path: str | Path, *, split: str | None = None) -> Path:
-    """One split as parquet with a fixed-shape tensor ``image`` column, the form Ray Data's read_parquet turns
-    straight into N×C×H×W numpy batches. A ``split`` column is for :func:`load_parquet`; drop it
-    (``select_columns``) before ``iter_torch_batches``, which cannot convert strings."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    x = np.ascontiguousarray(ds.x.detach().cpu().numpy(), dtype=np.float32)
-    # Built from the flat buffer, not from_numpy_ndarray: that infers a dim permutation from strides, and
-    # size-1 dims (C=1) can carry any stride, which silently stores shape (H, 1, W) plus a permutation.
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), int(np.prod(x.shape[1:])))
-    columns = {
-        "image": pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), x.shape[1:]), storage),
-        "label": pa.array(ds.y.detach().cpu().numpy().astype(np.int64), type=pa.int64()),
-    }
-    if split is not None:
-        columns["split"] = pa.array([split] * len(ds), type=pa.string())
-    pq.write_table(pa.table(columns), path, row_group_size=PARQUET_ROW_GROUP)
-    return path
-
-
-def export_parquet(splits: DatasetSplits, out_dir: str | Path) -> dict[str, Path]:
-    """``out_dir/{train,val,test}.parquet`` with only ``image`` and ``label``: a string ``split`` column would
-    make Ray Data's ``iter_torch_batches`` fail (it converts every column to a tensor)."""
-    out_dir = Path(out_dir)
-    return {s: to_parquet(getattr(splits, s), out_dir / f"{s}.parquet") for s in _SPLITS}
-
-
-def read_parquet_arrays(path: str | Path) -> ArrayDataset:
-    """Inverse of :func:`to_parquet`: the stored values as they are (no scaling, no normalizing)."""
-    table = _read_table(path)
-    x = _as_nchw(_column_images(table), "image")
-    return ArrayDataset(_tensor(x, np.float32), _tensor(table.column("label").to_numpy(), np.int64))
-
-
-def batch_to_tensors(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Ray Data numpy batch -> (float32 B×C×H×W, int64 B). Ray gives fixed-shape tensor columns as one
-    ndarray, ragged or pickled ones as an object array of per-row arrays; both are accepted."""
-    images = batch["image"]
-    if images.dtype == object:
-        if not len(images):
-            raise ValueError("empty batch: no images")
-        images = np.stack([np.asarray(a) for a in images])
-    x = _tensor(images, np.float32)
-    if x.ndim == 3:
-        x = x.unsqueeze(1)
-    if x.ndim != 4:
-        raise ValueError(f"batch `image` must be B×C×H×W (or B×H×W), got shape {tuple(x.shape)}")
-    y = _tensor(batch["label"], np.int64)
-    return x, y
-
-
-# Parquet for Ray Data -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class PreparedData:
-    """Parquet files Ray Data reads (train, test) plus what a header records about the data."""
-
-    paths: dict[str, str]
-    info: dict
-    input_shape: tuple[int, ...]
-    num_classes: int
-    train_rows: int
-
-
-def prepare_parquet(dataset: str, out_dir: Path, limit: int | None = None, seed: int = 0) -> PreparedData:
-    """Parquet files for Ray Data (workers on other nodes read files, never driver memory).
-
-    A folder already holding ``train.parquet`` + ``test.parquet`` (:func:`export_parquet`) is read as it is;
-    anything else is loaded with :func:`load_splits` and exported into ``out_dir`` once."""
-    folder = Path(dataset)
-    if folder.is_dir() and (folder / "train.parquet").is_file() and (folder / "test.parquet").is_file():
-        if limit:
-            raise ValueError(f"--limit does not apply to the ready parquet folder {folder}; export a smaller one")
-        return describe_parquet(folder, dataset)
-    source = {"dataset": str(dataset), "limit": limit, "seed": seed}
-    marker = Path(out_dir) / "source.json"
-    if marker.is_file():  # exported by an earlier run of this job
-        before = json.loads(marker.read_text())
-        if {k: before.get(k) for k in source} == source:
-            return describe_parquet(Path(out_dir), dataset, name=before.get("name"), limit=limit)
-    splits = load_splits(dataset, limit, seed)
-    export_parquet(splits, out_dir)
-    marker.write_text(json.dumps({**source, "name": splits.name}))
-    return describe_parquet(Path(out_dir), dataset, name=splits.name, limit=limit)
-
-
-def describe_parquet(folder: Path, source: str, name: str | None = None, limit: int | None = None) -> PreparedData:
-    """Rows, image shape and classes from parquet metadata and the label column (no image decoding)."""
-    paths = {s: str(folder / f"{s}.parquet") for s in _SPLITS if (folder / f"{s}.parquet").is_file()}
-    typ = pq.read_schema(paths["train"]).field("image").type
-    if not isinstance(typ, pa.FixedShapeTensorType) or len(typ.shape) != 3:
-        raise ValueError(f"{paths['train']}: `image` is {typ}, not a C×H×W tensor column; write the folder with "
-                         f"weit_core.data.export_parquet")
-    labels = {s: pq.read_table(p, columns=["label"]).column("label").to_numpy() for s, p in paths.items()}
-    num_classes = int(max(int(v.max()) for v in labels.values() if len(v)) + 1)
-    info = {"name": name or folder.name, "source": source, "limit": limit, "input_shape": list(typ.shape),
-            "num_classes": num_classes, **{s: len(v) for s, v in labels.items()}}
-    return PreparedData(paths, info, tuple(int(d) for d in typ.shape), num_classes, len(labels["train"]))

@@ -34,11 +34,17 @@ def drop_reasons(family: Family | str = "vit") -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TaskShape:
-    """What the model sizes of a task depend on, read from its data."""
+    """An image task's ``io`` as a dataclass: kept while callers move to the ``io`` dict (``DatasetSplits.io``)
+    that sizes are checked against."""
 
     in_chans: int
     img_size: int
     num_classes: int
+
+
+def as_io(io: dict | TaskShape) -> dict:
+    """The ``io`` dict of a task (a :class:`TaskShape` converted)."""
+    return dataclasses.asdict(io) if isinstance(io, TaskShape) else dict(io)
 
 
 @dataclass(frozen=True)
@@ -77,20 +83,20 @@ def points(axes: dict[str, Axis], samples: int | None, seed: int) -> list[dict]:
     return list({tuple(p.values()): p for p in typed}.values())
 
 
-def check_size(size: dict, shape: TaskShape, patch: int, cons: Any, block: int | None,
+def check_size(size: dict, io: dict | TaskShape, patch: int | None, cons: Any, block: int | None,
                family: Family | str = "vit") -> str | None:
-    """The first reason ``size`` is dropped (a key of :func:`drop_reasons`; None: it is kept): what the family
-    cannot build, the width multiple, what the bank's blocks cannot tile, the head width, then the budgets
-    (``cons`` has a space's constraints as attributes)."""
-    fam, io = _family(family), {"patch": patch, **dataclasses.asdict(shape)}
+    """The first reason ``size`` is dropped (a key of :func:`drop_reasons`; None: it is kept) for a task's
+    ``io``: what the family cannot build, the width multiple, what the bank's blocks cannot tile, the head
+    width, then the budgets (``cons`` has a space's constraints as attributes; ``patch`` None: io's own)."""
+    fam, io = _family(family), {**as_io(io), **({} if patch is None else {"patch": patch})}
     can_build = fam.check_size or (lambda size, block: None)
-    if reason := can_build({**io, **size}, None):  # a family may test the size against the task's images
+    if reason := can_build({**io, **size}, None):  # a family may test the size against the task's I/O
         return reason
-    if isinstance(cons.width_multiple, int) and size["width"] % cons.width_multiple:
+    if isinstance(cons.width_multiple, int) and "width" in size and size["width"] % cons.width_multiple:
         return "width_not_multiple"
     if block and (reason := can_build(size, block)):
         return reason
-    if cons.min_head_dim or cons.max_head_dim:
+    if (cons.min_head_dim or cons.max_head_dim) and "heads" in size:
         hd = size["width"] // size["heads"]
         if (cons.min_head_dim and hd < cons.min_head_dim) or (cons.max_head_dim and hd > cons.max_head_dim):
             return "head_dim_out_of_range"
@@ -175,13 +181,13 @@ def size_range(family: Family, ref: Any, points: list[dict], *, block: int, widt
 
 
 
-def keep_sizes(points: list[dict], shape: TaskShape, patch: int, cons: Any, block: int | None,
+def keep_sizes(points: list[dict], io: dict | TaskShape, patch: int | None, cons: Any, block: int | None,
                family: Family | str = "vit") -> tuple[list[dict], dict[str, int]]:
     """The points :func:`check_size` keeps, and how many it drops by reason (in the order first met)."""
     reasons = []
     for p in points:
         try:
-            reasons.append(check_size(p, shape, patch, cons, block, family))
+            reasons.append(check_size(p, io, patch, cons, block, family))
         except ValueError as e:
             raise ValueError(f"size {p}: {e}") from e
     dropped: dict[str, int] = {}

@@ -64,6 +64,38 @@ class Family:
     drop_reasons: dict[str, str] = field(default_factory=dict)
     spec_of_model: Callable[[nn.Module], Any] | None = None
     """The spec of an ordinary model of this family (an ancestry passed without its spec)."""
+    default_size: dict = field(default_factory=dict)
+    """The size ``weit ancestry`` and ``weit distill`` build when none is named: the size axes plus the
+    ``io`` keys ``make_spec`` also reads (a ViT's patch); its keys are what a size may set."""
+    size_of: Callable[[Any], dict] | None = None
+    """The size (keys of ``default_size``) of a spec, e.g. a teacher's; default: the spec's attributes."""
+
+    @property
+    def size_keys(self) -> tuple[str, ...]:
+        """What a size may set: the axes, then the other keys of ``default_size``."""
+        return tuple(dict.fromkeys([*self.size_axes, *self.default_size]))
+
+    def size_from_spec(self, spec: Any) -> dict:
+        if self.size_of is not None:
+            return self.size_of(spec)
+        return {k: getattr(spec, k) for k in self.size_keys if hasattr(spec, k)}
+
+    def spec_for(self, size: dict, io: dict) -> Any:
+        """The spec of ``size`` for a task's ``io`` (size keys override io's: a patch is both); a ValueError
+        names what does not fit."""
+        if unknown := sorted(set(size) - set(self.size_keys)):
+            raise ValueError(f"unknown {self.name} size key(s) {unknown}; {self.name} sizes set "
+                             f"{', '.join(self.size_keys)}")
+        if self.make_spec is None:
+            raise ValueError(f"family {self.name!r} cannot make a spec from a size (no make_spec)")
+        if isinstance(io.get("img_size"), list):
+            raise ValueError(f"images are {io['img_size'][0]}x{io['img_size'][1]}; {self.name} needs square images")
+        size = {**self.default_size, **size}
+        try:
+            return self.make_spec(size, {**io, **size})
+        except KeyError as e:
+            raise ValueError(f"{self.name} needs {e} in the data's io (has {sorted(io)}); is this data for "
+                             f"another kind of task?") from e
 
     def spec_from_dict(self, d: dict) -> Any:
         return self.spec_type.from_dict(d)

@@ -254,4 +254,5 @@ def spec_of_model(model: torch.nn.Module) -> ViTSpec:
 VIT = register_family(Family(
     name="vit", spec_type=ViTSpec, build=create_vit, layout=vit_layout, kinds=vit_kinds, free_names=free_names,
     size_maps=size_maps, resize_grids=resize_grids, resize_free=resize_free, size_axes=SIZE_AXES,
-    make_spec=make_spec, check_size=check_size, drop_reasons=DROP_REASONS, spec_of_model=spec_of_model))
+    make_spec=make_spec, check_size=check_size, drop_reasons=DROP_REASONS, spec_of_model=spec_of_model,
+    default_size={"depth": 6, "width": 96, "heads": 3, "mlp_ratio": 4.0, "patch": 4}))  # >= 88% on Fashion-MNIST
