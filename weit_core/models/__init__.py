@@ -3,6 +3,7 @@
 
 from weit_core.models.convnext import CONVNEXT, ConvNeXtSpec, create_convnext
 from weit_core.models.family import Family, family_names, family_of, get_family, register_family
+from weit_core.models.policy import POLICY, PolicySpec, create_policy  # noqa: F401  (the policy family)
 from weit_core.models.templated import TemplatedModel
 from weit_core.models.vit import (
     INIT_MODES,
