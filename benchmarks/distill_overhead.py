@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from pipelines.common import init_ray  # noqa: E402
 from pipelines.distill import DistillConfig, aux_spec, build_aux, run_distill  # noqa: E402
-from pipelines.runner import save_train_state, worker_config  # noqa: E402
+from weit_core.jobs import save_train_state, worker_config  # noqa: E402
 from weit_core.parquet import prepare_parquet, read_parquet_arrays  # noqa: E402
 from weit_core.teacher import load_teacher  # noqa: E402
 from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything, warmup_cosine  # noqa: E402

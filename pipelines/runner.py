@@ -8,9 +8,7 @@ and the terminal as they come."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import queue as queue_lib
 import tempfile
 import threading
@@ -19,28 +17,25 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import ray
 import ray.data
 import ray.train
 import torch
 import typer
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipelines.common import UserError, storage_path
+from pipelines.common import storage_path
 from pipelines.tracking import Tracker
-from weit_core.parquet import PreparedData, batch_to_tensors, prepare_parquet
+from weit_core.jobs import load_train_state, save_train_state
+from weit_core.parquet import Loader, PreparedData, batch_to_tensors, prepare_parquet
 from weit_core.tasks import get_task
 from weit_core.teacher import rebuild_teacher
 from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything, warmup_cosine
 
 PREFIX = "[weit]"
-JOB_FILE = "weit_job.json"
 EVAL_BATCH = 512
-SHUFFLE_BUFFER_MAX = 32768
-"""Rows each worker keeps for its local shuffle; a shard up to this size is fully shuffled every epoch."""
 MATERIALIZE_MAX_BYTES = 2 << 30
 
 WrapBatches = Callable[..., Iterator]
@@ -48,7 +43,11 @@ WrapBatches = Callable[..., Iterator]
 timing, logging, or a test's injected fault."""
 
 # the options `weit ancestry` and `weit distill` share
-Dataset = Annotated[str, typer.Option(help="fashion_mnist, digits, or a parquet path.")]
+Dataset = Annotated[str, typer.Option(help="fashion_mnist, digits, or a parquet path (what the task reads).")]
+Family = Annotated[str | None, typer.Option(help="Architecture family (vit, convnext, ...; default: the task's).")]
+TaskName = Annotated[str, typer.Option("--task", help="Task: classification, or kind:arg (control:CartPole-v1).")]
+Size = Annotated[str | None, typer.Option(help="Size keys of any family, e.g. depth=2,width=64 (the axis options "
+                                                "override them).")]
 Limit = Annotated[int | None, typer.Option(help="At most this many examples per split (smoke runs).")]
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
 Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine).")]
@@ -75,69 +74,13 @@ class Built:
     """Restarts per-epoch randomness (a sandwich's size draws) so a redone epoch repeats the lost one."""
 
 
-def job_name(out: str | Path, prefix: str) -> str:
-    """A stable Ray Train run name for an output file, so re-running the same command resumes it."""
-    path = Path(out).resolve()
-    return f"{prefix}-{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-
-
-def prepare_job(name: str, storage: str | None, dataset: str, limit: int | None, seed: int) -> tuple[str, Path,
-                                                                                                       PreparedData]:
+def prepare_job(name: str, storage: str | None, dataset: str, limit: int | None, seed: int,
+                load: Loader | None = None) -> tuple[str, Path, PreparedData]:
     """The job's storage, its directory (settings, prepared data; a local temp dir when storage is remote)
-    and its data as parquet there."""
+    and its data (``load``: the task's loader) as parquet there."""
     storage = storage_path(storage)
     directory = Path(storage) / name if "://" not in storage else Path(tempfile.gettempdir()) / name
-    return storage, directory, prepare_parquet(dataset, directory / "data", limit, seed)
-
-
-def job_guard(directory: Path, settings: dict) -> bool:
-    """Refuse to resume a job directory made with different settings; returns True when resuming."""
-    settings, f = json.loads(json.dumps(settings, default=str)), directory / JOB_FILE
-    if f.is_file():
-        before = json.loads(f.read_text())
-        if diff := sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k)):
-            raise UserError(f"{directory} holds a job with different settings ({', '.join(diff[:6])}); rerun "
-                            f"with the same flags to resume, or pass another --out / --name to start a new job")
-        return True
-    directory.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(settings, indent=1, sort_keys=True, default=str))
-    return False
-
-
-def worker_config(build: Callable[[dict], Built], spec: Any, *, epochs: int, lr: float, weight_decay: float,
-                  warmup_epochs: float, batch_size: int, workers: int, train_rows: int, seed: int,
-                  threads: int | None, cpus_per_worker: float = 1.0, **extra) -> dict:
-    """``train_loop_config`` for :func:`train_worker`: the global batch split over workers, the LR schedule
-    laid out over the steps each worker takes (equal shards, so equal step counts); torch threads default to
-    the worker's CPUs, rounded."""
-    threads, per_worker = threads or max(1, math.floor(cpus_per_worker + 0.5)), max(1, batch_size // workers)
-    rows_per_worker = train_rows // workers
-    steps_per_epoch = max(1, math.ceil(rows_per_worker / per_worker))
-    return {"build": build, "spec": spec.to_dict(), "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-            "batch_size": per_worker, "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * epochs,
-            "warmup_steps": round(steps_per_epoch * warmup_epochs), "seed": seed, "threads": threads,
-            "shuffle_buffer": max(1, min(rows_per_worker, SHUFFLE_BUFFER_MAX)), "teacher": None, "tau": 2.0,
-            "wrap_batches": None, "task": "classification", **extra}
-
-
-def save_train_state(d: Path, keep: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in keep.state_dict().items()}, str(d / "model.safetensors"))
-    # our own file, read back only by us with weights_only=True: plain tensors and numbers, no pickled code
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "optimizer.pt")
-    (d / "state.json").write_text(json.dumps(state, indent=1))
-
-
-def load_train_state(d: Path, keep: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict:
-    """Inverse of :func:`save_train_state`; weights are copied into ``keep`` in place (any device)."""
-    device = next(keep.parameters()).device
-    keep.load_state_dict(load_file(str(d / "model.safetensors"), device=str(device)), strict=True)
-    if optimizer is not None:
-        saved = torch.load(d / "optimizer.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-    return json.loads((d / "state.json").read_text())
+    return storage, directory, prepare_parquet(dataset, directory / "data", limit, seed, load)
 
 
 # ------------------------------------------------------------------------------------------------ worker side

@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 
 from pipelines.common import UserError
 from pipelines.distill import DistillConfig, build_aux, plan_range, run_distill
-from pipelines.runner import load_train_state, scaling_config
+from pipelines.runner import scaling_config
 from weit_core.io import load_bank, load_model, save_model
+from weit_core.jobs import load_train_state
 from weit_core.models import ViTSpec, vit_kinds
 from weit_core.models.elastic import AtSize
 from weit_core.models.vit import VIT

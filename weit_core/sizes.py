@@ -165,13 +165,15 @@ def largest(points: list[dict], head_dim: int) -> dict:
 
 
 def size_range(family: Family, ref: Any, points: list[dict], *, block: int, width_rule: str = "nested",
-               depth_rule: str = "nested", source: str = "sizes", dropped: dict | None = None) -> SizeRange:
+               depth_rule: str = "nested", source: str = "sizes", dropped: dict | None = None,
+               make: Any = None) -> SizeRange:
     """The range of ``points`` (size dicts over the family's axes) around the reference spec ``ref``: each
-    size is ``ref`` with the point's axes, checked to be reachable from ``ref`` by the resize rules."""
+    size is ``make(point)`` (default: ``ref`` with the point's axes, where they are spec fields), checked to be
+    reachable from ``ref`` by the resize rules."""
     sizes: list[Any] = []
     for p in points:
         try:
-            spec = replace(ref, **p)
+            spec = make(p) if make is not None else replace(ref, **p)
             family.size_maps(ref, spec, block, width_rule, depth_rule)
         except ValueError as e:
             raise ValueError(f"size {family.size_name(p)} of the range: {e}") from e
@@ -179,6 +181,22 @@ def size_range(family: Family, ref: Any, points: list[dict], *, block: int, widt
             sizes.append(spec)
     return SizeRange(ref, sorted(sizes, key=lambda s: s.num_params()), source, dict(dropped or {}))
 
+
+def parse_size(text: str | None, family: Family | str) -> dict:
+    """``"depth=2,width=64"`` -> ``{"depth": 2, "width": 64}`` (numbers typed); keys the family's own."""
+    fam, size = _family(family), {}
+    for item in filter(None, (text or "").replace(" ", "").split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not value:
+            raise ValueError(f"--size {text!r}: expected key=value pairs separated by commas, e.g. depth=2,width=64")
+        if key not in fam.size_keys:
+            raise ValueError(f"--size key {key!r} is not a {fam.name} size key; {fam.name} sizes set "
+                             f"{', '.join(fam.size_keys)}")
+        try:
+            size[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError as e:
+            raise ValueError(f"--size {key}={value}: expected a number") from e
+    return size
 
 
 def keep_sizes(points: list[dict], io: dict | TaskShape, patch: int | None, cons: Any, block: int | None,
@@ -227,30 +245,40 @@ def check_range(*, depths: list[int] | None, widths: list[int] | None, heads: in
 def plan_range(make_ref: Any, base: dict, given: dict, *, depths: list[int] | None = None,
                widths: list[int] | None = None, head_dim: int | None = None, points: list[dict] | None = None,
                block: int, width_rule: str = "nested", depth_rule: str = "nested", source: str = "sizes",
-               dropped: dict | None = None) -> SizeRange:
-    """A ViT stage-1 plan: the reference (``make_ref(size)``, ``base`` the default size, ``given`` the keys set
-    explicitly) and the range around it: depths x widths (heads = width / ``head_dim``, else the default's head
-    dim; or the given heads), or ``points`` (a space's kept sizes). The reference defaults to the range's
-    largest size, so every size is a sub-model of it; explicit keys still set it. No range: the reference alone."""
+               dropped: dict | None = None, family: Family | str = "vit") -> SizeRange:
+    """A stage-1 plan: the reference (``make_ref(size)``, ``base`` the default size, ``given`` the keys set
+    explicitly) and the range around it: depths x widths (a ViT's heads = width / ``head_dim``, else the
+    default's head dim; or the given heads), or ``points`` (a space's kept sizes). The reference defaults to
+    the range's largest size, so every size is a sub-model of it; explicit keys still set it. No range: the
+    reference alone."""
+    fam = _family(family)
     if depths is None and widths is None and points is None:
         return SizeRange(make_ref({**base, **given}), [])
+    heads = "heads" in fam.size_axes
+    if not heads and head_dim is not None:
+        raise ValueError(f"{fam.name} sizes have no heads; drop --head-dim")
     if points is not None:
-        head_dim = common_head_dim(points)
+        head_dim = common_head_dim(points) if heads else None
     else:
-        head_dim = head_dim or base["width"] // base["heads"]
         widths = widths or [given.get("width", base["width"])]
-        for w in widths:
-            if "heads" not in given and w % head_dim:
-                raise ValueError(f"width {w} is not a multiple of the head dim {head_dim} (the teacher's, else the "
-                                 "default's); give head_dim or heads")
-        points = grid(depths or [given.get("depth", base["depth"])], widths, head_dim=head_dim,
-                      mlp_ratio=given.get("mlp_ratio", base["mlp_ratio"]), heads=given.get("heads"))
+        depths = depths or [given.get("depth", base["depth"])]
+        if heads:
+            head_dim = head_dim or base["width"] // base["heads"]
+            for w in widths:
+                if "heads" not in given and w % head_dim:
+                    raise ValueError(f"width {w} is not a multiple of the head dim {head_dim} (the teacher's, else "
+                                     "the default's); give head_dim or heads")
+            points = grid(depths, widths, head_dim=head_dim, mlp_ratio=given.get("mlp_ratio", base["mlp_ratio"]),
+                          heads=given.get("heads"))
+        else:
+            points = [{"depth": d, "width": w} for d in depths for w in widths]
     width = given.get("width", max(p["width"] for p in points))
-    if "heads" not in given and width % head_dim:
-        raise ValueError(f"the reference width {width} is not a multiple of the head dim {head_dim}; give heads")
-    ref = {**largest(points, head_dim), "patch": base["patch"], **given, "width": width}
-    ref["heads"] = given.get("heads", width // head_dim)
-    from weit_core.models.vit import VIT
-
-    return size_range(VIT, make_ref(ref), points, block=block, width_rule=width_rule, depth_rule=depth_rule,
-                      source=source, dropped=dropped)
+    if heads:
+        if "heads" not in given and width % head_dim:
+            raise ValueError(f"the reference width {width} is not a multiple of the head dim {head_dim}; give heads")
+        ref = {**base, **largest(points, head_dim), **given, "width": width}
+        ref["heads"] = given.get("heads", width // head_dim)
+    else:
+        ref = {**base, "depth": max(p["depth"] for p in points), **given, "width": width}
+    return size_range(fam, make_ref(ref), points, block=block, width_rule=width_rule, depth_rule=depth_rule,
+                      source=source, dropped=dropped, make=None if heads else lambda p: make_ref({**ref, **p}))

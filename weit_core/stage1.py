@@ -1,4 +1,5 @@
-"""Stage 1 in one process: make a template bank over a size range, with a teacher (WAVE) or without (WeiT).
+"""Stage 1: what a job is (:class:`DistillConfig`), the sizes it trains (:func:`plan`), and, in one process,
+making a template bank over a size range with a teacher (WAVE) or without (WeiT).
 
 The same pieces run inside Ray Train's workers (``pipelines/distill.py``); this in-process form serves the
 tests, the benchmarks and anyone without a cluster. The loop is :func:`weit_core.train.fit`.
@@ -6,16 +7,20 @@ tests, the benchmarks and anyone without a cluster. The loop is :func:`weit_core
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from weit_core.models.elastic import AtSize, ElasticModel, range_model
-from weit_core.models.family import Family
-from weit_core.templates import TemplateBank
+from weit_core.models.family import Family, family_of, get_family
+from weit_core.sizes import SizeRange, check_range, parse_size, plan_range
+from weit_core.tasks import CLASSIFICATION, Task
+from weit_core.templates import Scalers, TemplateBank
 from weit_core.train import (
     evaluate,
     fit,
@@ -24,6 +29,137 @@ from weit_core.train import (
     seed_everything,
     warmup_cosine,
 )
+
+
+def parse_sizes(text: str | None, flag: str) -> list[int] | None:
+    """``"2,4,6"`` -> ``[2, 4, 6]``."""
+    try:
+        values = None if text is None else [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as e:
+        raise ValueError(f"{flag} {text!r}: expected whole numbers separated by commas, e.g. 2,4,6") from e
+    if values == []:
+        raise ValueError(f"{flag} is empty; give a comma-separated list such as 2,4,6")
+    return values
+
+
+@dataclass
+class DistillConfig:
+    """Everything one stage-1 job needs; every field is logged as a param. ``depths``, ``widths``, ``size`` and
+    ``teacher_kwargs`` may be given as the CLI's text."""
+
+    teacher: str | None = None  # a weit model file, a timm name (with teacher_checkpoint), or None/"none": WeiT
+    teacher_checkpoint: str | None = None
+    teacher_kwargs: dict = field(default_factory=dict)
+    dataset: str = "fashion_mnist"
+    task: str = "classification"
+    family: str | None = None  # the aux family: a weit teacher's, else this, else the task's default
+    limit: int | None = None
+    aux: dict = field(default_factory=dict)
+    """Aux size keys (the family's ``size_keys``); unset ones come from a weit teacher's size, else the family's
+    ``default_size``; the rest of the spec (image size, channels, classes) from the data's ``io``."""
+    size: str | None = None  # more aux keys as text: "depth=2,width=64"
+    depths: list[int] | None = None  # a range: depths x widths (None: the reference's)
+    widths: list[int] | None = None
+    head_dim: int | None = None  # a range's heads = width / head_dim; an explicit aux["heads"] fixes them
+    space: str | None = None  # a range: the sizes a tune_spaces YAML keeps
+    n_random: int = 1  # sandwich rule: sizes drawn per step besides the largest and the smallest
+    width_rule: str = "nested"
+    depth_rule: str = "nested"
+    n_templates: int = 16
+    block: int = 16
+    order: str = "scaler_major"
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    tau: float = 2.0
+    batch_size: int = 128  # global: each worker sees batch_size // workers per step
+    workers: int = 2
+    cpus_per_worker: float = 0.5
+    """Fractional on purpose: workers holding every CPU leave none for Ray Data's read tasks (deadlock)."""
+    threads: int | None = None
+    use_gpu: bool = False
+    max_failures: int = 1
+    out: str = "bank.safetensors"
+    storage: str | None = None
+    name: str | None = None
+    address: str | None = None
+    mlflow_uri: str | None = None
+    experiment: str = "weit-distill"
+    seed: int = 0
+    quiet: bool = False
+    wrap_batches: Callable | None = None  # instrumentation, not a setting: a rerun without it resumes
+
+    def __post_init__(self) -> None:
+        self.depths = parse_sizes(self.depths, "--depths") if isinstance(self.depths, str) else self.depths
+        self.widths = parse_sizes(self.widths, "--widths") if isinstance(self.widths, str) else self.widths
+        if isinstance(self.teacher_kwargs, str):
+            try:
+                self.teacher_kwargs = json.loads(self.teacher_kwargs or "{}")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--teacher-kwargs is not JSON ({e}); e.g. '{{\"num_classes\": 10}}'") from e
+            if not isinstance(self.teacher_kwargs, dict):
+                raise ValueError("--teacher-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+
+    @property
+    def mode(self) -> str:
+        return "weit" if str(self.teacher).strip().lower() in ("", "none") else "wave"
+
+    def check(self) -> None:
+        """What is wrong with the flags, one line, before anything is read or Ray is started."""
+        if self.epochs < 1 or self.workers < 1 or self.batch_size < self.workers:
+            raise ValueError("need --epochs >= 1, --workers >= 1 and --batch-size >= --workers")
+        if self.space is not None and (self.depths, self.widths, self.head_dim) != (None, None, None):
+            raise ValueError("--space lists the sizes itself; drop --depths / --widths / --head-dim")
+        try:
+            check_range(depths=self.depths, widths=self.widths, heads=self.aux.get("heads"), head_dim=self.head_dim,
+                        block=self.block, n_random=self.n_random, width_rule=self.width_rule,
+                        depth_rule=self.depth_rule)
+        except ValueError as e:
+            raise ValueError(f"distill range: {e}") from e
+
+    def aux_family(self, task: Task, teacher_spec: Any = None) -> Family:
+        """A weit teacher's family (``--family`` must agree), else ``--family``, else the task's default."""
+        if teacher_spec is not None:
+            fam = family_of(teacher_spec)
+            if self.family not in (None, fam.name):
+                raise ValueError(f"the teacher is a {fam.name} but --family is {self.family}; drop --family "
+                                 f"(the teacher's family is the bank's)")
+            return fam
+        return get_family(self.family or task.default_family)
+
+
+def plan(config: DistillConfig, family: Family, io: dict, teacher_spec: Any = None,
+         space: dict | None = None) -> SizeRange:
+    """The reference size and the range of a job: aux keys given by flags, the rest from a weit teacher's size,
+    else the family's ``default_size``; the range from --depths/--widths or a space's kept sizes (``space``:
+    ``points``, ``dropped``, ``source``, its ``patch``). Each spec is checked against the bank's templates."""
+    config.check()
+    given = {**parse_size(config.size, family), **{k: v for k, v in config.aux.items() if v is not None}}
+    if unknown := sorted(set(given) - set(family.size_keys)):
+        raise ValueError(f"unknown {family.name} size key(s) {unknown}; {family.name} sizes set "
+                         f"{', '.join(family.size_keys)}")
+    base = {**family.default_size, **(family.size_from_spec(teacher_spec) if teacher_spec is not None else {})}
+    space = dict(space or {"source": "--depths/--widths"})
+    if (patch := space.pop("patch", None)) is not None:
+        base["patch"] = given.get("patch", patch)
+
+    def make(size: dict) -> Any:
+        try:
+            spec = family.spec_for(size, io)
+            Scalers(family.layout(spec), family.kinds(spec, config.n_templates, config.block))
+        except ValueError as e:
+            raise ValueError(f"aux model: {e}") from e
+        return spec
+
+    return plan_range(make, base, given, depths=config.depths, widths=config.widths, head_dim=config.head_dim,
+                      block=config.block, width_rule=config.width_rule, depth_rule=config.depth_rule, family=family,
+                      **space)
+
+
+def aux_spec(config: DistillConfig, family: Family, io: dict, teacher_spec: Any = None) -> Any:
+    """The aux size without a range: explicit flags, else the weit teacher's size, else the family default."""
+    return plan(replace(config, depths=None, widths=None, space=None), family, io, teacher_spec).ref
 
 
 def build_elastic(family: Family, ref_spec: Any, *, n: int = 4, block: int = 16, order: str = "scaler_major",
@@ -40,7 +176,7 @@ def make_bank(
     warmup_epochs: float = 1.0, batch_size: int = 128, tau: float = 2.0, n_random: int = 1, seed: int = 0,
     device: str = "cpu", max_steps: int | None = None, time_budget_s: float | None = None,
     eval_data: tuple[torch.Tensor, torch.Tensor] | None = None, eval_sizes: list[Any] | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None, task: Task = CLASSIFICATION,
 ) -> list[dict]:
     """Train ``elastic`` in place: every size of ``sizes`` (sandwich rule) or the reference alone, AdamW
     with a linear warm-up then cosine decay.
@@ -72,8 +208,9 @@ def make_bank(
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items() if k not in ("epoch", "train_s")}}
         if eval_data is not None:
             for s in watch:
-                ev = evaluate(AtSize(elastic, s), iterate_batches(*eval_data, 512, shuffle=False), device=device)
-                row[f"eval_acc@{s.label}"] = ev["acc"]
+                ev = evaluate(AtSize(elastic, s), iterate_batches(*eval_data, 512, shuffle=False), task=task,
+                              device=device)
+                row[f"eval_{task.metric}@{s.label}"] = ev[task.metric]
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         history.append(row)
         if on_epoch is not None:
@@ -83,7 +220,7 @@ def make_bank(
             sched.lr_lambdas[0].total = steps_per_epoch * planned
         return epoch < planned
 
-    fit(model, batches, opt, epochs=epochs, on_epoch=after, teacher=teacher, tau=tau, device=device,
+    fit(model, batches, opt, epochs=epochs, on_epoch=after, teacher=teacher, tau=tau, task=task, device=device,
         max_steps=steps_per_epoch, scheduler=sched)
     return history
 

@@ -93,14 +93,15 @@ def _weit_model(path: Path) -> Teacher:
 
 
 def check_teacher(teacher: Teacher, input_shape: tuple[int, ...], num_classes: int) -> None:
-    """One forward on a dummy batch of the data's shape: the teacher must output one logit per class."""
+    """One forward on a dummy batch of the data's shape: the teacher must output one logit per class (where
+    the data has classes)."""
     try:
         with torch.no_grad():
             out = teacher.model(torch.zeros(2, *input_shape))
     except Exception as e:  # shape mismatches surface as RuntimeError/ValueError/AssertionError in timm
         raise TeacherError(f"teacher cannot read inputs of shape {input_shape} ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]}); build it for this data (--teacher-kwargs)") from e
-    if tuple(out.shape) != (2, num_classes):
+    if num_classes and tuple(out.shape) != (2, num_classes):
         raise TeacherError(f"teacher outputs {tuple(out.shape[1:])} per example but the data has {num_classes} "
                            f"classes")
 
