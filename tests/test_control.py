@@ -198,3 +198,29 @@ def test_a_trained_expert_round_trips_through_safetensors(cache, tmp_path):
     expert = load_sb3_expert(path)
     rets = [e.ret for e in run_episodes("Acrobot-v1", expert.act, EVAL_EPISODES, EVAL_SEED)]
     assert float(np.mean(rets)) == pytest.approx(header["mean_return"])
+
+
+def test_weight_selection_makes_policies_from_a_larger_one(cartpole_data):
+    """The ViT rule on a policy: at the ancestry's own size the features are the ancestry's; a smaller
+    target holds the ancestry's selected rows and columns; a bigger one or another context is refused."""
+    from weit_core.models.policy import POLICY, create_policy
+    from weit_core.strategies import can_make, init_model
+    from weit_core.tasks import get_task
+
+    data = get_task(f"control:{CARTPOLE}").load(str(cartpole_data[0]))
+    big = POLICY.spec_for({"depth": 2, "width": 32, "heads": 2}, data.io)
+    small = POLICY.spec_for({"depth": 1, "width": 16, "heads": 2}, data.io)
+    torch.manual_seed(0)
+    ancestry = create_policy(big)
+    x = data.val.x[:32]
+    same = init_model("weight_selection", big, ancestry=ancestry, ancestry_spec=big, seed=1).model
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval().forward_features(x), ancestry.eval().forward_features(x))
+    assert not torch.equal(same.head.weight, ancestry.head.weight)  # the head is new
+    model = init_model("weight_selection", small, ancestry=ancestry, ancestry_spec=big, seed=0).model
+    assert model(x).shape == (32, 2)
+    idx = torch.arange(16) * 2  # uniform: every other channel of 32
+    torch.testing.assert_close(model.state_dict()["state_embed.weight"], ancestry.state_dict()["state_embed.weight"][idx])
+    assert can_make("weight_selection", big, ancestry_spec=small) == "larger_than_ancestry"
+    other = POLICY.spec_for({"depth": 1, "width": 16, "heads": 2}, {**data.io, "context": 8})
+    assert can_make("weight_selection", other, ancestry_spec=big) == "tokens_differ_from_ancestry"

@@ -18,6 +18,10 @@ ConvNeXt (the paper's CNN): layer selection within each stage (the first N block
 spaced), uniform element selection per stage: stage ``i``'s channel indices hold in its depthwise kernels,
 norms, layer scales, MLP columns and rows, its downsampling conv's rows and the next stage's downsampling
 norm and conv columns; its MLP units have their own indices. Kernels and the stem patch are kept whole.
+
+Policy transformers (``weit_core.models.policy``) are ViT blocks over a state context: the ViT's plan and block
+rule, with the state embedding's rows and the position table's channels taking the residual indices; the
+state width, context and action kind must be the ancestry's (they are copied as they are).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from torch import nn
 from weit_core.models import CONVNEXT, ConvNeXtSpec, ViTSpec, create_vit
 from weit_core.models.convnext import HEAD as CONVNEXT_HEAD
 from weit_core.models.convnext import param_axes
+from weit_core.models.policy import FIXED as POLICY_FIXED
+from weit_core.models.policy import POLICY, PolicySpec, create_policy
 from weit_core.strategies import InitResult, register
 from weit_core.strategies._common import (
     ancestry_check,
@@ -114,6 +120,49 @@ def select_weights(ancestry: nn.Module, src: ViTSpec, model: nn.Module, plan: di
     return model
 
 
+# ------------------------------------------------------------------------------------------ policy
+
+
+def policy_mismatch(src: PolicySpec, dst: PolicySpec) -> str | None:
+    """The first of state width, context, action kind on which ancestry and target differ."""
+    return next((k for k in POLICY_FIXED if getattr(src, k) != getattr(dst, k)), None)
+
+
+@torch.no_grad()
+def select_policy(ancestry: nn.Module, src: PolicySpec, model: nn.Module, plan: dict[str, torch.Tensor]) -> nn.Module:
+    """The ViT rule on a policy: blocks by :func:`_block_index`; the state embedding's rows, the position
+    table's and the final norm's channels by the residual indices; the head stays new."""
+    sd = {k: v.detach().cpu() for k, v in ancestry.state_dict().items()}
+    e = plan["embed"]
+    new = {"state_embed.weight": sd["state_embed.weight"][e], "state_embed.bias": sd["state_embed.bias"][e],
+           "pos_embed": sd["pos_embed"][..., e], "norm.weight": sd["norm.weight"][e], "norm.bias": sd["norm.bias"][e]}
+    for t, a in enumerate(plan["layers"].tolist()):
+        new.update({f"blocks.{t}.{k}": v for k, v in _block_index(sd, a, plan, src.width).items()})
+    own = model.state_dict()
+    for k, v in new.items():
+        own[k].copy_(v)
+    return model
+
+
+def _select_policy(spec: PolicySpec, ancestry: nn.Module | None, ancestry_spec: PolicySpec | None, *, seed: int,
+                   init_mode: str, layer_selection: str, element_selection: str, head_aware: bool,
+                   name: str) -> InitResult:
+    ancestry, src = require_ancestry(name, ancestry, ancestry_spec, family=POLICY)
+    key = policy_mismatch(src, spec)
+    if key is not None:
+        raise ValueError(f"strategy {name!r}: ancestry {key}={getattr(src, key)} but target {key}="
+                         f"{getattr(spec, key)}; use a target with the ancestry's {key}")
+    plan = selection_plan(src, spec, layer_selection, element_selection, head_aware)
+    seed_everything(seed)
+    model = select_policy(ancestry, src, create_policy(spec, init_mode, head_seed=seed), plan)
+    return InitResult(model, {
+        "source": "ancestry", "layer_selection": layer_selection, "element_selection": element_selection,
+        "head_aware": head_aware, "ancestry_layers": as_text(plan["layers"]), "ancestry_depth": src.depth,
+        "ancestry_width": src.width, "ancestry_heads": src.heads, "ancestry_hidden": src.hidden,
+        "policy_head": "new", "init_mode": init_mode or "default",
+    })
+
+
 # ------------------------------------------------------------------------------------------ ConvNeXt
 
 
@@ -182,13 +231,17 @@ def _select_convnext(spec: ConvNeXtSpec, ancestry: nn.Module | None, ancestry_sp
     })
 
 
-# ------------------------------------------------------------------------------------------ both families
+# ------------------------------------------------------------------------------------------ every family
 
 
 def _weight_selection(
     spec: ViTSpec | ConvNeXtSpec, ancestry: nn.Module | None, ancestry_spec: ViTSpec | None, *, seed: int,
     init_mode: str, layer_selection: str, element_selection: str, head_aware: bool, name: str,
 ) -> InitResult:
+    if isinstance(spec, PolicySpec):
+        return _select_policy(spec, ancestry, ancestry_spec, seed=seed, init_mode=init_mode, name=name,
+                              layer_selection=layer_selection, element_selection=element_selection,
+                              head_aware=head_aware)
     if isinstance(spec, ConvNeXtSpec):
         if head_aware:
             raise ValueError(f"strategy {name!r}: head_aware selection is for ViTs (a ConvNeXt has no heads)")
@@ -217,10 +270,19 @@ def _check(head_aware: bool):
         found = convnext_problem(src, dst) if isinstance(dst, ConvNeXtSpec) else selection_problem(src, dst, head_aware)
         return (found or (None,))[0]
 
-    return ancestry_check(problem)
+    spec_check = ancestry_check(problem)
+
+    def check(spec, ancestry_spec=None):
+        if isinstance(spec, PolicySpec) and ancestry_spec is not None:  # a policy has no patch tokens
+            if policy_mismatch(ancestry_spec, spec):
+                return "tokens_differ_from_ancestry"
+            return (selection_problem(ancestry_spec, spec, head_aware) or (None,))[0]
+        return spec_check(spec, ancestry_spec)
+
+    return check
 
 
-FAMILIES = ("vit", "convnext")
+FAMILIES = ("vit", "convnext", "policy")
 
 
 @register("weight_selection", needs=("ancestry",), check=_check(head_aware=False), families=FAMILIES)
