@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 EXIT_USER, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
 
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
-    "ancestry": ("pipelines.ancestry", "Train an ancestry ViT (the teacher) on a task."),
+    "ancestry": ("pipelines.ancestry", "Train an ancestry (the teacher) of any family on a task."),
     "distill": ("pipelines.distill",
                 "Stage 1: build a template bank from an ancestry (WAVE) or by pre-training (WeiT), on Ray Train."),
     "sweep": ("pipelines.sweep",
@@ -87,21 +87,33 @@ def _global(
 
 @app.command("data")
 def data_command(
-    name: Annotated[str, typer.Argument(help="fashion_mnist, digits, or a parquet file/folder.")] = "fashion_mnist",
-    out: Annotated[str | None, typer.Option(help="Write the train/val/test splits as parquet into this "
-                                                 "folder (for Ray Data / a cluster).")] = None,
+    name: Annotated[str, typer.Argument(help="fashion_mnist, digits, a parquet file/folder, or kind:arg (a task "
+                                             "kind that makes its data, e.g. control:CartPole-v1).")] = "fashion_mnist",
+    out: Annotated[str | None, typer.Option(help="Write the splits as parquet into this folder (for Ray Data / a "
+                                                 "cluster); where kind:arg writes its data.")] = None,
     limit: Annotated[int | None, typer.Option(help="Keep only this many training examples (Fashion-MNIST).")] = None,
+    episodes: Annotated[int | None, typer.Option(help="kind:arg only: episodes to record.")] = None,
+    seed: Annotated[int, typer.Option(help="kind:arg only: random seed.")] = 0,
 ) -> None:
-    """Show where a dataset is and what it holds; with --out, convert it to parquet."""
+    """Show where a dataset is and what it holds; with --out, convert it to parquet. ``kind:arg`` makes a task
+    kind's data (expert episodes of an environment) into --out."""
     from weit_core import data as wdata
     from weit_core.parquet import to_parquet
 
+    if ":" in name and not Path(name).exists():
+        from weit_core.tasks import get_data_maker
+
+        if out is None:
+            raise UserError(f"`weit data {name}` writes data: give --out DIR")
+        wrote = get_data_maker(name)(name.partition(":")[2], out=out, episodes=episodes, seed=seed)
+        typer.echo(f"{name}: wrote {wrote if wrote is not None else out}")
+        return
     fmnist = name == "fashion_mnist"  # find_fashion_mnist's DataNotFoundError says how to install it
     where = f" (files in {wdata.find_fashion_mnist()})" if fmnist else ""
     splits = wdata.load_fashion_mnist(limit=limit) if fmnist else wdata.load_dataset(name)
-    facts, (c, h, w) = splits.describe(), splits.input_shape
+    facts, shape = splits.describe(), "x".join(map(str, splits.input_shape))
     typer.echo(f"{splits.name}{where}: {facts['n_train']:,} train / {facts['n_val']:,} val / {facts['n_test']:,} "
-               f"test images of {c}x{h}x{w}, {splits.num_classes} classes")
+               f"test images of {shape}, {splits.num_classes} classes")
     if out is not None:
         for s in ("train", "val", "test"):  # with a `split` column: the folder reloads with exactly these splits
             typer.echo(f"  {s:5s} -> {to_parquet(getattr(splits, s), Path(out) / f'{s}.parquet', split=s)}")
