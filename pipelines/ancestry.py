@@ -40,7 +40,7 @@ def build_plain(cfg: dict) -> Built:
 
 
 def train_ancestry(
-    dataset: str = "fashion_mnist", *, family: str | None = None, task: str = "classification",
+    dataset: str | None = None, *, family: str | None = None, task: str = "classification",
     size: str | None = None, depth: int | None = None, width: int | None = None, heads: int | None = None,
     patch: int | None = None, mlp_ratio: float | None = None, epochs: int = 12, lr: float = 1e-3,
     weight_decay: float = 0.05, warmup_epochs: float = 1.0, batch_size: int = 128, seed: int = 0, workers: int = 0,
@@ -121,7 +121,7 @@ def train_ancestry(
 
 
 def ancestry_command(
-    dataset: r.Dataset = "fashion_mnist",
+    dataset: r.Dataset = None,
     family: r.Family = None,
     task: r.TaskName = "classification",
     size: r.Size = None,

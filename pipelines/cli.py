@@ -87,16 +87,14 @@ def _global(
 
 @app.command("data")
 def data_command(
-    name: Annotated[str, typer.Argument(help="fashion_mnist, digits, a parquet file/folder, or kind:arg (a task "
-                                             "kind that makes its data, e.g. control:CartPole-v1).")] = "fashion_mnist",
-    out: Annotated[str | None, typer.Option(help="Write the splits as parquet into this folder (for Ray Data / a "
-                                                 "cluster); where kind:arg writes its data.")] = None,
+    name: Annotated[str, typer.Argument(help="fashion_mnist, digits, a parquet path, or kind:arg "
+                                             "(control:CartPole-v1).")] = "fashion_mnist",
+    out: Annotated[str | None, typer.Option(help="Write it as parquet (splits, or kind:arg's data) here.")] = None,
     limit: Annotated[int | None, typer.Option(help="Keep only this many training examples (Fashion-MNIST).")] = None,
     episodes: Annotated[int | None, typer.Option(help="kind:arg only: episodes to record.")] = None,
     seed: Annotated[int, typer.Option(help="kind:arg only: random seed.")] = 0,
 ) -> None:
-    """Show where a dataset is and what it holds; with --out, convert it to parquet. ``kind:arg`` makes a task
-    kind's data (expert episodes of an environment) into --out."""
+    """Show where a dataset is and what it holds; with --out, convert it to parquet (kind:arg: make it)."""
     from weit_core import data as wdata
     from weit_core.parquet import to_parquet
 
@@ -105,8 +103,11 @@ def data_command(
 
         if out is None:
             raise UserError(f"`weit data {name}` writes data: give --out DIR")
-        wrote = get_data_maker(name)(name.partition(":")[2], out=out, episodes=episodes, seed=seed)
-        typer.echo(f"{name}: wrote {wrote if wrote is not None else out}")
+        more = {} if episodes is None else {"episodes": episodes}  # else the kind's own default
+        wrote = get_data_maker(name)(name.partition(":")[2], out=out, seed=seed, **more)
+        facts = [f"{k} {v}" for k, v in (wrote if isinstance(wrote, dict) else {}).items()
+                 if isinstance(v, int | float | str) and not isinstance(v, bool)]
+        typer.echo(f"{name}: wrote {out}" + (f" ({', '.join(facts)})" if facts else ""))
         return
     fmnist = name == "fashion_mnist"  # find_fashion_mnist's DataNotFoundError says how to install it
     where = f" (files in {wdata.find_fashion_mnist()})" if fmnist else ""

@@ -197,14 +197,12 @@ AXES = ("depth", "width", "heads", "patch", "mlp_ratio")
 
 
 def distill_command(
-    teacher: Annotated[str, typer.Option(help="Ancestry: a weit model file, a timm model name (with "
-                                              "--teacher-checkpoint), or 'none' for WeiT pre-training.")] = "none",
+    teacher: Annotated[str, typer.Option(help="A weit model file, a timm name (+ checkpoint), or 'none': WeiT.")] = "none",
     teacher_checkpoint: Annotated[str | None, typer.Option(help="Safetensors state_dict for a timm --teacher.")] = None,
     teacher_kwargs: Annotated[str | None, typer.Option(help="JSON kwargs for timm.create_model(--teacher).")] = None,
-    dataset: r.Dataset = "fashion_mnist",
+    dataset: r.Dataset = None,
     task: r.TaskName = "classification",
-    family: Annotated[str | None, typer.Option(help="Aux family (default: the teacher file's, else the task's, "
-                                                    "vit).")] = None,
+    family: Annotated[str | None, typer.Option(help="Aux family (default: the teacher's, else the task's).")] = None,
     limit: r.Limit = None,
     size: r.Size = None,
     depth: Annotated[int | None, typer.Option(help="Aux depth (default: teacher's, else the family's).")] = None,
@@ -212,16 +210,12 @@ def distill_command(
     heads: Annotated[int | None, typer.Option(help="Aux ViT heads (default: teacher's, else 3).")] = None,
     patch: Annotated[int | None, typer.Option(help="Aux patch size (default: teacher's, else the family's).")] = None,
     mlp_ratio: Annotated[float | None, typer.Option(help="Aux ViT MLP ratio (default: teacher's, else 4).")] = None,
-    depths: Annotated[str | None, typer.Option(help="Size range: depths to train, e.g. 2,4,6 (crossed with "
-                                                    "--widths; the reference defaults to the largest).")] = None,
-    widths: Annotated[str | None, typer.Option(help="Size range: widths to train, e.g. 64,96 (multiples of "
-                                                    "--block).")] = None,
+    depths: Annotated[str | None, typer.Option(help="Size range: depths, e.g. 2,4,6 (x --widths; ref: the largest).")] = None,
+    widths: Annotated[str | None, typer.Option(help="Size range: widths, e.g. 64,96 (multiples of --block).")] = None,
     head_dim: Annotated[int | None, typer.Option(help="ViT range: heads = width / head dim (default: the "
                                                       "teacher's, else 32); --heads fixes the heads instead.")] = None,
-    space: Annotated[str | None, typer.Option(help="Size range: the valid sizes of a tune_spaces YAML (those "
-                                                   "the sweep would keep for this bank).")] = None,
-    n_random: Annotated[int, typer.Option(help="Sizes drawn per step besides the largest and the smallest "
-                                               "(sandwich rule).")] = 1,
+    space: Annotated[str | None, typer.Option(help="Size range: the sizes a tune_spaces YAML's sweep keeps.")] = None,
+    n_random: Annotated[int, typer.Option(help="Sizes drawn per step beside the largest and smallest.")] = 1,
     width_rule: Annotated[str, typer.Option(help=f"How a size's channels come from the reference's: {RULE}")] = "nested",
     depth_rule: Annotated[str, typer.Option(help=f"How a size's layers come from the reference's: {RULE}")] = "nested",
     n_templates: Annotated[int, typer.Option(help="Templates per kind (N); 16 measured best of 4, 8, 16.")] = 16,
@@ -235,8 +229,7 @@ def distill_command(
     threads: r.Threads = None,
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="One GPU per worker (NCCL).")] = False,
     max_failures: Annotated[int, typer.Option(help="Worker-group restarts from the last checkpoint.")] = 1,
-    out: Annotated[str, typer.Option(help="Bank file to write (safetensors); also names the job for "
-                                          "resume.")] = "bank.safetensors",
+    out: Annotated[str, typer.Option(help="Bank file to write; also names the job (resume).")] = "bank.safetensors",
     storage: r.Storage = None,
     name: Annotated[str | None, typer.Option(help="Job name (default: derived from --out).")] = None,
     address: r.Address = None,

@@ -28,7 +28,7 @@ from torch import nn
 
 from pipelines.common import storage_path
 from pipelines.tracking import Tracker
-from weit_core.jobs import load_train_state, save_train_state
+from weit_core.jobs import all_reduce_sums, epoch_line, load_train_state, outputs, save_train_state
 from weit_core.parquet import Loader, PreparedData, batch_to_tensors, prepare_parquet
 from weit_core.tasks import get_task
 from weit_core.teacher import rebuild_teacher
@@ -43,11 +43,11 @@ WrapBatches = Callable[..., Iterator]
 timing, logging, or a test's injected fault."""
 
 # the options `weit ancestry` and `weit distill` share
-Dataset = Annotated[str, typer.Option(help="fashion_mnist, digits, or a parquet path (what the task reads).")]
+Dataset = Annotated[str | None, typer.Option(help="fashion_mnist, digits, a parquet path, or what the task reads "
+                                                    "(default: the task's, classification: fashion_mnist).")]
 Family = Annotated[str | None, typer.Option(help="Architecture family (vit, convnext, ...; default: the task's).")]
 TaskName = Annotated[str, typer.Option("--task", help="Task: classification, or kind:arg (control:CartPole-v1).")]
-Size = Annotated[str | None, typer.Option(help="Size keys of any family, e.g. depth=2,width=64 (the axis options "
-                                                "override them).")]
+Size = Annotated[str | None, typer.Option(help="Any family's size keys, e.g. depth=2,width=64.")]
 Limit = Annotated[int | None, typer.Option(help="At most this many examples per split (smoke runs).")]
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
 Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine).")]
@@ -86,22 +86,6 @@ def prepare_job(name: str, storage: str | None, dataset: str, limit: int | None,
 # ------------------------------------------------------------------------------------------------ worker side
 
 
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    """Sums over workers (the metrics are sums, so uneven shards still average exactly)."""
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-@torch.no_grad()
-def _outputs(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i:i + EVAL_BATCH].to(device)).float().cpu() for i in range(0, len(x), EVAL_BATCH)])
-
-
 def train_worker(cfg: dict) -> None:
     """Per-worker body: build, maybe resume, then ``fit`` with evaluation + report + checkpoint per epoch."""
     import ray.train.torch
@@ -129,7 +113,7 @@ def train_worker(cfg: dict) -> None:
     xs, ys = zip(*(batch_to_tensors(b) for b in ray.train.get_dataset_shard("test").iter_batches(
         batch_size=4096, batch_format="numpy")), strict=True)
     tx, ty = torch.cat(xs)[rank::world], torch.cat(ys)[rank::world]
-    t_out = _outputs(teacher, tx, device) if teacher is not None else None
+    t_out = outputs(teacher, tx, device) if teacher is not None else None
     teacher_score = float(task.score(t_out, ty)) if teacher is not None else 0.0
     train_shard, wrap, t_first = ray.train.get_dataset_shard("train"), cfg["wrap_batches"], []
 
@@ -148,10 +132,10 @@ def train_worker(cfg: dict) -> None:
         t1 = time.perf_counter()
         scores = [evaluate(m, iterate_batches(tx, ty, EVAL_BATCH, shuffle=False), task=task, device=device)[metric]
                   for m in evals]
-        agreed = (float(task.agreement(_outputs(built.evals[f"test_{metric}"], tx, device), t_out))
+        agreed = (float(task.agreement(outputs(built.evals[f"test_{metric}"], tx, device), t_out))
                   if teacher is not None and task.agreement is not None else 0.0)
         n, m = st["examples"], len(ty)
-        s = _all_reduce([st["loss"] * n, st[metric] * n, st.get("agreement", 0.0) * n, n, st["steps"], agreed,
+        s = all_reduce_sums([st["loss"] * n, st[metric] * n, st.get("agreement", 0.0) * n, n, st["steps"], agreed,
                          teacher_score, m, *(a * m for a in scores)], device)
         score_of = {id(mod): v / s[7] for mod, v in zip(evals, s[8:], strict=True)}
         state["epoch"], state["global_step"] = epoch, state["global_step"] + st["steps"]
@@ -231,13 +215,7 @@ def ray_datasets(data: PreparedData) -> dict:
 
 
 def print_epoch(stage: str, epochs: int, m: dict, metric: str = "acc") -> None:
-    parts = [f"{PREFIX} {stage} epoch {int(m['epoch'])}/{epochs}", f"loss {m['loss']:.4f}",
-             f"train_{metric} {m[f'train_{metric}']:.4f}", f"test_{metric} {m[f'test_{metric}']:.4f}"]
-    if "test_agreement" in m:
-        parts.append(f"agreement {m['test_agreement']:.4f}")
-    if sized := [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items() if k.startswith(f"test_{metric}/")]:
-        parts.append(f"test_{metric} by size: {', '.join(sized)}")
-    print("  ".join([*parts, f"{m['epoch_s']:.1f}s"]), flush=True)
+    print(f"{PREFIX} {epoch_line(stage, epochs, m, metric)}", flush=True)
 
 
 def run_on_ray(cfg: dict, data: PreparedData, tracker: Tracker, *, stage: str, name: str, storage: str,

@@ -19,7 +19,7 @@ import typer
 
 from pipelines.common import UserError
 
-SUBMITTABLE = ("distill", "sweep", "quickstart")
+SUBMITTABLE = ("ancestry", "distill", "sweep", "quickstart")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".git", ".hypothesis"]
 """Never uploaded, beside what ``.gitignore`` names (Ray honours it; it caps the package at 500 MiB)."""

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 JOB_FILE = "weit_job.json"
+LATER_SETTINGS = (("task", "classification"), ("family", None), ("size", None))
+"""Settings added after jobs were first made: left out at these values, so an older job still resumes."""
 SHUFFLE_BUFFER_MAX = 32768
 """Rows each worker keeps for its local shuffle; a shard up to this size is fully shuffled every epoch."""
 
@@ -32,6 +34,7 @@ def job_name(out: str | Path, prefix: str) -> str:
 
 def job_guard(directory: Path, settings: dict) -> bool:
     """Refuse to resume a job directory made with different settings; returns True when resuming."""
+    settings = {k: v for k, v in settings.items() if (k, v) not in LATER_SETTINGS}
     settings, f = json.loads(json.dumps(settings, default=str)), directory / JOB_FILE
     if f.is_file():
         before = json.loads(f.read_text())
@@ -77,3 +80,31 @@ def load_train_state(d: Path, keep: nn.Module, optimizer: torch.optim.Optimizer 
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
     return json.loads((d / "state.json").read_text())
+
+
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sums over data-parallel workers (the metrics are sums, so uneven shards still average exactly)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, x: torch.Tensor, device: torch.device | str, batch: int = 512) -> torch.Tensor:
+    """``model``'s outputs on ``x`` in evaluation batches, on the CPU."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
+
+
+def epoch_line(stage: str, epochs: int, m: dict, metric: str = "acc") -> str:
+    """One epoch's metrics as the terminal shows them: loss, train/test metric, agreement, each watched size."""
+    parts = [f"{stage} epoch {int(m['epoch'])}/{epochs}", f"loss {m['loss']:.4f}",
+             f"train_{metric} {m[f'train_{metric}']:.4f}", f"test_{metric} {m[f'test_{metric}']:.4f}"]
+    if "test_agreement" in m:
+        parts.append(f"agreement {m['test_agreement']:.4f}")
+    if sized := [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items() if k.startswith(f"test_{metric}/")]:
+        parts.append(f"test_{metric} by size: {', '.join(sized)}")
+    return "  ".join([*parts, f"{m['epoch_s']:.1f}s"])

@@ -50,7 +50,7 @@ class DistillConfig:
     teacher: str | None = None  # a weit model file, a timm name (with teacher_checkpoint), or None/"none": WeiT
     teacher_checkpoint: str | None = None
     teacher_kwargs: dict = field(default_factory=dict)
-    dataset: str = "fashion_mnist"
+    dataset: str | None = None  # None: the task's own (classification: Fashion-MNIST)
     task: str = "classification"
     family: str | None = None  # the aux family: a weit teacher's, else this, else the task's default
     limit: int | None = None

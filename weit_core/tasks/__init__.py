@@ -59,14 +59,13 @@ class Task:
         return ((x,), y) if self.prepare is None else self.prepare(x, y)
 
     def load(self, dataset: str | None, limit: int | None = None, seed: int = 0) -> Any:
-        """The task's data (a ``DatasetSplits``), at most ``limit`` rows per split, split by ``seed``."""
+        """The task's data (a ``DatasetSplits``), at most ``limit`` rows per split, split by ``seed``; ``dataset``
+        None: the task's default (Fashion-MNIST for the image default)."""
         if self.load_data is not None:
             return self.load_data(dataset, limit, seed)
-        if dataset is None:
-            raise ValueError(f"task {self.name!r} reads a dataset; give one (fashion_mnist, digits or a parquet path)")
         from weit_core.data import load_splits
 
-        return load_splits(dataset, limit, seed)
+        return load_splits(dataset or "fashion_mnist", limit, seed)
 
     def better(self, a: float, b: float) -> bool:
         """Whether metric value ``a`` beats ``b`` in this task's direction."""
