@@ -56,7 +56,7 @@ def test_vectorized_and_plain_runs_play_the_same_episodes():
     assert len({e.length for e in run_episodes(CARTPOLE, act, 6, seed=0)}) > 1
 
 
-def test_expert_dataset_schema_and_shapes(cartpole_data):
+def test_expert_dataset_schema_and_shapes(cartpole_data, cache):
     from weit_core.tasks import get_task
 
     out, meta = cartpole_data
@@ -83,6 +83,8 @@ def test_expert_dataset_schema_and_shapes(cartpole_data):
     assert set(data.train.y.tolist()) == {0, 1}
     limited = get_task(f"control:{CARTPOLE}").load(str(out), limit=100, seed=0)
     assert len(limited.train) == 100
+    made = get_task(f"control:{CARTPOLE}").load(None)  # no folder named: the expert's data, made once in the cache
+    assert len(made.train) + len(made.val) + len(made.test) > sum(sizes) and len(list(cache.rglob(FILE))) == 1
 
 
 def test_ray_data_reads_the_transitions(cartpole_data, ray_session):

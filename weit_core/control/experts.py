@@ -124,7 +124,7 @@ def train_expert(env_id: str, steps: int | None = None, seed: int = 0, out: Path
             "eval_seed": EVAL_SEED}
     out = out or cache_dir(env_id) / "expert.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}, str(tmp),
               metadata={"weit": json.dumps(meta)})
     tmp.replace(out)

@@ -11,6 +11,8 @@ the loop averages during training is action agreement with the data (discrete) o
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +57,13 @@ def _mse_distill(out: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.
 def default_data(env_id: str) -> Path:
     """The expert data a task without a data folder trains on, made once in the cache."""
     folder = cache_dir(env_id) / "data"
-    if not read_meta(folder):
-        make_expert_dataset(env_id, folder, episodes=DEFAULT_EPISODES, seed=0)
+    if not read_meta(folder):  # made aside and renamed: trials starting together must not write one folder
+        tmp = folder.with_name(f"data.{os.getpid()}.tmp")
+        make_expert_dataset(env_id, tmp, episodes=DEFAULT_EPISODES, seed=0)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process was first
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
