@@ -110,9 +110,9 @@ def run_quickstart(
     from pipelines.ancestry import train_ancestry
     from pipelines.distill import DistillConfig, run_distill
     from pipelines.report import build_report
-    from pipelines.spaces import load_space
     from pipelines.sweep import run_sweep
     from weit_core.io import read_header
+    from weit_core.space import load_space
     space_path = Path(space) if space else DEFAULT_SPACE
     if not space_path.is_file():
         raise UserError(f"quickstart space {space_path} not found; pass --space tune_spaces/quickstart.yaml from "

@@ -6,7 +6,6 @@ winning *initialized* model as ``weit-<task>@champion``. ``weit export`` writes 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -18,9 +17,9 @@ import typer
 
 from pipelines import tracking
 from pipelines.common import UserError
-from pipelines.tracking import SWEEP_EXPERIMENT, find_sweep, parse_budget, tracking_uri
+from pipelines.tracking import SWEEP_EXPERIMENT, find_sweep, tracking_uri
 from weit_core import leaderboard as lb
-from weit_core.leaderboard import Winner, budgets
+from weit_core.leaderboard import Winner, parse_budget
 
 EXPERIMENT = SWEEP_EXPERIMENT
 
@@ -85,95 +84,13 @@ def load_runs(parent: Any) -> Any:
     return out.assign(**{f"val_e{e}": per_budget[e] for e in sorted(per_budget)})
 
 
-def _table(rows: Any) -> tuple[list[str], list[list[str]]]:
-    """A task's leaderboard as text: every budget any group reached, ``mean ± std`` over seeds."""
-    def cell(r: Any, stat: str) -> str:
-        mean, std = r.get(f"{stat}_mean"), r.get(f"{stat}_std")
-        if mean is None or math.isnan(mean):
-            return "-"
-        return f"{mean:.4f} ± {std:.4f}" if r["n_seeds"] > 1 and not math.isnan(std) else f"{mean:.4f}"
-
-    m, es = rows["metric"].iloc[0], budgets(rows, "e", "_mean")
-    head = ["strategy", "size", "params", "seeds", "lr", "lrs", *[f"{m}@{e}ep" for e in es],
-            f"test {m.removeprefix('val_')}", "failed"]
-    return head, [[r["strategy"], r["size"], f"{int(r['num_params']):,}", str(int(r["n_seeds"])), f"{r['lr']:g}",
-                   str(int(r["n_lrs"])), *[cell(r, f"e{e}") for e in es], cell(r, "test"), str(int(r["n_failed"]))]
-                  for _, r in rows.iterrows()]
-
-
-def leaderboard_markdown(board: Any, winners: dict[str, Winner], ranking: Any) -> str:
-    lines = []
-    for task, rows in board.groupby("task", sort=True):
-        lines.append(f"## {task}\n")
-        if w := winners.get(task):
-            lines.append(f"Winner: **{w.strategy}** at size **{w.size}**, {w.line()}; best strategy over all "
-                         f"sizes: **{w.best_strategy}**.\n")
-        lines.append("Each strategy x size at its own best stage-3 learning rate (`lr`, of the `lrs` it tried), "
-                     f"chosen on the final-budget val mean ({rows['mode'].iloc[0]} is better); test is that lr's.\n")
-        head, cells = _table(rows)
-        lines += [f"| {' | '.join(row)} |" for row in [head, ["---"] * len(head), *cells]]
-        lines += [f"\nStrategy ranking (final-budget {rows['metric'].iloc[0]} averaged over sizes):\n",
-                  "| strategy | mean over sizes | best size | sizes |\n|---|---|---|---|"]
-        lines += [f"| {r['strategy']} | {r['mean_over_sizes']:.4f} | {r['best_size_score']:.4f} | {int(r['sizes'])} |"
-                  for _, r in ranking[ranking["task"] == task].iterrows()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _plots(board: Any, w: Winner, out_dir: Path) -> list[Path]:
-    """Final-budget score against parameter count per strategy, and the metric per stage-3 epoch at the
-    winner's size (the winner bold, scratch dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = board[board["task"] == w.task]
-    ranked, at = rows.dropna(subset=["score"]), rows[rows["size"] == w.size]
-
-    def score_vs_params(ax: Any) -> None:
-        for strategy, s in ranked.groupby("strategy", sort=True):
-            e = int(s["final_budget"].iloc[0])
-            bars = ax.errorbar(s["num_params"], s["score"], yerr=s[f"e{e}_std"].fillna(0), fmt="o", ms=4,
-                               capsize=2, alpha=0.6, label=strategy)
-            best = s.groupby("num_params")["score"].agg("min" if w.mode == "min" else "max")  # shapes sharing it
-            ax.plot(best.index, best.values, lw=1.2, color=bars[0].get_color())
-        ax.set(xscale="log", title=f"{w.task}: score vs size per init strategy", xlabel="parameters",
-               ylabel=f"{w.metric} after {int(ranked['final_budget'].max())} epochs")
-
-    def convergence(ax: Any) -> None:
-        for _, r in at.sort_values("strategy").iterrows():
-            es = [e for e in budgets(at, "e", "_mean") if not math.isnan(r[f"e{e}_mean"])]
-            mean = [r[f"e{e}_mean"] for e in es]
-            std = [0.0 if math.isnan(r[f"e{e}_std"]) else r[f"e{e}_std"] for e in es]
-            won, scratch = r["strategy"] == w.strategy, r["strategy"] == "scratch"
-            style = dict(lw=2.5, zorder=3) if won else dict(lw=2, ls="--") if scratch else dict(lw=1, alpha=0.6)
-            ax.plot(es, mean, marker="o", ms=4, label=f"{r['strategy']} (lr {r['lr']:g})" + " (winner)" * won, **style)
-            ax.fill_between(es, [a - b for a, b in zip(mean, std, strict=True)],
-                            [a + b for a, b in zip(mean, std, strict=True)], alpha=0.15)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set(title=f"{w.task}: convergence at size {w.size}", ylabel=w.metric,
-               xlabel="stage-3 epochs (0 = right after initialization)")
-
-    paths = [out_dir / f"{w.metric.removeprefix('val_')}_vs_params_{w.task}.png", out_dir / f"convergence_{w.task}.png"]
-    for path, draw in zip(paths, (score_vs_params, convergence), strict=True):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        draw(ax)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return paths
-
-
 def print_report(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     for task, rows in report.leaderboard.groupby("task", sort=True):
-        head, cells = _table(rows)
+        head, cells = lb.table(rows)
         keep = [i for i, h in enumerate(head) if h not in ("seeds", "failed") and not h.startswith("test")]
         table = Table(title=f"{report.sweep}: {task} ({rows['metric'].iloc[0]}, mean ± std over seeds)")
         for i in keep:
@@ -219,17 +136,13 @@ def build_report(
               "strategy_ranking.csv": ranking}
     for file, table in tables.items():
         table.drop(columns="rank_key").to_csv(out_dir / file, index=False)
-    markdown = leaderboard_markdown(board, report.winners, ranking)
-    (out_dir / "leaderboard.md").write_text(f"# Sweep {name}\n\n{markdown}")
+    (out_dir / "leaderboard.md").write_text(f"# Sweep {name}\n\n{lb.markdown(board, report.winners, ranking)}")
     report.files = [out_dir / f for f in (*tables, "leaderboard.md")]
     for w in report.winners.values():
-        report.files += _plots(board, w, out_dir)
+        report.files += lb.plots(board, w, out_dir)
         w.registered = (tracking.register_champion(client, w, report.sweep, report.parent_run_id)
                         if register else None)
-    (out_dir / "winners.json").write_text(json.dumps({t: {
-        "strategy": w.strategy, "size": w.size, "metric": w.metric, "mode": w.mode, f"{w.metric}_mean": w.mean,
-        f"{w.metric}_std": w.std, "budget": w.budget, "lr": w.lr, "n_lrs": w.n_lrs, "run_id": w.run_id,
-        "best_strategy": w.best_strategy, "registered": w.registered} for t, w in report.winners.items()}, indent=1))
+    (out_dir / "winners.json").write_text(json.dumps({t: w.summary() for t, w in report.winners.items()}, indent=1))
     report.files.append(out_dir / "winners.json")
     tracking.log_files(client, parent.info.run_id, report.files, "report")
     if show:

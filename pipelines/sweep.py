@@ -23,8 +23,9 @@ import typer
 from pipelines import tracking
 from pipelines import trial as tr
 from pipelines.common import UserError, git_revision, init_ray, storage_path
-from pipelines.spaces import Space, block_of_bank, expand, inspect_tasks, load_space, spec_of, summarize_space
-from pipelines.trial import HOW_TO_GIVE, family_of, reported, task_of, trial_config, trial_param_space
+from pipelines.trial import HOW_TO_GIVE, trial_config, trial_param_space
+from weit_core import trials as wt
+from weit_core.space import Space, load_space
 
 EXPERIMENT = tracking.SWEEP_EXPERIMENT
 PREFIX = "[weit sweep]"
@@ -83,7 +84,7 @@ def _load_sources(space: Space, bank: str | None, ancestry: str | None) -> tuple
     if bank:
         loaded_bank = load("--bank", load_bank, bank)
         meta.update(bank_path=str(Path(bank).resolve()), bank_sha256=file_sha256(bank),
-                    bank_block=block_of_bank(loaded_bank.bank.kinds))
+                    bank_block=wt.block_of_bank(loaded_bank.bank.kinds))
     if ancestry:
         model, header = load("--ancestry", load_model, ancestry)
         loaded_anc = (model, get_family(header.get("family", "vit")).spec_from_dict(header["spec"]))
@@ -98,14 +99,14 @@ def _check_bank(loaded: Any, trials: list[dict], block: int, where: str) -> None
     n = next(iter(loaded.bank.kinds.values())).n
     for config in {t["task"]: t for t in reversed(trials)}.values():
         try:
-            check_bank_kinds(loaded.bank.kinds, family_of(config).kinds(spec_of(config), n, block), where)
+            check_bank_kinds(loaded.bank.kinds, wt.family_of(config).kinds(wt.spec_of(config), n, block), where)
         except WeitFileError as e:
             raise UserError(f"task {config['task']!r}: {e}") from e
 
 
 def _objective(trials: list[dict], asha: bool) -> tuple[str | None, str | None]:
     """The tasks' ``val_<metric>`` and direction (None, None where tasks disagree, which ASHA cannot serve)."""
-    goals = {(reported(task)[0], task.mode) for task in map(task_of, trials)}
+    goals = {(wt.reported(task)[0], task.mode) for task in map(wt.task_of, trials)}
     if len(goals) == 1:
         return next(iter(goals))
     if asha:
@@ -132,7 +133,7 @@ def _progress_callback_cls():
             decoded = self.__dict__.setdefault("_judged", {})  # setdefault: callbacks pickled before it
             if trial.trial_id not in decoded:
                 cfg = trial_config(trial.config)
-                decoded[trial.trial_id] = cfg, task_of(cfg)
+                decoded[trial.trial_id] = cfg, wt.task_of(cfg)
             return decoded[trial.trial_id]
 
         def _line(self, trials: list, current: Any = None, current_status: str = "") -> str:
@@ -143,13 +144,13 @@ def _progress_callback_cls():
             for t in trials:
                 if status[id(t)] == "TERMINATED" and t.last_result:
                     cfg, task = self._config(t)
-                    metric = reported(task)[0]
+                    metric = wt.reported(task)[0]
                     value = t.last_result.get(metric)
                     if value is not None and (cfg["task"] not in best or task.better(value, best[cfg["task"]][1])):
                         best[cfg["task"]] = (metric, value, cfg)
             return " | ".join([f"{PREFIX} {done + failed}/{self.total} trials done"
                                + (f" ({failed} failed)" if failed else "")] + [
-                f"best {name}: {c['strategy']} {family_of(c).size_name(c)} s{c['seed']} lr{c['lr']:g} {m}={v:.4f}"
+                f"best {name}: {c['strategy']} {wt.family_of(c).size_name(c)} s{c['seed']} lr{c['lr']:g} {m}={v:.4f}"
                 for name, (m, v, c) in sorted(best.items())])
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -159,7 +160,7 @@ def _progress_callback_cls():
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if not _QUIET:
                 c = trial_config(trial.config)
-                print(f"{PREFIX} trial failed: {c.get('task')}/{c.get('strategy')} {family_of(c).size_name(c)} "
+                print(f"{PREFIX} trial failed: {c.get('task')}/{c.get('strategy')} {wt.family_of(c).size_name(c)} "
                       f"s{c.get('seed')} (see its MLflow run's weit.failure tag)", flush=True)
                 print(self._line(trials, trial, "ERROR"), flush=True)
 
@@ -219,7 +220,7 @@ def run_sweep(
                             f"pass --address of a Ray cluster with GPU workers")
     loaded_bank, loaded_anc, meta = _load_sources(sp, bank, ancestry)
     block = meta.get("bank_block") if meta["need_bank"] else None
-    expansion = expand(sp, inspect_tasks(sp), block, ancestry_spec=loaded_anc[1] if loaded_anc is not None else None)
+    expansion = wt.expand(sp, wt.inspect_tasks(sp), block, ancestry_spec=loaded_anc[1] if loaded_anc is not None else None)
     trials = expansion.trials[:limit_trials] if limit_trials else expansion.trials
     if not trials:
         raise UserError(f"space {sp.name}: no valid trial ({expansion.describe_drops()}); relax the constraints "
@@ -227,10 +228,10 @@ def run_sweep(
     if block:
         _check_bank(loaded_bank, trials, block, f"--bank {bank}")
     metric, mode = _objective(trials, asha)
-    first = task_of(trials[0])
-    shown = (metric, mode) if metric else (reported(first)[0], first.mode)  # the view sorts by one
+    first = wt.task_of(trials[0])
+    shown = (metric, mode) if metric else (wt.reported(first)[0], first.mode)  # the view sorts by one
     say = (lambda *_: None) if quiet else (lambda msg: print(f"{PREFIX} {msg}", flush=True))
-    say(summarize_space(sp, expansion) + (f"; running the first {len(trials)}" if limit_trials else ""))
+    say(wt.summarize_space(sp, expansion) + (f"; running the first {len(trials)}" if limit_trials else ""))
 
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record: no per-trial files
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -250,7 +251,7 @@ def run_sweep(
     note = functools.partial(tracking.sweep_note, name, sp, expansion, trials, experiment=experiment, exp_id=exp_id,
                              uri=uri, parent_id=parent_id, metric=shown[0])
     client.set_tag(parent_id, tracking.NOTE_TAG, note())
-    tracking.publish_comparison_view(client, exp_id, name, len({t["task"] for t in trials}), *shown)
+    tracking.publish_comparison_view(client, exp_id, name, *shown, tasks=len({t["task"] for t in trials}))
     say(f"MLflow parent run {parent_id} (experiment {experiment!r} at {uri})")
 
     init_ray(address)

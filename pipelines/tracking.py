@@ -44,11 +44,11 @@ EXPERIMENT_NOTES = {
     "weit-sweep": "**weit sweeps** (`weit sweep`). One parent run per sweep, `sweep-NAME`: its description "
                   "states the space, the trial counts and the `weit report` command. One child run per trial, "
                   "named `task/strategy/size/sSEED/lrLR`, tagged `weit.strategy`, `weit.size`, `weit.seed`, "
-                  "`weit.lr`, with `num_params` and `val_acc` per stage-3 epoch (`val_acc_e0`: right after "
-                  "initialization). One sweep's trials side by side: the **Views** menu, `weit sweep NAME: "
+                  "`weit.lr`, with `num_params` and its task's `val_<metric>` per stage-3 epoch (`_e0`: right "
+                  "after initialization). One sweep's trials side by side: the **Views** menu, `weit sweep NAME: "
                   "compare trials`. Rank a sweep with `weit report --sweep NAME`.",
     "weit-distill": "**weit stage 1** (`weit distill`). One run per distillation job: a template bank learned "
-                    "from an ancestry model (or from the task alone), its loss and accuracies per epoch; the "
+                    "from an ancestry model (or from the task alone), its loss and metrics per epoch; the "
                     "bank file is the job's output and what `weit sweep --bank` reads.",
     "weit-ancestry": "**weit ancestry models** (`weit ancestry`). One run per ViT trained on a task with the "
                      "standard recipe; the model file is what `weit distill --teacher` and `weit sweep "
@@ -57,8 +57,8 @@ EXPERIMENT_NOTES = {
 
 
 def experiment_note(experiment: str) -> str:
-    return EXPERIMENT_NOTES.get(experiment, f"Runs recorded by **weit** (template-based initialization of ViTs) "
-                                            f"in experiment `{experiment}`.")
+    return EXPERIMENT_NOTES.get(experiment, f"Runs recorded by **weit** (template-based initialization) in "
+                                            f"experiment `{experiment}`.")
 
 
 def prepare_mlflow(uri: str | None, experiment: str, description: str | None = None) -> tuple[str, str]:
@@ -93,8 +93,7 @@ def comparison_view_key(sweep: str) -> str:
     return f"weit-{safe}"
 
 
-def publish_comparison_view(client: Any, experiment_id: str, sweep: str, tasks: int = 1, metric: str = "val_acc",
-                            mode: str = "max") -> str:
+def publish_comparison_view(client: Any, experiment_id: str, sweep: str, metric: str, mode: str, tasks: int = 1) -> str:
     """Save the runs-table view of a sweep's trials (flat, best final ``metric`` first, the columns a user
     compares by, narrow enough to fit beside the UI's panels) as ``weit sweep NAME: compare trials``, in the
     envelope MLflow 3.17's "Share" writes (a bare view would open from the link but not be listed)."""
@@ -124,13 +123,6 @@ def mlflow_ui_url(uri: str, experiment_id: str, sweep: str | None = None, *, hos
     """:func:`mlflow_ui_path` on the tracking server, or on ``mlflow ui --host HOST --port PORT``."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://{host}:{port}"
     return f"{base}/{mlflow_ui_path(experiment_id, sweep)}"
-
-
-def parse_budget(col: str) -> tuple[str, int] | None:
-    """``"val_acc_e2"`` (``val_acc`` after 2 stage-3 epochs, as :meth:`TrialTracker.log_epoch` names it) ->
-    ``("val_acc", 2)``; None for other names."""
-    m = re.fullmatch(r"(.+)_e(\d+)", col)
-    return (m.group(1), int(m.group(2))) if m else None
 
 
 def log_params(client: Any, run_id: str, params: dict, metrics: list | None = None) -> None:
@@ -220,7 +212,7 @@ class TrialTracker:
 
         return mlflow.MlflowClient(self.tracking_uri)
 
-    def start(self, config: dict, size: str, metric: str = "val_acc", mode: str = "max") -> dict | None:
+    def start(self, config: dict, size: str, metric: str, mode: str) -> dict | None:
         """Open the run of trial ``config`` (``size``: its family's name for it), ranked by ``metric`` in
         direction ``mode``. Returns the metrics of a run of it that FINISHED before (replayed, not retrained);
         raises NonFiniteLossError again for a trial whose loss went NaN before (deterministic); deletes the
@@ -259,7 +251,8 @@ class TrialTracker:
                                      "model")
 
     def log_epoch(self, epoch: int, metrics: dict) -> None:
-        """A curve per metric (step = epoch) and one column per budget: ``val_acc_e2`` (``_e0``: at init)."""
+        """A curve per metric (step = epoch) and one column per budget, ``<metric>_e<epoch>`` (``_e0``: at init;
+        ``weit_core.leaderboard.parse_budget`` reads them back)."""
         self.client.log_batch(self.run_id, metrics=as_metrics(metrics, epoch) + as_metrics(
             {f"{k}_e{epoch}": v for k, v in metrics.items()}, 0))
 
@@ -315,7 +308,7 @@ def open_sweep(client: Any, experiment_id: str, name: str, tags: dict, params: d
 
 
 def sweep_note(name: str, space: Any, expansion: Any, trials: list[dict], *, experiment: str, exp_id: str,
-               uri: str, parent_id: str, counts: dict[str, Any] | None = None, metric: str = "val_acc") -> str:
+               uri: str, parent_id: str, metric: str, counts: dict[str, Any] | None = None) -> str:
     """The parent run's description (markdown): the space and its axes per task, the trials (``counts``:
     finished, failed, tune_errors, failure_kinds once it ended; None while it runs), the ones dropped and why,
     where to compare the trials, and the exact ``weit report`` command."""

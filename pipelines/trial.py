@@ -1,19 +1,28 @@
-"""One sweep trial: a strategy's init and stage 3 (``weit_core.stage3``), reported to Tune and recorded in
-the trial's MLflow child run. :func:`run_trial` needs no Ray (tests and benchmarks call it); :func:`tune_trial`
-is the trainable. The bank, the ancestry and the tasks' splits are ``ray.put`` once by the driver and fetched
-once per worker process (``reuse_actors=True`` keeps them across trials)."""
+"""One sweep trial: ``weit_core.stage3.run_config``, reported to Tune and recorded in the trial's MLflow child
+run. :func:`run_trial` needs no Ray (tests and benchmarks call it); :func:`tune_trial` is the trainable. The
+bank, the ancestry and the tasks' splits are ``ray.put`` once by the driver and fetched once per worker process
+(``reuse_actors=True`` keeps them across trials)."""
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.common import UserError
-from pipelines.spaces import data_cache_key, data_key_of, load_task_data, provide_task_data, spec_of
-from pipelines.tracking import TrialTracker, parse_budget
+from pipelines.tracking import TrialTracker
+from weit_core.trials import (
+    data_cache_key,
+    data_key_of,
+    family_of,
+    history_of,
+    load_task_data,
+    provide_task_data,
+    reported,
+    task_of,
+    trial_params,
+)
 
 HOW_TO_GIVE = {  # how a sweep provides each source a strategy may declare it needs
     "bank": "pass --bank BANK.safetensors (made by `weit distill`)",
@@ -21,23 +30,6 @@ HOW_TO_GIVE = {  # how a sweep provides each source a strategy may declare it ne
     "fit_data": "give the task training.fit_examples > 0 (the labeled subset stage 2 fits on)",
     "learngene": "a sweep cannot pass one (tleg_fit fits a learngene to --ancestry)",
 }
-
-
-def family_of(config: dict) -> Any:
-    from weit_core.models import get_family
-
-    return get_family(config.get("family", "vit"))
-
-
-def task_of(config: dict) -> Any:
-    from weit_core.tasks import get_task
-
-    return get_task(config.get("kind", "classification"))
-
-
-def reported(task: Any) -> tuple[str, ...]:
-    """What a trial reports to Tune after an epoch; Tune ranks by the first."""
-    return f"val_{task.metric}", "val_loss", "train_loss", "epoch"
 
 
 @dataclass
@@ -113,62 +105,44 @@ def run_trial(
     report: Callable[[dict], None] | None = None, device: str = "cpu", threads: int | None = None,
     report_each_epoch: bool = True,
 ) -> TrialResult:
-    """``init_target`` then ``train_target``. ``report`` (``tune.report``) gets :func:`reported` after each
+    """``run_config`` on the trial's task data. ``report`` (``tune.report``) gets :func:`reported` after each
     epoch, or after the last only: a Tune report costs a driver round trip longer than a short epoch, so
     every epoch is asked for only where a scheduler (ASHA) acts on them. With a ``tracker`` each epoch is
     logged as it ends; a run that FINISHED before is replayed from MLflow instead of trained."""
     import torch
 
-    from weit_core.stage3 import Recipe, init_target, train_target
+    from weit_core.stage3 import run_config
     from weit_core.strategies import strategy_info
-    from weit_core.templates import Scalers
     from weit_core.train import NonFiniteLossError
 
     if threads:
         torch.set_num_threads(threads)
-    task = task_of(config)
-    keys = reported(task)
-    if tracker is not None and (previous := tracker.start(config, family_of(config).size_name(config), keys[0],
-                                                          task.mode)) is not None:
-        rows: dict[int, dict] = {}
-        for col, value in previous.items():
-            if (parsed := parse_budget(col)) is not None and parsed[1] <= config["epochs"]:
-                rows.setdefault(parsed[1], {"epoch": parsed[1]})[parsed[0]] = value
-        history = [rows[e] for e in sorted(rows)]
-        trained = [row for row in history if row["epoch"] > 0]
-        for row in (trained if report_each_epoch else trained[-1:]) if report is not None else []:
+    keys = reported(task := task_of(config))
+
+    def send(row: dict, last: bool) -> None:
+        if report is not None and row["epoch"] > 0 and (report_each_epoch or last):
             report({k: row[k] for k in keys if k in row})
+
+    size = family_of(config).size_name(config)
+    if tracker is not None and (previous := tracker.start(config, size, keys[0], task.mode)) is not None:
+        history = history_of(previous, config["epochs"])
+        for row in history:
+            send(row, row is history[-1])
         return TrialResult(config, history, {}, replayed=True)
     epochs_done = 0
     try:
-        spec = spec_of(config)
-        data = load_task_data(data_key_of(config))
+        data = load_task_data(config)
         have = {n for n, ok in [("fit_data", config["fit_examples"] > 0), ("bank", bank is not None),
                                 ("ancestry", ancestry is not None)] if ok}
         if missing := sorted(strategy_info(config["strategy"]).needs - have):
             raise UserError(f"strategy {config['strategy']!r} needs {' and '.join(missing)}: "
                             + "; ".join(HOW_TO_GIVE[m] for m in missing))
-        t0 = time.perf_counter()
-        res = init_target(config["strategy"], spec, data.train, seed=config["seed"], bank=bank, ancestry=ancestry,
-                          fit_examples=config["fit_examples"], device=device, init_mode=config["init_mode"],
-                          fit_steps=config["fit_steps"], fit_lr=config["fit_lr"],
-                          fit_batch_size=config["fit_batch_size"])
-        init_s = time.perf_counter() - t0
-        if tracker is not None:
-            n_scalers = res.info.get("scaler_count")
-            if n_scalers is None and bank is not None:  # what wave would fit at this size (none if it does not tile)
-                try:
-                    n_scalers = Scalers(family_of(config).layout(spec), bank.bank.kinds).num_numbers()
-                except (KeyError, ValueError):
-                    pass
-            tracker.log_params({
-                **{k: v for k, v in config.items() if k != "key"}, "trial_key": config["key"],
-                "num_params": spec.num_params(), "flops": spec.flops(), "scaler_count": n_scalers or 0,
-                "init_s": round(init_s, 4), "n_train": len(data.train), "n_val": len(data.val),
-                "fit_examples_used": min(config["fit_examples"], len(data.train)),
-                **{f"info.{k}": v for k, v in res.info.items()}})
-            if tracker.save_models:  # the *initialized* model, before stage 3 (what `weit export` recovers)
-                tracker.log_model(res.model, spec, {**res.info, "trial_key": config["key"], "task": config["task"]})
+
+        def on_init(spec: Any, res: Any, init_s: float) -> None:
+            if tracker is not None:
+                tracker.log_params(trial_params(config, spec, res, init_s, data, bank))
+                if tracker.save_models:  # the *initialized* model, before stage 3 (what `weit export` recovers)
+                    tracker.log_model(res.model, spec, {**res.info, "trial_key": config["key"], "task": config["task"]})
 
         def on_epoch(row: dict) -> None:
             nonlocal epochs_done
@@ -177,14 +151,11 @@ def run_trial(
                 tracker.log_epoch(epochs_done, {k: v for k, v in row.items() if k != "epoch"})
                 if last:  # closed before the last report: Tune may stop the thread inside it
                     tracker.finish(epochs_done)
-            if report is not None and epochs_done > 0 and (report_each_epoch or last):
-                report({k: row[k] for k in keys})
+            send(row, last)
 
-        model = res.model.to(device)
-        history = train_target(model, data.train, data.val, Recipe.of(config), task=task, device=device,
-                               test=data.test if config["test_eval"] else None,
-                               eval_batch_size=config["eval_batch_size"], on_epoch=on_epoch)
-        return TrialResult(config, history, {**res.info, "init_s": init_s}, model=model)
+        res, history, init_s = run_config(config, data, bank=bank, ancestry=ancestry, device=device,
+                                          on_init=on_init, on_epoch=on_epoch)
+        return TrialResult(config, history, {**res.info, "init_s": init_s}, model=res.model)
     except SystemExit:  # Tune stopped the trial inside report (ASHA): a legitimate early end
         if tracker is not None and epochs_done < config["epochs"]:
             tracker.finish(epochs_done, stopped_early=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.spaces import TaskShape, expand, parse_space
 from pipelines.tracking import (
     EXPERIMENT_KIND_TAG,
     EXPERIMENT_NOTES,
@@ -27,9 +26,12 @@ from pipelines.tracking import (
     prepare_mlflow,
     publish_comparison_view,
 )
+from weit_core.space import parse_space
+from weit_core.trials import expand
 
 ROOT = Path(__file__).resolve().parent.parent
 CI_SPACE = ROOT / "tune_spaces" / "ci.yaml"
+DIGITS = {"in_chans": 1, "img_size": 8, "num_classes": 10}
 SPACE = """
 name: ui
 tasks: [{data: digits, patch: 2}]
@@ -90,14 +92,14 @@ def test_trials_are_named_tagged_and_sortable_and_the_saved_view_selects_them(ml
 
     uri, exp_id = prepare_mlflow(mlflow_uri, EXPERIMENT)
     client = _client(uri)
-    trials = expand(parse_space(SPACE), {"digits": TaskShape(1, 8, 10)}).trials[:4]
+    trials = expand(parse_space(SPACE), {"digits": DIGITS}).trials[:4]
     parents = {}
     for sweep in ("ui", "other"):
         parents[sweep] = client.create_run(exp_id, run_name=f"sweep-{sweep}",
                                            tags={"weit.kind": "sweep", "weit.sweep": sweep}).info.run_id
         for config in trials[:4 if sweep == "ui" else 1]:
             run_trial(config, tracker=TrialTracker(uri, exp_id, parents[sweep], sweep, save_models=False))
-    key = publish_comparison_view(client, exp_id, "ui")
+    key = publish_comparison_view(client, exp_id, "ui", "val_acc", "max")
     envelope = json.loads(client.get_experiment(exp_id).tags[SHARED_VIEW_TAG + key])
     assert envelope["name"] == "weit sweep ui: compare trials" and isinstance(envelope["createdAt"], int)
     view = json.loads(envelope["state"])
@@ -120,16 +122,16 @@ def test_parent_description_states_the_sweep():
     from pipelines.tracking import sweep_note
 
     space = parse_space(SPACE, source="ui.yaml")
-    exp = expand(space, {"digits": TaskShape(1, 8, 10)})
+    exp = expand(space, {"digits": DIGITS})
     assert len(exp.trials) == 2 * 2 * 2 and exp.n_dropped == 2  # 3 heads divide neither width
     note = sweep_note("ui", space, exp, exp.trials, experiment="weit-sweep", exp_id="7", uri="sqlite:////s.db",
-                      parent_id="p1")
+                      parent_id="p1", metric="val_acc")
     assert "| digits | 2 (1x16x2x2, 1x32x2x2) | 2 (scratch, scratch_fit) | 1 (0) | 2 (0.001, 0.003) | 8 |" in note
     assert "running" in note and exp.describe_drops() in note
     assert "`weit report --sweep ui --mlflow-uri sqlite:////s.db`" in note and "reports/ui/leaderboard.md" in note
     assert "(#/experiments/7/runs?viewStateShareKey=weit-ui&workflowType=machine_learning)" in note
     done = sweep_note("ui", space, exp, exp.trials[:5], experiment="custom", exp_id="7", uri="sqlite:////s.db",
-                      parent_id="p1", counts={"finished": 4, "failed": 1, "tune_errors": 0,
+                      parent_id="p1", metric="val_acc", counts={"finished": 4, "failed": 1, "tune_errors": 0,
                                               "failure_kinds": ["non_finite_loss"]})
     assert "**Trials:** 5 (the first 5 of 8: `--limit-trials`); 4 finished, 1 failed (1 non_finite_loss;" in done
     assert "`weit report --parent-run p1 --mlflow-uri" in done and "| 5 of the 8 combinations |" in done

@@ -10,16 +10,18 @@ import pytest
 import torch.nn.functional as F
 
 from pipelines.common import UserError
-from pipelines.spaces import TaskShape, expand, parse_space, trial_key
 from pipelines.sweep import EXPERIMENT
 from pipelines.tracking import TrialTracker, prepare_mlflow
 from pipelines.trial import run_trial
+from weit_core.space import parse_space
 from weit_core.tasks import Task
+from weit_core.trials import expand, trial_key
 
 ERROR_RATE = Task("digits_error", F.cross_entropy, lambda out, y: (out.argmax(-1) != y).sum(), metric="err",
                   mode="min")
 """A task judged lower-is-better: the share of misclassified images."""
 
+DIGITS = {"in_chans": 1, "img_size": 8, "num_classes": 10}
 SPACE = """
 name: unit
 tasks: [{data: digits, patch: 2}]
@@ -39,7 +41,7 @@ def sweep_store(tmp_path_factory):
     client = mlflow.MlflowClient(uri)
     parent = client.create_run(exp_id, run_name="sweep-unit", tags={"weit.kind": "sweep", "weit.sweep": "unit"})
     parent_id = parent.info.run_id
-    trials = expand(parse_space(SPACE), {"digits": TaskShape(1, 8, 10)}).trials
+    trials = expand(parse_space(SPACE), {"digits": DIGITS}).trials
     for config in trials:
         run_trial(config, tracker=TrialTracker(uri, exp_id, parent_id, "unit"))
     client.set_terminated(parent_id)
@@ -154,7 +156,7 @@ def test_a_trial_that_failed_before_logging_params_is_counted_not_a_crash(tmp_pa
     parent_id = client.create_run(exp_id, tags={"weit.kind": "sweep", "weit.sweep": "early"}).info.run_id
     space = SPACE.replace("[scratch, scratch_fit]", "[scratch]").replace("width: [16, 32]", "width: 16").replace(
         "seeds: [0, 1]", "seeds: [0]")
-    (ok,) = expand(parse_space(space), {"digits": TaskShape(1, 8, 10)}).trials
+    (ok,) = expand(parse_space(space), {"digits": DIGITS}).trials
     early = {**ok, "strategy": "weight_selection"}  # a sweep drops it (no ancestry); run_trial alone does not
     early["key"] = trial_key(early)
     run_trial(ok, tracker=TrialTracker(uri, exp_id, parent_id, "early"))
@@ -179,7 +181,7 @@ def test_a_min_task_ranks_and_crowns_lowest_first(tmp_path):
     uri, exp_id = prepare_mlflow(f"sqlite:///{tmp_path / 'mlruns.db'}", EXPERIMENT)
     parent = mlflow.MlflowClient(uri).create_run(exp_id, tags={"weit.kind": "sweep", "weit.sweep": "err"})
     space = SPACE.replace("lr: 0.003", "lr: [0.001, 0.003]").replace("epochs: 2", "epochs: 1")
-    for config in expand(parse_space(space), {"digits": TaskShape(1, 8, 10)}).trials:
+    for config in expand(parse_space(space), {"digits": DIGITS}).trials:
         config = {**config, "kind": "digits_error"}
         run_trial({**config, "key": trial_key(config)}, tracker=TrialTracker(uri, exp_id, parent.info.run_id, "err"))
     report = build_report("err", out=tmp_path / "out", mlflow_uri=uri, register=False, show=False)

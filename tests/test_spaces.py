@@ -1,20 +1,30 @@
 """Search spaces from a typed schema: a space's sizes are its family's (axes, types, defaults, drop reasons and
-specs come from the registry), every error is one line naming the key, and the trial keys of the shipped
-spaces are what they were before the schema (a resumed sweep finds its finished trials)."""
+specs come from the registry), a task is any registered kind (its data, its io, its direction), every error is
+one line naming the key, and the trial keys of the shipped spaces are what they were before the schema (a
+resumed sweep finds its finished trials). The CLI sweep below imports this module through ``$WEIT_PLUGINS``."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
+import torch.nn.functional as F
 
-from pipelines.spaces import SpaceError, TaskShape, expand, load_space, parse_space, size_points, spec_of
+from weit_core.data import ArrayDataset, DatasetSplits, load_splits
 from weit_core.models.family import Family, register_family
+from weit_core.space import SpaceError, load_space, parse_space
+from weit_core.tasks import Task, register_kind
+from weit_core.trials import expand, inspect_tasks, size_points, spec_of
 
 ROOT = Path(__file__).resolve().parent.parent
-DIGITS = TaskShape(in_chans=1, img_size=8, num_classes=10)
+DIGITS = {"in_chans": 1, "img_size": 8, "num_classes": 10}  # DatasetSplits.io of digits
 TASK = "tasks: [{data: digits, patch: 2}]\nstrategies: [scratch]\n"
 
 
@@ -117,8 +127,80 @@ def test_task_overrides_and_the_default_name_are_checked_like_the_rest(tmp_path)
 def test_shipped_spaces_keep_their_trial_keys_and_order(space, bank_block, n, digest):
     """The keys (hashes of whole trial configs) and their order, recorded before spaces moved to the schema:
     a ViT trial names no family, and every setting keeps its type."""
-    shapes = {"digits": DIGITS, "fashion_mnist": TaskShape(1, 28, 10)}
+    shapes = {"digits": DIGITS, "fashion_mnist": {**DIGITS, "img_size": 28}}
     trials = expand(load_space(ROOT / "tune_spaces" / space), shapes, bank_block=bank_block).trials
     assert len(trials) == n and not any("family" in t for t in trials)
     assert hashlib.sha1(" ".join(t["key"] for t in trials).encode()).hexdigest()[:16] == digest
 
+
+
+# a task that is no classification, registered here: ``spaces_test_pool:N`` regresses the 4x4 average-pooled
+# pixels of real Fashion-MNIST images (N rows per split), judged by mean squared error (lower is better)
+
+
+def _pool_task(arg: str) -> Task:
+    def load(dataset: str, limit: int | None, seed: int) -> DatasetSplits:
+        d = load_splits(dataset, int(arg), seed)
+        pooled = lambda s: ArrayDataset(s.x, F.avg_pool2d(s.x, 7).flatten(1))  # noqa: E731  (N x 16 targets)
+        return DatasetSplits(f"pool{arg}", pooled(d.train), pooled(d.val), pooled(d.test),
+                             io={**d.io, "num_classes": 16})  # the head predicts the 16 pooled values
+
+    def squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((out - y) ** 2).mean(1).sum()
+
+    return Task("pool", F.mse_loss, squared_error, metric="mse", mode="min", load_data=load)
+
+
+register_kind("spaces_test_pool", _pool_task)
+POOL_SPACE = """
+name: pool
+tasks: [{name: fmnist_pool, task: "spaces_test_pool:512", data: fashion_mnist, patch: 7}]
+strategies: [scratch, mimetic]
+sizes: {depth: 1, width: [16, 32], heads: 2, mlp_ratio: 2}
+training: {epochs: 2, batch_size: 64, lr: 0.003, fit_steps: 0, fit_examples: 0}
+"""
+
+
+def test_a_non_classification_task_validates_and_expands_with_its_own_io(fmnist_dir):
+    with pytest.raises(SpaceError, match=r"^s\.yaml: tasks\[0\]\.task: unknown task 'nope:1'; available: .*"
+                                         r"spaces_test_pool:<arg>"):
+        parse_space(POOL_SPACE.replace("spaces_test_pool:512", "nope:1"), source="s.yaml")
+    space = parse_space(POOL_SPACE)
+    io = inspect_tasks(space)["fmnist_pool"]
+    assert io == {"in_chans": 1, "img_size": 28, "num_classes": 16}  # the task's io, not the 10 classes
+    trials = expand(space, {"fmnist_pool": io}).trials
+    assert len(trials) == 4 and {t["kind"] for t in trials} == {"spaces_test_pool:512"}
+    assert {(spec_of(t).num_classes, spec_of(t).patch) for t in trials} == {(16, 7)}
+    # the default kind is named nowhere in a config, so classification keys stay what they were
+    assert "kind" not in expand(parse_space(TASK + "sizes: {depth: 1, width: 16, heads: 2}\n"),
+                                {"digits": DIGITS}).trials[0]
+
+
+def test_cli_sweep_and_report_rank_a_lower_is_better_task_lowest_first(fmnist_dir, tmp_path):
+    """``weit sweep`` as a user runs it, the task coming from this file, then the report: Tune, the leaderboard
+    and the champion follow ``mode: min``; the ranking is recomputed here from MLflow."""
+    import mlflow
+
+    from pipelines.report import build_report
+
+    (tmp_path / "pool.yaml").write_text(POOL_SPACE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "WEIT_PLUGINS": Path(__file__).stem, "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "pipelines.cli", "sweep", "--space", str(tmp_path / "pool.yaml"),
+                          "--storage", str(tmp_path / "tune"), "--mlflow-uri", uri], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["weit-sweep"], filter_string="tags.`weit.kind` = 'trial'")
+    assert len(runs) == 4 and (runs["status"] == "FINISHED").all() and set(runs["tags.weit.mode"]) == {"min"}
+    assert runs["metrics.val_mse_e2"].notna().all() and runs["metrics.test_mse"].notna().all()
+    assert (runs["metrics.val_mse_e2"] < runs["metrics.val_mse_e0"]).all()  # stage 3 learned the regression
+    final = runs.groupby(["tags.weit.strategy", "tags.weit.size"])["metrics.val_mse_e2"].mean()
+    report = build_report("pool", out=tmp_path / "report", mlflow_uri=uri, show=False)
+    board = pd.read_csv(tmp_path / "report" / "leaderboard.csv")
+    assert list(zip(board["strategy"], board["size"], strict=True)) == list(final.sort_values().index)  # lowest first
+    w = report.winners["fmnist_pool"]
+    assert (w.strategy, w.size, w.metric, w.mode) == (*final.idxmin(), "val_mse", "min")
+    champion = mlflow.MlflowClient(uri).get_model_version_by_alias("weit-fmnist_pool", "champion")
+    assert champion.tags["mode"] == "min" and champion.run_id == w.run_id

@@ -16,20 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.spaces import (
-    SpaceError,
-    TaskShape,
-    expand,
-    inspect_tasks,
-    load_space,
-    parse_space,
-    size_points,
-    trial_key,
-)
+from weit_core.space import SpaceError, load_space, parse_space
+from weit_core.trials import expand, inspect_tasks, size_points, trial_key
 
 ROOT = Path(__file__).resolve().parent.parent
 CI_SPACE = ROOT / "tune_spaces" / "ci.yaml"
-DIGITS = TaskShape(in_chans=1, img_size=8, num_classes=10)
+DIGITS = {"in_chans": 1, "img_size": 8, "num_classes": 10}  # DatasetSplits.io of digits
 
 MINIMAL = """
 tasks: [{data: digits, patch: 2}]
@@ -138,7 +130,7 @@ def test_lr_grid_makes_its_own_trials_and_a_scalar_lr_stays_as_it_was():
     """Each value of ``training.lr`` is its own trials, like seeds (strategy x size x seed x lr), each with its
     own key; a scalar lr, or a one-value list, is the sweep it was, and a value shared with a grid keeps its key
     (adding lrs to a sweep does not orphan its finished trials)."""
-    from pipelines.spaces import summarize_space
+    from weit_core.trials import summarize_space
 
     two = MINIMAL.replace("[scratch]", "[scratch, mimetic]")
     scalar = expand(parse_space(two + "training: {lr: 0.002, seeds: [0, 1]}\n"), {"digits": DIGITS})
@@ -231,8 +223,8 @@ def test_stage3_lr_follows_warmup_then_cosine_over_the_trials_steps(monkeypatch,
 
     import torch
 
-    from pipelines.spaces import load_task_data
     from pipelines.trial import run_trial
+    from weit_core.trials import load_task_data
 
     cap = "null" if steps_per_epoch is None else steps_per_epoch
     space = parse_space(MINIMAL + f"training: {{epochs: 3, batch_size: 128, lr: 0.004, schedule: {schedule}, "
@@ -280,7 +272,7 @@ def test_shipped_spaces_parse_and_fmnist_has_hundreds_of_valid_sizes():
     ci = load_space(CI_SPACE)
     assert ci.name == "ci" and {t.data for t in ci.tasks} == {"digits"}
     fm = load_space(ROOT / "tune_spaces" / "fmnist_sizes.yaml")
-    exp = expand(fm, {"fashion_mnist": TaskShape(1, 28, 10)}, bank_block=16)
+    exp = expand(fm, {"fashion_mnist": {**DIGITS, "img_size": 28}}, bank_block=16)
     sizes = {(t["depth"], t["width"], t["heads"]) for t in exp.trials}
     assert len(sizes) >= 200, len(sizes)
     assert len(exp.trials) >= 200 * len(fm.strategies)
@@ -295,7 +287,7 @@ def test_tune_makes_every_trial_of_a_space_once_in_order():
     from pipelines.trial import trial_config, trial_param_space
 
     fm = load_space(ROOT / "tune_spaces" / "fmnist_sizes.yaml")
-    trials = expand(fm, {"fashion_mnist": TaskShape(1, 28, 10)}, bank_block=16).trials[:300]
+    trials = expand(fm, {"fashion_mnist": {**DIGITS, "img_size": 28}}, bank_block=16).trials[:300]
     made = [trial_config(config) for _, config in generate_variants(trial_param_space(trials))]
     assert made == trials
     assert trial_config({"trial": trials[0]}) == trials[0]  # a sweep started before the JSON grid, restored
@@ -378,7 +370,7 @@ def test_user_parquet_task_runs_as_a_plain_function(tmp_path, digits):
 
     _, space = _user_parquet_space(tmp_path, digits)
     shapes = inspect_tasks(space)
-    assert shapes["mine"] == TaskShape(1, 8, 10)
+    assert shapes["mine"] == DIGITS
     (config,) = expand(space, shapes).trials
     assert config["data"] == str((tmp_path / "mydata").resolve())
     seen = []

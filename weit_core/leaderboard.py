@@ -23,7 +23,9 @@ recompute with pandas):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 GROUP = ["task", "strategy", "size"]
@@ -47,9 +49,22 @@ class Winner:
     n_lrs: int  # how many learning rates the group tried
     registered: str | None = None  # where the champion was registered, if it was
 
+    def summary(self) -> dict:
+        """What ``winners.json`` keeps of the winner."""
+        keep = ("strategy", "size", "metric", "mode", "budget", "lr", "n_lrs", "run_id", "best_strategy", "registered")
+        return {**{k: v for k, v in asdict(self).items() if k in keep}, f"{self.metric}_mean": self.mean,
+                f"{self.metric}_std": self.std}
+
     def line(self) -> str:
         return (f"{self.metric} {self.mean:.4f} ± {self.std:.4f} after {self.budget} epochs over {self.n_seeds} "
                 f"seed(s) at lr {self.lr:g}")
+
+
+def parse_budget(col: str) -> tuple[str, int] | None:
+    """``"val_acc_e2"`` (``val_acc`` after 2 stage-3 epochs, as a trial's run logs it) -> ``("val_acc", 2)``;
+    None for other names."""
+    m = re.fullmatch(r"(.+)_e(\d+)", col)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 def budgets(frame: Any, prefix: str = "val_e", suffix: str = "") -> list[int]:
@@ -137,3 +152,89 @@ def pick_winners(runs: Any, board: Any, ranking: Any) -> dict[str, Winner]:
             num_params=int(top["num_params"]), run_id=seeds.iloc[0]["run_id"], lr=float(top["lr"]),
             best_strategy=ranking[ranking["task"] == task].iloc[0]["strategy"], n_lrs=int(top["n_lrs"]))
     return winners
+
+
+# --------------------------------------------------------------------------------------------- written out
+
+
+def table(rows: Any) -> tuple[list[str], list[list[str]]]:
+    """A task's leaderboard as text: every budget any group reached, ``mean ± std`` over seeds."""
+    def cell(r: Any, stat: str) -> str:
+        mean, std = r.get(f"{stat}_mean"), r.get(f"{stat}_std")
+        if mean is None or math.isnan(mean):
+            return "-"
+        return f"{mean:.4f} ± {std:.4f}" if r["n_seeds"] > 1 and not math.isnan(std) else f"{mean:.4f}"
+
+    m, es = rows["metric"].iloc[0], budgets(rows, "e", "_mean")
+    head = ["strategy", "size", "params", "seeds", "lr", "lrs", *[f"{m}@{e}ep" for e in es],
+            f"test {m.removeprefix('val_')}", "failed"]
+    return head, [[r["strategy"], r["size"], f"{int(r['num_params']):,}", str(int(r["n_seeds"])), f"{r['lr']:g}",
+                   str(int(r["n_lrs"])), *[cell(r, f"e{e}") for e in es], cell(r, "test"), str(int(r["n_failed"]))]
+                  for _, r in rows.iterrows()]
+
+
+def markdown(board: Any, winners: dict[str, Winner], ranking: Any) -> str:
+    """The leaderboard of every task as markdown: the winner, each group at its best lr, the strategy ranking."""
+    lines = []
+    for task, rows in board.groupby("task", sort=True):
+        lines.append(f"## {task}\n")
+        if w := winners.get(task):
+            lines.append(f"Winner: **{w.strategy}** at size **{w.size}**, {w.line()}; best strategy over all "
+                         f"sizes: **{w.best_strategy}**.\n")
+        lines.append("Each strategy x size at its own best stage-3 learning rate (`lr`, of the `lrs` it tried), "
+                     f"chosen on the final-budget val mean ({rows['mode'].iloc[0]} is better); test is that lr's.\n")
+        head, cells = table(rows)
+        lines += [f"| {' | '.join(row)} |" for row in [head, ["---"] * len(head), *cells]]
+        lines += [f"\nStrategy ranking (final-budget {rows['metric'].iloc[0]} averaged over sizes):\n",
+                  "| strategy | mean over sizes | best size | sizes |\n|---|---|---|---|"]
+        lines += [f"| {r['strategy']} | {r['mean_over_sizes']:.4f} | {r['best_size_score']:.4f} | {int(r['sizes'])} |"
+                  for _, r in ranking[ranking["task"] == task].iterrows()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(board: Any, w: Winner, out_dir: Path) -> list[Path]:
+    """Final-budget score against parameter count per strategy, and the metric per stage-3 epoch at the
+    winner's size (the winner bold, scratch dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = board[board["task"] == w.task]
+    ranked, at = rows.dropna(subset=["score"]), rows[rows["size"] == w.size]
+
+    def score_vs_params(ax: Any) -> None:
+        for strategy, s in ranked.groupby("strategy", sort=True):
+            e = int(s["final_budget"].iloc[0])
+            bars = ax.errorbar(s["num_params"], s["score"], yerr=s[f"e{e}_std"].fillna(0), fmt="o", ms=4,
+                               capsize=2, alpha=0.6, label=strategy)
+            best = s.groupby("num_params")["score"].agg("min" if w.mode == "min" else "max")  # shapes sharing it
+            ax.plot(best.index, best.values, lw=1.2, color=bars[0].get_color())
+        ax.set(xscale="log", title=f"{w.task}: score vs size per init strategy", xlabel="parameters",
+               ylabel=f"{w.metric} after {int(ranked['final_budget'].max())} epochs")
+
+    def convergence(ax: Any) -> None:
+        for _, r in at.sort_values("strategy").iterrows():
+            es = [e for e in budgets(at, "e", "_mean") if not math.isnan(r[f"e{e}_mean"])]
+            mean = [r[f"e{e}_mean"] for e in es]
+            std = [0.0 if math.isnan(r[f"e{e}_std"]) else r[f"e{e}_std"] for e in es]
+            won, scratch = r["strategy"] == w.strategy, r["strategy"] == "scratch"
+            style = dict(lw=2.5, zorder=3) if won else dict(lw=2, ls="--") if scratch else dict(lw=1, alpha=0.6)
+            ax.plot(es, mean, marker="o", ms=4, label=f"{r['strategy']} (lr {r['lr']:g})" + " (winner)" * won, **style)
+            ax.fill_between(es, [a - b for a, b in zip(mean, std, strict=True)],
+                            [a + b for a, b in zip(mean, std, strict=True)], alpha=0.15)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set(title=f"{w.task}: convergence at size {w.size}", ylabel=w.metric,
+               xlabel="stage-3 epochs (0 = right after initialization)")
+
+    paths = [out_dir / f"{w.metric.removeprefix('val_')}_vs_params_{w.task}.png", out_dir / f"convergence_{w.task}.png"]
+    for path, draw in zip(paths, (score_vs_params, convergence), strict=True):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return paths

@@ -96,8 +96,9 @@ def train_target(
     steps_per_epoch: int | None = None, on_epoch: Callable[[dict], bool | None] | None = None,
 ) -> list[dict]:
     """Stage 3 of ``model``, in place, by ``recipe``; ``val`` scored after every epoch and ``test`` after the
-    last. One row per epoch: ``val_<metric>``, ``val_loss``, ``train_loss``, ``train_<metric>``, ``epoch_s``
-    (``test_<metric>`` on the last); with ``score_init`` first a row for epoch 0, the model as given.
+    last. One row per epoch: ``val_<metric>``, ``val_loss`` (NaN where the task's own evaluation, a rollout or a
+    sampler, has no loss), ``train_loss``, ``train_<metric>``, ``epoch_s`` (``test_<metric>`` on the last); with
+    ``score_init`` first a row for epoch 0, the model as given.
 
     ``on_epoch(row)`` sees each row as it is made (log it, report it); False ends the run there. The
     batches of epoch ``e`` are a fresh shuffle of ``train`` (seed ``1000 * recipe.seed + e``) unless
@@ -111,7 +112,7 @@ def train_target(
 
     if score_init:
         ev = score(model, val, task=task, device=device, batch_size=eval_batch_size)
-        if add({"epoch": 0, f"val_{m}": ev[m], "val_loss": ev["loss"]}) is False:
+        if add({"epoch": 0, f"val_{m}": ev[m], "val_loss": ev.get("loss", math.nan)}) is False:
             return rows
     seed_everything(recipe.seed)
     optimizer = make_optimizer(model, recipe.lr, recipe.weight_decay)
@@ -123,7 +124,7 @@ def train_target(
     def after(epoch: int, stats: dict) -> bool | None:
         t0 = time.perf_counter()
         ev = score(model, val, task=task, device=device, batch_size=eval_batch_size)
-        row = {"epoch": epoch, f"val_{m}": ev[m], "val_loss": ev["loss"], "train_loss": stats["loss"],
+        row = {"epoch": epoch, f"val_{m}": ev[m], "val_loss": ev.get("loss", math.nan), "train_loss": stats["loss"],
                f"train_{m}": stats[m]}
         if epoch == recipe.epochs and test is not None:
             row[f"test_{m}"] = score(model, test, task=task, device=device, batch_size=eval_batch_size)[m]
@@ -133,3 +134,25 @@ def train_target(
     fit(model, batches, optimizer, epochs=recipe.epochs, on_epoch=after, task=task, device=device,
         max_steps=per_epoch, scheduler=recipe.scheduler(optimizer, recipe.epochs * per_epoch))
     return rows
+
+
+def run_config(config: dict, data: Any, *, bank: Any = None, ancestry: tuple[nn.Module, Any] | None = None,
+               device: str = "cpu", on_init: Callable[[Any, InitResult, float], None] | None = None,
+               on_epoch: Callable[[dict], bool | None] | None = None) -> tuple[InitResult, list[dict], float]:
+    """A trial config (``weit_core.trials``) run on its task's ``data``: its strategy's init with its stage-2
+    settings, ``on_init(spec, result, init_s)``, then stage 3 by its recipe on its task. Returns the init
+    result (its model trained in place), the rows of :func:`train_target` and the init time in seconds."""
+    from weit_core.trials import spec_of, task_of
+
+    spec, t0 = spec_of(config), time.perf_counter()
+    res = init_target(config["strategy"], spec, data.train, seed=config["seed"], bank=bank, ancestry=ancestry,
+                      device=device, **{k: config[k] for k in ("fit_examples", "init_mode", "fit_steps", "fit_lr",
+                                                               "fit_batch_size")})
+    init_s = time.perf_counter() - t0
+    if on_init is not None:
+        on_init(spec, res, init_s)
+    res.model.to(device)
+    history = train_target(res.model, data.train, data.val, Recipe.of(config), task=task_of(config), device=device,
+                           test=data.test if config["test_eval"] else None,
+                           eval_batch_size=config["eval_batch_size"], on_epoch=on_epoch)
+    return res, history, init_s
