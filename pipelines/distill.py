@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
@@ -31,8 +30,8 @@ from weit_core.models import family_of, get_family
 from weit_core.models.elastic import AtSize, Sandwich, range_model
 from weit_core.parquet import PreparedData
 from weit_core.resize import RULES
-from weit_core.sizes import SizeRange, drop_reasons, keep_sizes
-from weit_core.stage1 import DistillConfig, build_elastic, parse_sizes, plan, save_elastic
+from weit_core.sizes import SizeRange, describe_drops
+from weit_core.stage1 import DistillConfig, build_elastic, parse_sizes, plan, save_elastic, space_sizes
 from weit_core.tasks import CLASSIFICATION, Task, get_task
 from weit_core.teacher import check_teacher, load_teacher, no_teacher
 from weit_core.templates import Scalers
@@ -59,26 +58,11 @@ def aux_spec(config: DistillConfig, data: PreparedData, teacher_spec=None):
 
 
 def _space_sizes(config: DistillConfig, io: dict, family) -> dict:
-    """The sizes of a search space this bank can serve (those the sweep would keep for the data and this bank's
-    block), the drops counted by reason, and the patch of the space's tasks."""
+    """The sizes of ``--space`` this bank can serve (``weit_core.stage1.space_sizes``)."""
     from pipelines.spaces import load_space, size_points
 
     space = load_space(config.space)
-    if (fam := getattr(space, "family", "vit")) != family.name:
-        raise UserError(f"{config.space} sizes a {fam}, this bank is a {family.name}; pass --family {fam}")
-    patches, patch = sorted({t.patch for t in space.tasks}), config.aux.get("patch")
-    if patch is None and len(patches) > 1:
-        raise UserError(f"{config.space}: its tasks use patches {patches}; pass --patch for this bank")
-    patch = patch or (patches[0] if patches else family.default_size.get("patch"))
-    kept, dropped = keep_sizes(size_points(space), io, patch, space.constraints, config.block, family)
-    if not kept:
-        raise UserError(f"{config.space}: no size of the space can be trained by a block-{config.block} bank on "
-                        f"this data ({_describe_drops(dropped, family)})")
-    return {"points": kept, "dropped": dropped, "source": f"space {config.space}", "patch": patch}
-
-
-def _describe_drops(dropped: dict, family) -> str:
-    return ", ".join(f"{n} {drop_reasons(family).get(k, k)}" for k, n in Counter(dropped).most_common())
+    return space_sizes(config, size_points(space), space, io, family)
 
 
 # ----------------------------------------------------------------------------------------- the job
@@ -105,10 +89,7 @@ def build_aux(cfg: dict) -> Built:
 
 def run_distill(config: DistillConfig) -> tuple[Path, dict]:
     """Stage 1 end to end; returns (bank path, metrics of the final epoch + job facts)."""
-    try:
-        config.check()  # before the data is read or Ray started
-    except ValueError as e:
-        raise UserError(str(e)) from e
+    config.check()  # before the data is read or Ray started
     task, out = get_task(config.task), Path(config.out).resolve()
     metric, name = task.metric, config.name or job_name(out, "distill")
     teacher = None if no_teacher(config.teacher) else load_teacher(
@@ -161,7 +142,7 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
                 print(f"{PREFIX} size range ({plan.source}): {len(labels)} size(s) {labels[0]} .. {labels[-1]}, "
                       f"reference {spec.label}, {rule}, {cfg['draws_per_step']} size(s) per step"
                       + (f"; dropped {sum(plan.dropped.values())} space size(s): "
-                         f"{_describe_drops(plan.dropped, family)}" if plan.dropped else ""), flush=True)
+                         f"{describe_drops(plan.dropped, family)}" if plan.dropped else ""), flush=True)
         run = r.run_on_ray(cfg, data, tracker, stage="distill", name=name, storage=storage, workers=c.workers,
                            cpus_per_worker=c.cpus_per_worker, use_gpu=c.use_gpu, max_failures=c.max_failures,
                            quiet=c.quiet)

@@ -32,6 +32,12 @@ def drop_reasons(family: Family | str = "vit") -> dict[str, str]:
     return {**_family(family).drop_reasons, **CONSTRAINT_DROP_REASONS}
 
 
+def describe_drops(dropped: dict, family: Family | str = "vit") -> str:
+    """``"3 heads do not divide width, 1 ..."``: drop counts in words, most first."""
+    reasons = drop_reasons(family)
+    return ", ".join(f"{n} {reasons.get(k, k)}" for k, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
+
+
 @dataclass(frozen=True)
 class TaskShape:
     """An image task's ``io`` as a dataclass: kept while callers move to the ``io`` dict (``DatasetSplits.io``)

@@ -18,7 +18,7 @@ from torch import nn
 
 from weit_core.models.elastic import AtSize, ElasticModel, range_model
 from weit_core.models.family import Family, family_of, get_family
-from weit_core.sizes import SizeRange, check_range, parse_size, plan_range
+from weit_core.sizes import SizeRange, check_range, describe_drops, keep_sizes, parse_size, plan_range
 from weit_core.tasks import CLASSIFICATION, Task
 from weit_core.templates import Scalers, TemplateBank
 from weit_core.train import (
@@ -155,6 +155,24 @@ def plan(config: DistillConfig, family: Family, io: dict, teacher_spec: Any = No
     return plan_range(make, base, given, depths=config.depths, widths=config.widths, head_dim=config.head_dim,
                       block=config.block, width_rule=config.width_rule, depth_rule=config.depth_rule, family=family,
                       **space)
+
+
+def space_sizes(config: DistillConfig, points: list[dict], space: Any, io: dict, family: Family) -> dict:
+    """What :func:`plan` takes from a search space: the sizes of ``points`` a block-``config.block`` bank can
+    serve on this data (those the sweep would keep), the drops by reason, and the patch of the space's tasks
+    (``--patch`` chooses where they differ)."""
+    source = config.space
+    if (fam := getattr(space, "family", "vit")) != family.name:
+        raise ValueError(f"{source} sizes a {fam}, this bank is a {family.name}; pass --family {fam}")
+    patches, patch = sorted({t.patch for t in space.tasks}), config.aux.get("patch")
+    if patch is None and len(patches) > 1:
+        raise ValueError(f"{source}: its tasks use patches {patches}; pass --patch for this bank")
+    patch = patch or (patches[0] if patches else family.default_size.get("patch"))
+    kept, dropped = keep_sizes(points, io, patch, space.constraints, config.block, family)
+    if not kept:
+        raise ValueError(f"{source}: no size of the space can be trained by a block-{config.block} bank on this "
+                         f"data ({describe_drops(dropped, family)})")
+    return {"points": kept, "dropped": dropped, "source": f"space {config.space}", "patch": patch}
 
 
 def aux_spec(config: DistillConfig, family: Family, io: dict, teacher_spec: Any = None) -> Any:
