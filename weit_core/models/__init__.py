@@ -2,6 +2,7 @@
 ``get_family(name)``, ``family_of(spec)``. Each family module ends with ``register_family``."""
 
 from weit_core.models.convnext import CONVNEXT, ConvNeXtSpec, create_convnext
+from weit_core.models.dit import DIT, DiTSpec, create_dit  # noqa: F401  (the diffusion transformer family)
 from weit_core.models.family import Family, family_names, family_of, get_family, register_family
 from weit_core.models.policy import POLICY, PolicySpec, create_policy  # noqa: F401  (the policy family)
 from weit_core.models.templated import TemplatedModel
