@@ -72,6 +72,7 @@ def load_runs(parent: Any) -> Any:
         "seed": number("params.seed").fillna(number("tags.weit.seed")).astype(int), "status": df["status"],
         "run_id": df["run_id"], "artifact_uri": df["artifact_uri"], "num_params": number("params.num_params"),
         "epochs": number("params.epochs"), "init_s": number("params.init_s"), "failure": col("tags.weit.failure"),
+        # runs from before trials were tagged with their task's metric were all classification
         "metric": col("tags.weit.metric").fillna("val_acc"), "mode": col("tags.weit.mode").fillna("max"),
         "test": float("nan")})
     per_budget: dict[int, Any] = {}
@@ -144,7 +145,8 @@ def build_report(
                         if register else None)
     (out_dir / "winners.json").write_text(json.dumps({t: w.summary() for t, w in report.winners.items()}, indent=1))
     report.files.append(out_dir / "winners.json")
-    tracking.log_files(client, parent.info.run_id, report.files, "report")
+    for f in report.files:
+        client.log_artifact(parent.info.run_id, str(f), "report")
     if show:
         print_report(report)
         print(f"[weit report] wrote {out_dir}/ (leaderboard.csv, leaderboard.md, plots); logged to run "

@@ -312,25 +312,11 @@ def sweep_note(name: str, space: Any, expansion: Any, trials: list[dict], *, exp
     """The parent run's description (markdown): the space and its axes per task, the trials (``counts``:
     finished, failed, tune_errors, failure_kinds once it ended; None while it runs), the ones dropped and why,
     where to compare the trials, and the exact ``weit report`` command."""
-    from weit_core.models import get_family
-
-    size_name = get_family(space.family).size_name
-
-    def fmt(values: set) -> str:
-        shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted(values))
-        return f"{len(values)} ({shown})" if len(values) <= 6 else str(len(values))
+    from weit_core.trials import trials_table
 
     lines = [f"### Sweep `{name}`", "",
              f"Space **{space.name}** (`{space.path or 'inline'}`, content hash `{space.content_hash()}`)"
-             + (f": {space.description}" if space.description else "."), "",
-             "| task | sizes | strategies | seeds | stage-3 lrs | trials |", "|---|---|---|---|---|---|"]
-    for task in space.tasks:
-        rows = [t for t in trials if t["task"] == task.name]
-        axes = [{size_name(t) for t in rows}, {t["strategy"] for t in rows}, {t["seed"] for t in rows},
-                {float(t["lr"]) for t in rows}]
-        product = math.prod(len(a) for a in axes)
-        lines.append(f"| {task.name} | " + " | ".join(fmt(a) for a in axes) + f" | {len(rows)}"
-                     + (f" of the {product} combinations" if product != len(rows) else "") + " |")
+             + (f": {space.description}" if space.description else "."), "", *trials_table(space, trials)]
     n_all = len(expansion.trials)
     status = "running (the counts are written here when the sweep ends)."
     if counts is not None:
@@ -388,11 +374,6 @@ def register_champion(client: Any, w: Any, sweep: str, parent_run_id: str) -> st
                                      description=f"{w.strategy} {w.size} from sweep {sweep}")
     client.set_registered_model_alias(name, "champion", mv.version)
     return f"{name}/{mv.version}"
-
-def log_files(client: Any, run_id: str, files: list, folder: str) -> None:
-    for f in files:
-        client.log_artifact(run_id, str(f), folder)
-
 
 def close_sweep(client: Any, experiment_id: str, parent_id: str, tune_errors: int,
                 note: Any) -> tuple[int, list[str]]:

@@ -5,7 +5,9 @@ resumed sweep finds its finished trials). The CLI sweep below imports this modul
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -151,7 +153,17 @@ def _pool_task(arg: str) -> Task:
     return Task("pool", F.mse_loss, squared_error, metric="mse", mode="min", load_data=load)
 
 
+def _rmse(model: torch.nn.Module, batches, device) -> dict[str, float]:
+    """An evaluation that is no batch sum (the root of the mean over the whole split), as a rollout's is not."""
+    total = n = 0
+    for x, y in batches:
+        total += float(((model(x.to(device)) - y.to(device)) ** 2).mean(1).sum())
+        n += len(y)
+    return {"rmse": (total / n) ** 0.5}
+
+
 register_kind("spaces_test_pool", _pool_task)
+register_kind("spaces_test_rmse", lambda arg: dataclasses.replace(_pool_task(arg), metric="rmse", evaluate=_rmse))
 POOL_SPACE = """
 name: pool
 tasks: [{name: fmnist_pool, task: "spaces_test_pool:512", data: fashion_mnist, patch: 7}]
@@ -174,6 +186,19 @@ def test_a_non_classification_task_validates_and_expands_with_its_own_io(fmnist_
     # the default kind is named nowhere in a config, so classification keys stay what they were
     assert "kind" not in expand(parse_space(TASK + "sizes: {depth: 1, width: 16, heads: 2}\n"),
                                 {"digits": DIGITS}).trials[0]
+
+
+def test_a_trial_of_a_task_with_its_own_evaluation_trains_and_scores_by_it(fmnist_dir):
+    """A task whose ``evaluate`` replaces the batch sum (and reports no loss) runs a whole trial: the metric is
+    its own, ``val_loss`` is NaN (logged nowhere), and stage 3 improves it."""
+    from pipelines.trial import run_trial
+
+    space = parse_space(POOL_SPACE.replace("spaces_test_pool:512", "spaces_test_rmse:256").replace("[16, 32]", "16")
+                        .replace("[scratch, mimetic]", "[scratch]"))
+    (config,) = expand(space, inspect_tasks(space)).trials
+    rows = run_trial(config).history
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and all(math.isnan(r["val_loss"]) for r in rows)
+    assert rows[-1]["val_rmse"] < rows[0]["val_rmse"] and "test_rmse" in rows[-1]
 
 
 def test_cli_sweep_and_report_rank_a_lower_is_better_task_lowest_first(fmnist_dir, tmp_path):

@@ -242,3 +242,20 @@ def summarize_space(space: Space, expansion: Expansion) -> str:
     return (f"space {space.name}: {len(expansion.trials)} trials = valid sizes ({per_task}) x "
             f"{len(space.strategies)} strategies x {seeds} seeds{lrs}; {expansion.describe_drops()}")
 
+
+def trials_table(space: Space, trials: list[dict]) -> list[str]:
+    """Markdown rows per task: how many sizes, strategies, seeds and lrs its trials take (each listed when
+    few) and whether they are every combination of those."""
+    def fmt(values: set) -> str:
+        shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted(values))
+        return f"{len(values)} ({shown})" if len(values) <= 6 else str(len(values))
+
+    lines = ["| task | sizes | strategies | seeds | stage-3 lrs | trials |", "|---|---|---|---|---|---|"]
+    for task in space.tasks:
+        rows = [t for t in trials if t["task"] == task.name]
+        axes = [{family_of(t).size_name(t) for t in rows}, {t["strategy"] for t in rows}, {t["seed"] for t in rows},
+                {float(t["lr"]) for t in rows}]
+        product = math.prod(len(a) for a in axes)
+        lines.append(f"| {task.name} | " + " | ".join(fmt(a) for a in axes) + f" | {len(rows)}"
+                     + (f" of the {product} combinations" if product != len(rows) else "") + " |")
+    return lines
