@@ -54,6 +54,12 @@ def test_vectorized_and_plain_runs_play_the_same_episodes():
     assert vec == plain
     # seeds reach the environment: the random policy's episodes differ from each other
     assert len({e.length for e in run_episodes(CARTPOLE, act, 6, seed=0)}) > 1
+    # MuJoCo too, with a fixed linear policy (a random one draws its actions in another order per arm)
+    w = np.random.default_rng(0).normal(size=(11, 3)) * 0.3
+    linear = lambda obs, first: np.tanh(obs @ w)  # noqa: E731
+    runs = [[e.ret for e in run_episodes("Hopper-v5", linear, 3, seed=5, vectorized=v, max_episode_steps=30)]
+            for v in (True, False)]
+    assert runs[0] == pytest.approx(runs[1]) and len(set(runs[0])) == 3
 
 
 def test_expert_dataset_schema_and_shapes(cartpole_data, cache):
@@ -226,3 +232,26 @@ def test_weight_selection_makes_policies_from_a_larger_one(cartpole_data):
     assert can_make("weight_selection", big, ancestry_spec=small) == "larger_than_ancestry"
     other = POLICY.spec_for({"depth": 1, "width": 16, "heads": 2}, {**data.io, "context": 8})
     assert can_make("weight_selection", other, ancestry_spec=big) == "tokens_differ_from_ancestry"
+
+
+@pytest.mark.slow
+def test_mujoco_end_to_end_with_a_briefly_trained_sac_expert(cache, tmp_path):
+    """Hopper: a SAC expert trained for a few thousand steps, its transitions, a policy cloned from them and
+    scored by rollouts (the numbers are whatever this budget gives; the path is what is checked)."""
+    from weit_core.control.experts import cache_dir, train_expert
+    from weit_core.models import get_family
+    from weit_core.tasks import get_task
+    from weit_core.train import evaluate, fit, iterate_batches, make_optimizer
+
+    train_expert("Hopper-v5", steps=3000, out=cache_dir("Hopper-v5") / "expert.safetensors")
+    meta = make_expert_dataset("Hopper-v5", tmp_path, episodes=6, seed=0)
+    ref = meta["reference"]
+    assert ref["expert"]["algorithm"] == "SAC" and ref["expert_return"] > ref["random_return"]
+    task = get_task("control:Hopper-v5")
+    data = task.load(str(tmp_path))
+    assert data.train.x.shape[1:] == (4, 11) and data.train.y.shape[1:] == (3,)
+    model = get_family("policy").build(get_family("policy").spec_for({"depth": 1, "width": 32, "heads": 2}, data.io))
+    fit(model, lambda ep: iterate_batches(data.train.x, data.train.y, 64, seed=ep), make_optimizer(model, 1e-3),
+        epochs=5, task=task)
+    out = evaluate(model, [], task=task)
+    assert np.isfinite(out["return_norm"]) and out["episodes"] == EVAL_EPISODES

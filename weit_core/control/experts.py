@@ -163,7 +163,7 @@ def get_expert(env_id: str, *, train: bool = True, steps: int | None = None) -> 
     check_env_id(env_id)
     if env_id in SCRIPTED:
         return Expert(SCRIPTED[env_id], {"env_id": env_id, "kind": "scripted", "algorithm": "scripted",
-                                         "rule": SCRIPTED[env_id].__doc__.split(":")[0], "steps": 0})
+                                         "rule": SCRIPTED[env_id].__name__, "steps": 0})
     if env_id not in SB3_STEPS:
         raise ValueError(f"weit has no expert for {env_id}; bring your own transitions (parquet) for it")
     path = cache_dir(env_id) / "expert.safetensors"
