@@ -142,7 +142,7 @@ def test_shipped_spaces_keep_their_trial_keys_and_order(space, bank_block, n, di
 
 def _pool_task(arg: str) -> Task:
     def load(dataset: str, limit: int | None, seed: int) -> DatasetSplits:
-        d = load_splits(dataset, int(arg), seed)
+        d = load_splits(dataset or "fashion_mnist", int(arg), seed)
         pooled = lambda s: ArrayDataset(s.x, F.avg_pool2d(s.x, 7).flatten(1))  # noqa: E731  (N x 16 targets)
         return DatasetSplits(f"pool{arg}", pooled(d.train), pooled(d.val), pooled(d.test),
                              io={**d.io, "num_classes": 16})  # the head predicts the 16 pooled values
@@ -164,6 +164,7 @@ def _rmse(model: torch.nn.Module, batches, device) -> dict[str, float]:
 
 register_kind("spaces_test_pool", _pool_task)
 register_kind("spaces_test_rmse", lambda arg: dataclasses.replace(_pool_task(arg), metric="rmse", evaluate=_rmse))
+register_kind("spaces_test_boxed", lambda arg: dataclasses.replace(_pool_task(arg), default_family=BOX.name))
 POOL_SPACE = """
 name: pool
 tasks: [{name: fmnist_pool, task: "spaces_test_pool:512", data: fashion_mnist, patch: 7}]
@@ -183,6 +184,11 @@ def test_a_non_classification_task_validates_and_expands_with_its_own_io(fmnist_
     trials = expand(space, {"fmnist_pool": io}).trials
     assert len(trials) == 4 and {t["kind"] for t in trials} == {"spaces_test_pool:512"}
     assert {(spec_of(t).num_classes, spec_of(t).patch) for t in trials} == {(16, 7)}
+    # a kind that loads its own data needs no `data`, and its default family is the space's unless it names one
+    boxed = parse_space('tasks: [{task: "spaces_test_boxed:64"}]\nstrategies: [scratch]\nsizes: {side: 2}\n')
+    assert (boxed.family, boxed.tasks[0].name, boxed.tasks[0].data) == (BOX.name, "spaces_test_boxed_64", None)
+    with pytest.raises(SpaceError, match=r"tasks\[0\]: missing required key 'data' \(fashion_mnist or digits"):
+        parse_space(TASK.replace("data: digits, ", "") + "sizes: {depth: 1, width: 16, heads: 2}\n")
     # the default kind is named nowhere in a config, so classification keys stay what they were
     assert "kind" not in expand(parse_space(TASK + "sizes: {depth: 1, width: 16, heads: 2}\n"),
                                 {"digits": DIGITS}).trials[0]

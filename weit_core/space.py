@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from weit_core.data import BUILTIN_DATASETS as BUILTIN_DATA
 from weit_core.models.family import get_family
@@ -48,6 +49,7 @@ from weit_core.train import SCHEDULES
 
 DEFAULT_FAMILY = "vit"
 DEFAULT_TASK = "classification"
+IMAGE_DATA = "fashion_mnist or digits, or a parquet file/folder path"
 # the size axes a constraint reads: a space whose family lacks them cannot set it
 CONSTRAINT_AXES = {"width_multiple": ("width",), "min_head_dim": ("width", "heads"), "max_head_dim": ("width", "heads")}
 SHIPPED = Path(__file__).resolve().parent.parent / "tune_spaces"
@@ -58,10 +60,15 @@ class SpaceError(ValueError):
 
 
 def _registered(kind: str) -> str:
+    _own_loader(kind)  # a ValueError naming the known kinds
+    return kind
+
+
+def _own_loader(kind: str) -> bool:
+    """Whether a task kind reads its data itself (else it is an image dataset: a built-in name or parquet)."""
     from weit_core.tasks import get_task
 
-    get_task(kind)  # a ValueError naming the known kinds
-    return kind
+    return get_task(kind).load_data is not None
 
 
 class Training(Schema):
@@ -111,7 +118,7 @@ class TaskSpec(Schema):
 
     name: Annotated[str, name_rule("a short name without spaces, quotes, slashes or @", "/\\ '\"@")] | None = None
     task: Annotated[str, AfterValidator(_registered)] = DEFAULT_TASK  # before data: the data's rules depend on it
-    data: Annotated[str, Field(description="fashion_mnist or digits, or a parquet file/folder path")]
+    data: Annotated[str | None, Field(description=IMAGE_DATA)] = None  # a kind with its own loader may go without
     patch: Int1 = 4  # image tasks
     img_size: Int1 | None = None  # only a check: the data's image size
     val_fraction: Fraction | None = None  # parquet only
@@ -127,11 +134,26 @@ class TaskSpec(Schema):
 
         return {k: getattr(self, k) for k in DATA_KEYS} | ({"kind": self.task} if self.task != DEFAULT_TASK else {})
 
+    @model_validator(mode="before")
+    @classmethod
+    def _image_data_needed(cls, data: Any) -> Any:
+        """``data`` is required unless the task kind loads its own (an unknown kind is reported at ``task``)."""
+        if isinstance(data, dict) and "data" not in data:
+            try:
+                own = _own_loader(data.get("task", DEFAULT_TASK))
+            except ValueError:
+                own = True
+            if not own:
+                raise PydanticCustomError("missing_key", "missing key", {"key": "data", "hint": IMAGE_DATA})
+        return data
+
     @field_validator("data")
     @classmethod
-    def _resolve(cls, data: str, info: ValidationInfo) -> str:
+    def _resolve(cls, data: str | None, info: ValidationInfo) -> str | None:
         """A built-in name (any case, ``-`` or ``_``), else a path that exists, made absolute; a task kind with
         a loader of its own may name something else (its loader judges it before any trial)."""
+        if data is None:
+            return None
         if not (key := data.strip().lower().replace("-", "_")):
             raise ValueError(f"expected a dataset name or a path, got {show(data)}")
         if key in BUILTIN_DATA:
@@ -140,7 +162,7 @@ class TaskSpec(Schema):
         p = p if p.is_absolute() else info.context["base_dir"] / p
         if p.exists():
             return str(p.resolve())
-        if info.data.get("task", DEFAULT_TASK) != DEFAULT_TASK:
+        if "task" in info.data and _own_loader(info.data["task"]):
             return data
         raise ValueError(f"{data!r} is not a built-in dataset ({', '.join(BUILTIN_DATA)}) and {p} does not "
                          "exist; give a parquet file or folder with `image` and `label` columns")
@@ -155,7 +177,8 @@ class TaskSpec(Schema):
     @model_validator(mode="after")
     def _default_name(self) -> TaskSpec:
         if self.name is None:
-            self.name = self.data if self.data in BUILTIN_DATA else Path(self.data).stem
+            self.name = (self.task.replace(":", "_") if self.data is None else self.data if self.data in BUILTIN_DATA
+                         else Path(self.data).stem)
             if not is_name(self.name):
                 raise ValueError(f"the file name {self.name!r} is no task name; give the task a `name` without "
                                  "spaces, quotes, slashes or @")
@@ -238,12 +261,21 @@ class Space(Schema):
     @classmethod
     def _merge_settings(cls, data: Any) -> Any:
         """A task is a mapping or a dataset name (one task need not be a list); its settings are the space's
-        ``training`` updated by its own, merged here and validated as one block."""
+        ``training`` updated by its own, merged here and validated as one block; the family defaults to the
+        tasks' own."""
         tasks = data.get("tasks") if isinstance(data, dict) else None
         tasks = [tasks] if isinstance(tasks, str | dict) else tasks
         if not isinstance(tasks, list):
             return data
         tasks = [{"data": t} if isinstance(t, str) else t for t in tasks]
+        if "family" not in data:  # the tasks' own architecture (their kinds' default_family), where they agree
+            from weit_core.tasks import get_task
+
+            try:
+                own = {get_task(t.get("task", DEFAULT_TASK)).default_family for t in tasks if isinstance(t, dict)}
+            except ValueError:  # an unknown task: its own error
+                own = set()
+            data = {**data, "family": own.pop()} if len(own) == 1 else data
         top = data.get("training") or {}
         return {**data, "tasks": [{**t, "training": {**top, **(t.get("training") or {})}}
                                   if isinstance(top, dict) and isinstance(t, dict)

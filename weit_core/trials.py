@@ -221,7 +221,8 @@ def expand(space: Space, shapes: dict[str, dict], bank_block: int | None = None,
         exp.sizes_valid[task.name] = len(kept)
         for size in kept:
             base = {"task": task.name, **named, **task.data_key(), **size, **io}
-            cannot = {s: can_make(s, spec_of(base), ancestry_spec=ancestry_spec) if s in judged else None
+            spec = spec_of(base)
+            cannot = {s: can_make(s, spec, ancestry_spec=ancestry_spec) if s in judged else None
                       for s in space.strategies}
             exp.pairs_dropped.update(c for c in cannot.values() if c)
             settings = {k: v for k, v in tr.items() if k != "seeds"}
