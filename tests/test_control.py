@@ -255,3 +255,22 @@ def test_mujoco_end_to_end_with_a_briefly_trained_sac_expert(cache, tmp_path):
         epochs=5, task=task)
     out = evaluate(model, [], task=task)
     assert np.isfinite(out["return_norm"]) and out["episodes"] == EVAL_EPISODES
+
+
+@pytest.mark.parametrize("space, n", [("ci_control.yaml", 16), ("control.yaml", 840)])
+def test_shipped_control_spaces_expand(space, n):
+    """The control spaces parse in the current schema and expand, with the io their task's data gives."""
+    from pathlib import Path
+
+    from weit_core.space import load_space
+    from weit_core.tasks.control import CONTEXT
+    from weit_core.trials import expand
+
+    loaded = load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / space)
+    assert loaded.family == "policy"
+    shapes = {}
+    for t in loaded.tasks:
+        info = env_info(t.task.split(":", 1)[1])
+        shapes[t.name] = {"obs_dim": info.obs_dim, "act_dim": info.act_dim, "discrete": info.discrete,
+                          "context": CONTEXT, "num_classes": info.act_dim}
+    assert len(expand(loaded, shapes, bank_block=16).trials) == n
