@@ -67,7 +67,7 @@ class LazyGroup(TyperGroup):
 app = typer.Typer(
     cls=LazyGroup, name="weit", add_completion=False, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    help="weit: initialize ViTs of any depth and width from one pre-trained model with weight templates "
+    help="weit: initialize networks of any family, depth and width from one pre-trained model with weight templates "
          "(WAVE / WeiT), on Ray, tracked in MLflow. Start with `weit quickstart`.",
 )
 
