@@ -14,7 +14,7 @@ from pipelines.distill import DistillConfig, plan_range
 from weit_core.io import load_bank, load_model, read_header
 from weit_core.models import CONVNEXT, ConvNeXtSpec
 from weit_core.parquet import export_parquet
-from weit_core.tasks import register_kind
+from weit_core.tasks import CLASSIFICATION, register_kind
 
 CHANCE = 0.1  # ten classes
 CX = ["--family", "convnext", "--size", "depth=1,width=16"]
@@ -72,6 +72,10 @@ def test_a_convnext_range_is_planned_by_its_family(work, digits):
     assert plan.sizes[0].dims == (16, 32) and plan.sizes == sorted(plan.sizes, key=lambda s: s.num_params())
     with pytest.raises(Exception, match="convnext sizes have no heads; drop --head-dim"):
         plan_range(DistillConfig(family="convnext", widths=[16, 32], head_dim=16), data)
+    weit = plan_range(DistillConfig(family="convnext"), data)  # no teacher, no range: the family's default size
+    assert not weit.sizes and (weit.ref.depths, weit.ref.dims, weit.ref.patch) == ((4, 4), (32, 64), 2)
+    with pytest.raises(ValueError, match="the teacher is a convnext but --family is vit"):
+        DistillConfig(family="vit").aux_family(CLASSIFICATION, weit.ref)
 
 
 @pytest.mark.parametrize("command", ["ancestry", "distill"])
