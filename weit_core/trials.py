@@ -121,7 +121,8 @@ def load_task_data(data_key: dict) -> Any:
 
             splits = load_dataset(data_key["data"], seed=seed, **fractions)
         elif fractions:
-            raise ValueError(f"val_fraction / test_fraction split parquet images; {task.name} splits its own data")
+            raise ValueError(f"val_fraction / test_fraction split parquet images; {task.name} splits its own data, "
+                             "drop them")
         else:
             splits = task.load(data_key["data"], seed=seed)
         if data_key["limit"] or data_key["val_limit"]:
@@ -148,7 +149,8 @@ def inspect_tasks(space: Space) -> dict[str, dict]:
         shapes[t.name] = io = dict(splits.io)
         if "img_size" not in io:
             if {"patch", "img_size"} & t.model_fields_set:
-                raise SpaceError(f"{where}: patch and img_size apply to image tasks; {t.task} data has no images")
+                raise SpaceError(f"{where}: patch and img_size apply to image tasks; {t.task} data has no images, "
+                                 "drop them")
             continue
         h, w = splits.train.x.shape[-2:]
         if h != w:
