@@ -50,6 +50,7 @@ from weit_core.train import SCHEDULES
 DEFAULT_FAMILY = "vit"
 DEFAULT_TASK = "classification"
 IMAGE_DATA = "fashion_mnist or digits, or a parquet file/folder path"
+DATA_KEYS = ("data", "val_fraction", "test_fraction", "data_seed", "limit", "val_limit")  # which arrays a trial sees
 # the size axes a constraint reads: a space whose family lacks them cannot set it
 CONSTRAINT_AXES = {"width_multiple": ("width",), "min_head_dim": ("width", "heads"), "max_head_dim": ("width", "heads")}
 SHIPPED = Path(__file__).resolve().parent.parent / "tune_spaces"
@@ -130,8 +131,6 @@ class TaskSpec(Schema):
 
     def data_key(self) -> dict:
         """What decides which arrays a trial sees (the kind only where it is not the default: older keys)."""
-        from weit_core.trials import DATA_KEYS
-
         return {k: getattr(self, k) for k in DATA_KEYS} | ({"kind": self.task} if self.task != DEFAULT_TASK else {})
 
     @model_validator(mode="before")

@@ -15,10 +15,8 @@ from typing import Any
 
 from weit_core.models.family import Family, get_family
 from weit_core.sizes import drop_reasons, keep_sizes, points
-from weit_core.space import DEFAULT_FAMILY, DEFAULT_TASK, Space, SpaceError, learning_rates
+from weit_core.space import DATA_KEYS, DEFAULT_FAMILY, DEFAULT_TASK, Space, SpaceError, learning_rates
 from weit_core.tasks import Task, get_task
-
-DATA_KEYS = ("data", "val_fraction", "test_fraction", "data_seed", "limit", "val_limit")  # which arrays a trial sees
 
 
 def family_of(config: dict) -> Family:
@@ -35,9 +33,9 @@ def reported(task: Task) -> tuple[str, ...]:
     return f"val_{task.metric}", "val_loss", "train_loss", "epoch"
 
 
-def spec_of(config: dict, family: Any = None) -> Any:
+def spec_of(config: dict) -> Any:
     """The spec a trial config describes, made by its family (``config["family"]``, else the default)."""
-    fam = get_family(family) if family else family_of(config)
+    fam = family_of(config)
     return fam.make_spec({a: config[a] for a in fam.size_axes}, config)
 
 
