@@ -1,6 +1,6 @@
 """Which initialization wins: the evaluation protocol's ranking over a tidy table of trial results, in each
-task's own direction. ``pipelines/report.py`` reads a sweep's MLflow runs into that table and writes what this
-decides.
+task's own direction, and the leaderboard written out (markdown, plots). ``pipelines/report.py`` reads a sweep's
+MLflow runs into that table and logs what this decides.
 
 The table has one row per trial: ``task``, ``strategy``, ``size`` (the family's name for it), ``lr``,
 ``seed``, ``status`` (FINISHED / FAILED / ...), ``run_id``, ``num_params``, ``metric`` (the task's
