@@ -42,11 +42,10 @@ NOT_SETTINGS = ("out", "storage", "name", "address", "mlflow_uri", "quiet", "wra
 
 
 def plan_range(config: DistillConfig, data: PreparedData, teacher_spec=None, task: Task | None = None) -> SizeRange:
-    """The reference size and the range of a job (``weit_core.stage1.plan``) for the data's ``io``, the sizes
-    of ``--space`` read here."""
+    """The reference size and the range of a job (``weit_core.stage1.plan``) for the data's ``io``."""
     try:
         family = config.aux_family(task or get_task(config.task), teacher_spec)
-        space = _space_sizes(config, data.io, family) if config.space is not None else None
+        space = space_sizes(config, data.io, family) if config.space is not None else None
         return plan(config, family, data.io, teacher_spec, space)
     except ValueError as e:
         raise UserError(str(e)) from e
@@ -55,14 +54,6 @@ def plan_range(config: DistillConfig, data: PreparedData, teacher_spec=None, tas
 def aux_spec(config: DistillConfig, data: PreparedData, teacher_spec=None):
     """The aux size without a range: explicit flags, else the weit teacher's size, else the family default."""
     return plan_range(replace(config, depths=None, widths=None, space=None), data, teacher_spec).ref
-
-
-def _space_sizes(config: DistillConfig, io: dict, family) -> dict:
-    """The sizes of ``--space`` this bank can serve (``weit_core.stage1.space_sizes``)."""
-    from pipelines.spaces import load_space, size_points
-
-    space = load_space(config.space)
-    return space_sizes(config, size_points(space), space, io, family)
 
 
 # ----------------------------------------------------------------------------------------- the job

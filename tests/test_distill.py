@@ -254,12 +254,14 @@ def test_every_rank_draws_the_same_sizes():
 
 
 def test_space_range_keeps_the_sizes_the_sweep_keeps(digits_parquet, work):
-    from pipelines.spaces import TaskShape, check_size, load_space, size_points
+    from weit_core.sizes import check_size
+    from weit_core.space import load_space
+    from weit_core.trials import size_points
 
     data = prepare_parquet(str(digits_parquet), work / "space_data")
     plan = plan_range(DistillConfig(space=str(CI_SPACE)), data, None)
     space = load_space(CI_SPACE)
-    keep = [p for p in size_points(space) if not check_size(p, TaskShape(1, 8, 10), 2, space.constraints, 16)]
+    keep = [p for p in size_points(space) if not check_size(p, data.io, 2, space.constraints, 16)]
     assert {(s.depth, s.width, s.heads, s.mlp_ratio) for s in plan.sizes} == {
         (p["depth"], p["width"], p["heads"], p["mlp_ratio"]) for p in keep}
     assert plan.dropped and sum(plan.dropped.values()) == len(size_points(space)) - len(keep)

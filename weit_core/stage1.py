@@ -157,11 +157,15 @@ def plan(config: DistillConfig, family: Family, io: dict, teacher_spec: Any = No
                       **space)
 
 
-def space_sizes(config: DistillConfig, points: list[dict], space: Any, io: dict, family: Family) -> dict:
-    """What :func:`plan` takes from a search space: the sizes of ``points`` a block-``config.block`` bank can
-    serve on this data (those the sweep would keep), the drops by reason, and the patch of the space's tasks
-    (``--patch`` chooses where they differ)."""
-    source = config.space
+def space_sizes(config: DistillConfig, io: dict, family: Family) -> dict:
+    """What :func:`plan` takes from ``config.space`` (a tune_spaces YAML): the sizes a block-``config.block``
+    bank can serve on this data (those the sweep would keep), the drops by reason, and the patch of the
+    space's tasks (``--patch`` chooses where they differ)."""
+    from weit_core.space import load_space
+    from weit_core.trials import size_points
+
+    source, space = config.space, load_space(config.space)
+    points = size_points(space)
     if (fam := getattr(space, "family", "vit")) != family.name:
         raise ValueError(f"{source} sizes a {fam}, this bank is a {family.name}; pass --family {fam}")
     patches, patch = sorted({t.patch for t in space.tasks}), config.aux.get("patch")
