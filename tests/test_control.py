@@ -274,3 +274,20 @@ def test_shipped_control_spaces_expand(space, n):
         shapes[t.name] = {"obs_dim": info.obs_dim, "act_dim": info.act_dim, "discrete": info.discrete,
                           "context": CONTEXT, "num_classes": info.act_dim}
     assert len(expand(loaded, shapes, bank_block=16).trials) == n
+
+
+def test_rollout_throughput_benchmark_runs_and_checks_its_arms(cache):
+    """The benchmark's smoke run: both arms play the same episodes, and stepping environments together is
+    faster than one at a time (the policy's forward, not the environment, dominates a CartPole step)."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "benchmarks/rollout_throughput.py", "--episodes", "8", "--n-envs", "8",
+                          "--repeats", "1", "--bc-steps", "100", "--size", "1x32x2"], cwd=root, capture_output=True,
+                         text=True, timeout=300, env={**os.environ})
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["same_returns"] and out["arms"][1]["speedup"] > 1.5, out
