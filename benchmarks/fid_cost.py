@@ -10,6 +10,13 @@ do not change the cost, so it is a freshly built one. The load average is record
 
     .venv/bin/python benchmarks/fid_cost.py --samples 1000 --steps 10 --threads 2
 
+``--reference`` adds what FID numbers mean at this sample count: the real test split against the train split,
+Gaussian noise images and the blurred test split. ``--train-steps N`` first trains the DiT for N steps through
+``weit_core.train.fit`` (batch 64, AdamW ``--lr``) on the Fashion-MNIST train split and reports its FID and
+class_acc next to the untrained model's (the timings do not depend on the weights):
+
+    .venv/bin/python benchmarks/fid_cost.py --samples 1000 --steps 10 --reference --train-steps 2000
+
 The last line is one JSON object.
 """
 
@@ -28,7 +35,14 @@ from weit_core import fid
 from weit_core.data import load_fashion_mnist
 from weit_core.models.dit import DEFAULT_SIZE, DIT
 from weit_core.tasks import generation
-from weit_core.train import iterate_batches, seed_everything
+from weit_core.train import (
+    cycle_batches,
+    fit,
+    iterate_batches,
+    make_optimizer,
+    seed_everything,
+    warmup_cosine,
+)
 
 
 def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[Any, dict]:
@@ -42,6 +56,29 @@ def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[Any, dict]:
     return out, {"wall_s": round(sorted(walls)[len(walls) // 2], 2), "cpu_s": round(sorted(cpus)[len(cpus) // 2], 2)}
 
 
+def reference(data, n: int) -> dict:
+    """FID of the real test split (n images) against the train split, noise and the blurred test split."""
+    import torchvision.transforms.functional as TF
+
+    from weit_core.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+    test, train = ((s.x[:n] * FASHION_MNIST_STD + FASHION_MNIST_MEAN).clamp(0, 1) for s in (data.test, data.train))
+    noise = (torch.randn(test.shape, generator=torch.Generator().manual_seed(0)) * test.std() + test.mean()).clamp(0, 1)
+    others = {"train": train, "gaussian_noise": noise, "blurred_test": TF.gaussian_blur(test, 5, 1.5)}
+    return {f"fid_test_vs_{k}": round(fid.fid(test, v), 2) for k, v in others.items()}
+
+
+def train(model: torch.nn.Module, data, steps: int, lr: float, batch_size: int = 64) -> dict:
+    """``steps`` optimizer steps (warm-up 5%, cosine) as one pass of the loop over endless shuffled batches."""
+    opt = make_optimizer(model, lr)
+    sched = warmup_cosine(opt, steps, steps // 20)
+    t = time.perf_counter()
+    hist = fit(model, lambda ep: cycle_batches(data.train.x, data.train.y, batch_size, seed=ep), opt, epochs=1,
+               max_steps=steps, task=generation.GENERATION, scheduler=sched)
+    return {"train_steps": hist[-1]["steps"], "train_s": round(time.perf_counter() - t, 1),
+            "train_loss_last_pass": round(hist[-1]["loss"], 4)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=generation.EVAL_SAMPLES)
@@ -52,12 +89,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--reference", action="store_true", help="also FID of real test vs train / noise / blur")
+    p.add_argument("--train-steps", type=int, default=0, help="train the DiT this many steps first")
+    p.add_argument("--lr", type=float, default=2e-3)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_start = os.getloadavg()[0]
 
-    data = load_fashion_mnist(limit=max(args.samples, 1))
+    data = load_fashion_mnist(limit=None if args.train_steps else max(args.samples, 1))
     size = {k: (float(v) if "." in v else int(v)) for k, v in (kv.split("=") for kv in args.size.split(","))}
     spec = DIT.spec_for(size, data.io)
     seed_everything(0)
@@ -77,6 +117,13 @@ def main() -> None:
     _, distance = timed(lambda: fid.frechet_distance_to_features(*stats, feats), args.repeats)
     out, evaluation = timed(lambda: generation.evaluate_generation(
         model, batches, device, samples=args.samples, steps=args.steps, guidance=args.guidance), args.repeats)
+    extra = reference(data, args.samples) if args.reference else {}
+    if args.train_steps:
+        extra.update(untrained={k: round(out[k], 4) for k in ("fid", "class_acc", "loss") if k in out})
+        extra.update(train(model, data, args.train_steps, args.lr))
+        after = generation.evaluate_generation(model, batches, device, samples=args.samples, steps=args.steps,
+                                               guidance=args.guidance)
+        extra["trained"] = {k: round(after[k], 4) for k in ("fid", "class_acc", "loss") if k in after}
     result = {
         "bench": "fid_cost", "device": str(device), "threads": args.threads, "samples": args.samples,
         "steps": args.steps, "guidance": args.guidance, "dit": spec.label, "patch": spec.patch,
@@ -86,7 +133,7 @@ def main() -> None:
         "samples_per_s_sampling": round(args.samples / max(sampling["wall_s"], 1e-9), 1),
         "images_per_s_features": round(args.samples / max(extraction["wall_s"], 1e-9), 1),
         "fid_untrained": round(out["fid"], 2), "loadavg_start": round(load_start, 2),
-        "loadavg_end": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
+        "loadavg_end": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), **extra,
     }
     print(f"one evaluation: {evaluation['wall_s']} s wall ({evaluation['cpu_s']} s CPU) = sampling "
           f"{sampling['wall_s']} s + features {extraction['wall_s']} s + Fréchet {distance['wall_s']} s + judge/loss; "

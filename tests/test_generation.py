@@ -33,7 +33,9 @@ def _train(model: nn.Module, data, steps: int, lr: float, task, batch_size: int 
                make_optimizer(model, lr), epochs=-(-steps // per_epoch), max_steps=per_epoch, task=task)
 
 
-def test_the_family_builds_any_size_and_starts_as_adaln_zero():
+def test_the_family_builds_any_size_and_starts_as_adaln_zero(tmp_path):
+    from weit_core.io import load_model, save_model
+
     fam = get_family("dit")
     assert get_task("generation").default_family == "dit" and get_task("generation").mode == "min"
     for size in (SMALL, {"depth": 3, "width": 48, "heads": 3, "mlp_ratio": 2.0, "patch": 7}):
@@ -45,6 +47,11 @@ def test_the_family_builds_any_size_and_starts_as_adaln_zero():
         assert model(x, t, y).shape == x.shape and not model(x, t, y).any()  # zero modulation, zero output
         assert set(fam.layout(spec)) == {"patch", "qkv", "proj", "fc1", "fc2", "adaln"}
     assert set(fam.kinds(spec)) >= set(get_family("vit").kinds(get_family("vit").spec_for(SMALL, IO)))
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_()  # something to survive the round trip
+    loaded, header = load_model(save_model(tmp_path / "dit.safetensors", model, spec))
+    assert header["family"] == "dit" and loaded.spec == spec
+    torch.testing.assert_close(loaded(x, t, y), model.eval()(x, t, y))
 
 
 def test_an_unpatchifiable_size_is_a_one_line_error():
