@@ -13,7 +13,7 @@ from torch.func import functional_call
 from weit_core.models import get_family
 from weit_core.models.dit import DIT, DiTSpec, UnpatchifiableError, create_dit
 from weit_core.tasks import get_task
-from weit_core.tasks.generation import denoising_loss, make_generation_task, prepare
+from weit_core.tasks.generation import denoising_loss, make_generation_task, prepare, sample
 from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything
 
 IO = {"in_chans": 1, "img_size": 28, "num_classes": 10}
@@ -92,6 +92,9 @@ def test_a_dit_trained_through_the_loop_denoises_better_and_evaluates_reproducib
     fid._REAL_STATS.clear()
     again = evaluate(model, val, task=task)
     assert first == again and first["samples"] == 48 and 0 <= first["class_acc"] <= 1, first
+    labels = val[0][1][:8]  # classifier-free guidance: the null class runs alongside and changes the samples
+    plain, guided = (sample(model, labels, (1, 28, 28), steps=2, guidance=w) for w in (1.0, 3.0))
+    assert plain.shape == guided.shape == (8, 1, 28, 28) and not torch.allclose(plain, guided)
     real = [(val[0][0][:48], val[0][1][:48])]  # the loss is on the real images the samples are compared with
     assert first["real_class_acc"] > 0.8 and first["loss"] == pytest.approx(denoising_loss(model, real), rel=1e-5)
 
