@@ -90,7 +90,7 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
     plan = plan_range(config, data, teacher.spec if teacher else None, task)
     spec, labels, family = plan.ref, [s.label for s in plan.sizes], family_of(plan.ref)
     if teacher is not None:
-        check_teacher(teacher, data.input_shape, data.num_classes)
+        check_teacher(teacher, data.input_shape, data.num_classes, task)
     kinds = family.kinds(spec, config.n_templates, config.block)
     settings = {k: v for k, v in asdict(replace(config, wrap_batches=None)).items() if k not in NOT_SETTINGS}
     settings.update(aux_spec=spec.to_dict(), size_range=labels or None)

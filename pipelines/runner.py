@@ -113,8 +113,12 @@ def train_worker(cfg: dict) -> None:
     xs, ys = zip(*(batch_to_tensors(b) for b in ray.train.get_dataset_shard("test").iter_batches(
         batch_size=4096, batch_format="numpy")), strict=True)
     tx, ty = torch.cat(xs)[rank::world], torch.cat(ys)[rank::world]
-    t_out = outputs(teacher, tx, device) if teacher is not None else None
-    teacher_score = float(task.score(t_out, ty)) if teacher is not None else 0.0
+    # agreement compares outputs on the same inputs, so only where the batch itself is the input (no prepare)
+    agreeable = teacher is not None and task.agreement is not None and task.prepare is None
+    t_out = outputs(teacher, tx, device) if agreeable else None
+    teacher_score = (0.0 if teacher is None else float(task.score(t_out, ty)) if agreeable and task.evaluate is None
+                     else evaluate(teacher, iterate_batches(tx, ty, EVAL_BATCH, shuffle=False), task=task,
+                               device=device)[metric] * len(ty))
     train_shard, wrap, t_first = ray.train.get_dataset_shard("train"), cfg["wrap_batches"], []
 
     def batches(epoch: int) -> Iterator:
@@ -133,7 +137,7 @@ def train_worker(cfg: dict) -> None:
         scores = [evaluate(m, iterate_batches(tx, ty, EVAL_BATCH, shuffle=False), task=task, device=device)[metric]
                   for m in evals]
         agreed = (float(task.agreement(outputs(built.evals[f"test_{metric}"], tx, device), t_out))
-                  if teacher is not None and task.agreement is not None else 0.0)
+                  if agreeable else 0.0)
         n, m = st["examples"], len(ty)
         s = all_reduce_sums([st["loss"] * n, st[metric] * n, st.get("agreement", 0.0) * n, n, st["steps"], agreed,
                          teacher_score, m, *(a * m for a in scores)], device)

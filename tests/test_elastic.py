@@ -91,7 +91,7 @@ def test_interpolated_sizes_keep_the_scale_of_the_scalers():
 def test_every_size_trains_the_shared_reference_parameters():
     el = build_elastic(VIT, REF, n=4, block=16, seed=0)
     x = torch.randn(4, 1, 8, 8)
-    el(x, ViTSpec(depth=1, width=16, heads=1, patch=2, img_size=8)).sum().backward()
+    el(x, spec=ViTSpec(depth=1, width=16, heads=1, patch=2, img_size=8)).sum().backward()
     g = el.scalers.grids["qkv"].grad
     assert g is not None and g[0, :, :1, :1].abs().sum() > 0  # the used sub-grid of the first layer ...
     assert g[1:].abs().sum() == 0 and g[0, :, 1:3].abs().sum() == 0  # ... and nothing the size does not use

@@ -14,6 +14,7 @@ from torch import nn
 
 from weit_core.io import WeitFileError, load_model, load_timm_checkpoint, read_header
 from weit_core.models import TIMM_MODEL, get_family
+from weit_core.tasks import CLASSIFICATION, Task
 
 
 class TeacherError(ValueError):
@@ -92,16 +93,24 @@ def _weit_model(path: Path) -> Teacher:
     return Teacher(model, source, info, spec)
 
 
-def check_teacher(teacher: Teacher, input_shape: tuple[int, ...], num_classes: int) -> None:
-    """One forward on a dummy batch of the data's shape: the teacher must output one logit per class (where
-    the data has classes)."""
+def check_teacher(teacher: Teacher, input_shape: tuple[int, ...], num_classes: int, task: Task = CLASSIFICATION
+                  ) -> None:
+    """One forward on a dummy batch of the data's shape, prepared by the task as training prepares it (a
+    denoiser gets its noised image, time and class): the teacher must read it and, for a task that feeds the
+    batch as it is, output one logit per class (where the data has classes)."""
+    x, y = torch.zeros(2, *input_shape), torch.zeros(2, dtype=torch.long)
     try:
         with torch.no_grad():
-            out = teacher.model(torch.zeros(2, *input_shape))
+            args, target = task.inputs(x, y)
+            out = teacher.model(*args)
     except Exception as e:  # shape mismatches surface as RuntimeError/ValueError/AssertionError in timm
         raise TeacherError(f"teacher cannot read inputs of shape {input_shape} ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]}); build it for this data (--teacher-kwargs)") from e
-    if num_classes and tuple(out.shape) != (2, num_classes):
+    if task.prepare is not None:
+        if out.shape != target.shape:
+            raise TeacherError(f"teacher outputs {tuple(out.shape[1:])} per example but task {task.name!r} "
+                               f"trains towards {tuple(target.shape[1:])}")
+    elif num_classes and tuple(out.shape) != (2, num_classes):
         raise TeacherError(f"teacher outputs {tuple(out.shape[1:])} per example but the data has {num_classes} "
                            f"classes")
 

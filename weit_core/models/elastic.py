@@ -47,7 +47,7 @@ def range_model(elastic: ElasticModel, sizes: list[Any], n_random: int = 1, seed
 
 
 class ElasticModel(nn.Module):
-    """Templates + reference scalers + reference free tensors; ``forward(x, spec)`` runs any size."""
+    """Templates + reference scalers + reference free tensors; ``forward(*inputs, spec=)`` runs any size."""
 
     def __init__(self, family: Family, ref_spec: Any, bank: TemplateBank, scalers: Scalers | None = None,
                  free: dict[str, torch.Tensor] | None = None, *, width_rule: str = "nested",
@@ -93,11 +93,13 @@ class ElasticModel(nn.Module):
             self._shells[key] = shell.to_empty(device=device).eval()
         return self._shells[key]
 
-    def forward(self, x: torch.Tensor, spec: Any = None) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor, spec: Any = None) -> torch.Tensor:
+        """The model of size ``spec`` (default: the reference) on ``inputs`` (a task's prepared inputs: an
+        image, or a denoiser's noised image, time and class)."""
         spec = self.ref_spec if spec is None else spec
-        shell = self._shell(spec, x.device)
+        shell = self._shell(spec, inputs[0].device)
         shell.train(self.training)
-        return functional_call(shell, self.state_for(spec), (x,), strict=False)
+        return functional_call(shell, self.state_for(spec), inputs, strict=False)
 
 
 class Sandwich(nn.Module):
@@ -123,10 +125,10 @@ class Sandwich(nn.Module):
         middle = self.sizes[1:-1]
         return ends + self._rng.sample(middle, min(self.n_random, len(middle)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return self.elastic(x)
-        return torch.cat([self.elastic(x, s) for s in self.draw()])
+            return self.elastic(*inputs)
+        return torch.cat([self.elastic(*inputs, spec=s) for s in self.draw()])
 
 
 class AtSize(nn.Module):
@@ -136,5 +138,5 @@ class AtSize(nn.Module):
         super().__init__()
         self.elastic, self.spec = elastic, spec
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.elastic(x, self.spec)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.elastic(*inputs, spec=self.spec)

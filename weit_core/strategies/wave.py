@@ -24,6 +24,7 @@ from weit_core.models import TemplatedModel, family_of, get_family
 from weit_core.models.elastic import resize_parts
 from weit_core.resize import RESIZE_DEFAULTS
 from weit_core.strategies import InitResult, register
+from weit_core.tasks import CLASSIFICATION, Task
 from weit_core.templates import Scalers, TemplateBank, resample_scalers, template_block
 from weit_core.train import fit_scalers, seed_everything
 
@@ -109,7 +110,7 @@ def _wave(
     spec: Any, bank: TemplateBank, aux: Scalers | None, free: dict | None, header: dict,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None, *, fit_steps: int, fit_lr: float, fit_batch_size: int,
     seed: int, init_mode: str, scaler_init: str, inherit: str, head_steps: int | None, teacher: nn.Module | None,
-    tau: float, device: str,
+    tau: float, device: str, task: Task = CLASSIFICATION,
 ) -> InitResult:
     model, info = _start(spec, bank, aux, free, header, seed=seed, init_mode=init_mode, scaler_init=scaler_init,
                          inherit=inherit)
@@ -122,15 +123,16 @@ def _wave(
     stats = {"steps": 0, "loss": float("nan")}
     if fit_steps > 0 and fit_data is None:
         raise ValueError("wave needs fit_data (a small labeled subset) when fit_steps > 0")
-    probe_only = fit_steps > 0 and head_steps >= fit_steps and teacher is None
+    # a linear probe needs the model's input to be the batch itself (no task.prepare: noising, contexts, ...)
+    probe_only = fit_steps > 0 and head_steps >= fit_steps and teacher is None and task.prepare is None
     if fit_steps > 0 and not probe_only:
         stats = fit_scalers(model, *fit_data, steps=fit_steps, lr=fit_lr, batch_size=fit_batch_size, seed=seed,
-                            device=device, teacher=teacher, tau=tau, warm_steps=head_steps,
+                            device=device, teacher=teacher, tau=tau, warm_steps=head_steps, task=task,
                             warm_params=list(classifier(model.base).parameters()))
     plain = model.cpu().materialize_into(family_of(spec).build(spec, init_mode))
     if probe_only:  # the backbone is frozen: its features once, then the head alone on them (same batches)
         stats = probe_head(plain, *fit_data, steps=fit_steps, lr=fit_lr, batch_size=fit_batch_size, seed=seed,
-                           device=device)
+                           device=device, task=task)
     return InitResult(plain, {
         **info, "init_mode": init_mode or "timm_default", "fit_steps": stats["steps"], "fit_lr": fit_lr,
         "fit_examples": 0 if fit_data is None else len(fit_data[0]), "fit_loss": stats["loss"],
@@ -147,13 +149,13 @@ def wave(
     fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
     fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", scaler_init: str = "resample",
     inherit: str = "all", head_steps: int | None = None, fit_teacher: str = "none", ancestry: nn.Module | None = None,
-    tau: float = 2.0, device: str = "cpu", **_: object,
+    tau: float = 2.0, device: str = "cpu", task: Task = CLASSIFICATION, **_: object,
 ) -> InitResult:
     templates, aux, free, header = _unpack(bank, aux_scalers)
     return _wave(spec, templates, aux, free, header, fit_data, fit_steps=fit_steps, fit_lr=fit_lr,
                  fit_batch_size=fit_batch_size, seed=seed, init_mode=init_mode, scaler_init=scaler_init,
                  inherit=inherit, head_steps=head_steps, teacher=_teacher(fit_teacher, ancestry, spec), tau=tau,
-                 device=device)
+                 device=device, task=task)
 
 
 @torch.no_grad()
@@ -165,12 +167,12 @@ def _features(model: nn.Module, x: torch.Tensor, device: str, batch: int = 512) 
 
 
 def probe_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float, batch_size: int,
-               seed: int, device: str) -> dict:
+               seed: int, device: str, task: Task = CLASSIFICATION) -> dict:
     """Stage 2 as a linear probe: the model's pooled features of the subset, computed once, and ``steps``
     optimizer steps of the head on them, batch for batch what fitting the head inside the whole model does."""
     feats = _features(model, x, device)
     stats = fit_scalers(classifier(model).to(device), feats, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                        device=device)
+                        device=device, task=task)
     model.cpu()
     return stats
 
@@ -204,13 +206,13 @@ def wave_random_bank(
     fit_data: tuple[torch.Tensor, torch.Tensor] | None = None, fit_steps: int = 100, fit_lr: float = 3e-3,
     fit_batch_size: int = 64, seed: int = 0, init_mode: str = "", inherit: str = "all", head_steps: int | None = None,
     fit_teacher: str = "none", ancestry: nn.Module | None = None, tau: float = 2.0, device: str = "cpu",
-    **_: object,
+    task: Task = CLASSIFICATION, **_: object,
 ) -> InitResult:
     """Exactly the ``wave`` pipeline on :func:`random_like` of the bank."""
     templates, aux, free, header = random_like(bank, aux_scalers, seed)
     result = _wave(spec, templates, aux, free, header, fit_data, fit_steps=fit_steps, fit_lr=fit_lr,
                    fit_batch_size=fit_batch_size, seed=seed, init_mode=init_mode,
                    scaler_init="resample" if aux is not None else "random", inherit=inherit, head_steps=head_steps,
-                   teacher=_teacher(fit_teacher, ancestry, spec), tau=tau, device=device)
+                   teacher=_teacher(fit_teacher, ancestry, spec), tau=tau, device=device, task=task)
     result.info["bank"] = "random"
     return result
