@@ -144,15 +144,15 @@ def run_config(config: dict, data: Any, *, bank: Any = None, ancestry: tuple[nn.
     result (its model trained in place), the rows of :func:`train_target` and the init time in seconds."""
     from weit_core.trials import spec_of, task_of
 
-    spec, t0 = spec_of(config), time.perf_counter()
+    spec, task, t0 = spec_of(config), task_of(config), time.perf_counter()
     res = init_target(config["strategy"], spec, data.train, seed=config["seed"], bank=bank, ancestry=ancestry,
-                      device=device, **{k: config[k] for k in ("fit_examples", "init_mode", "fit_steps", "fit_lr",
+                      device=device, task=task, **{k: config[k] for k in ("fit_examples", "init_mode", "fit_steps", "fit_lr",
                                                                "fit_batch_size")})
     init_s = time.perf_counter() - t0
     if on_init is not None:
         on_init(spec, res, init_s)
     res.model.to(device)
-    history = train_target(res.model, data.train, data.val, Recipe.of(config), task=task_of(config), device=device,
+    history = train_target(res.model, data.train, data.val, Recipe.of(config), task=task, device=device,
                            test=data.test if config["test_eval"] else None,
                            eval_batch_size=config["eval_batch_size"], on_epoch=on_epoch)
     return res, history, init_s
