@@ -28,11 +28,8 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
 
+from weit_core.models import vit
 from weit_core.models.family import Family, Spec, register_family
-from weit_core.models.vit import BLOCK_FREE_AXES as VIT_BLOCK_FREE_AXES
-from weit_core.models.vit import GRID_AXES as VIT_GRID_AXES
-from weit_core.models.vit import HEAD_STREAM, vit_kinds
-from weit_core.models.vit import PER_BLOCK_KINDS as VIT_PER_BLOCK_KINDS
 from weit_core.resize import Axis, SizeMaps, axis_map, resize_grid, resize_stack, resize_tensor
 from weit_core.templates import KindSpec, LayerGroup, Layout
 
@@ -184,6 +181,8 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """The last norm, modulated by the condition, projected to each token's patch of pixels."""
+
     def __init__(self, width: int, patch_pixels: int) -> None:
         super().__init__()
         self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -260,7 +259,7 @@ def create_dit(spec: DiTSpec, init_mode: str = "", head_seed: int | None = None)
     model = DiT(spec)
     model.initialize_weights()
     if head_seed is not None:
-        gen = torch.Generator().manual_seed(HEAD_STREAM + int(head_seed))
+        gen = torch.Generator().manual_seed(vit.HEAD_STREAM + int(head_seed))
         with torch.no_grad():
             model.y_embedder.embedding_table.weight.normal_(0, 0.02, generator=gen)
     return model
@@ -285,25 +284,24 @@ def dit_layout(spec: DiTSpec) -> Layout:
 
 def dit_kinds(spec: DiTSpec, n: int = 4, block: int = 16) -> dict[str, KindSpec]:
     """The ViT's kinds for this patch and channel count, plus ``adaln`` (``block x block`` templates)."""
-    return {**vit_kinds(spec, n, block), "adaln": KindSpec(n, block, block)}
+    return {**vit.vit_kinds(spec, n, block), "adaln": KindSpec(n, block, block)}
 
 
 # ------------------------------------------------------------------------------------- sizes from sizes
 
 E: tuple[Axis, ...] = ((0, "embed", 1),)
-GRID_AXES: dict[str, tuple[Axis, ...]] = {**VIT_GRID_AXES, "adaln": ((0, "embed", 6), (1, "embed", 1))}
-PER_BLOCK_KINDS = VIT_PER_BLOCK_KINDS | {"adaln"}
+GRID_AXES: dict[str, tuple[Axis, ...]] = {**vit.GRID_AXES, "adaln": ((0, "embed", 6), (1, "embed", 1))}
+PER_BLOCK_KINDS = vit.PER_BLOCK_KINDS | {"adaln"}
 FREE_AXES: dict[str, tuple[Axis, ...]] = {
-    "x_embedder.proj.bias": E, "pos_embed": ((2, "embed", 1),),
-    "t_embedder.mlp.0.weight": E, "t_embedder.mlp.0.bias": E,
-    "t_embedder.mlp.2.weight": ((0, "embed", 1), (1, "embed", 1)), "t_embedder.mlp.2.bias": E,
+    "x_embedder.proj.bias": E, "pos_embed": ((2, "embed", 1),), "t_embedder.mlp.0.weight": E,
+    "t_embedder.mlp.0.bias": E, "t_embedder.mlp.2.weight": ((0, "embed", 1), (1, "embed", 1)), "t_embedder.mlp.2.bias": E,
     "final_layer.adaLN_modulation.1.weight": ((0, "embed", 2), (1, "embed", 1)),
     "final_layer.adaLN_modulation.1.bias": ((0, "embed", 2),),
     "final_layer.linear.weight": ((1, "embed", 1),), "final_layer.linear.bias": (),
     "y_embedder.embedding_table.weight": ((1, "embed", 1),),
 }
 BLOCK_FREE_AXES: dict[str, tuple[Axis, ...]] = {
-    **{k: v for k, v in VIT_BLOCK_FREE_AXES.items() if not k.startswith("norm")},  # DiT's norms have no affine
+    **{k: v for k, v in vit.BLOCK_FREE_AXES.items() if not k.startswith("norm")},  # DiT's norms have no affine
     "adaLN_modulation.1.bias": ((0, "embed", 6),),
 }
 HEAD = ("y_embedder.embedding_table.weight",)
