@@ -152,9 +152,9 @@ def run_distill(config: DistillConfig) -> tuple[Path, dict]:
         header_json = out.with_suffix(".json")
         header_json.write_text(json.dumps(load_bank(out).header, indent=1, default=str))
         tracker.finish({f"final_test_{metric}": final[f"test_{metric}"], "fit_s": run.fit_s,
-                        **({"final_test_agreement": final["test_agreement"]} if teacher else {})}, [out, header_json])
+                        **({"final_test_agreement": final["test_agreement"]} if "test_agreement" in final else {})}, [out, header_json])
     if not c.quiet:
-        agree = f", agreement {final['test_agreement']:.4f}" if teacher else ""
+        agree = f", agreement {final['test_agreement']:.4f}" if "test_agreement" in final else ""
         print(f"{PREFIX} bank written to {out} (test_{metric} {final[f'test_{metric}']:.4f}{agree}; {run.fit_s:.0f}s "
               f"in fit, {len(run.epochs_now)} epoch(s) trained now"
               + (f"; {len(labels)} sizes, {rule}" if plan.sizes else "") + ")", flush=True)

@@ -151,8 +151,9 @@ def train_worker(cfg: dict) -> None:
         if epoch == state["starts"][-1]:
             metrics["setup_s"] = t_first[0] - t_setup  # worker start to first step: build, resume, teacher, data
         if teacher is not None:
-            metrics.update({"train_agreement": s[2] / s[3], "test_agreement": s[5] / s[7],
-                            f"teacher_test_{metric}": s[6] / s[7]})
+            metrics[f"teacher_test_{metric}"] = s[6] / s[7]
+        if agreeable:
+            metrics.update({"train_agreement": s[2] / s[3], "test_agreement": s[5] / s[7]})
         state["history"].append(metrics)
         if rank == 0:
             with tempfile.TemporaryDirectory(prefix="weit-ckpt-") as d:
