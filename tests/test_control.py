@@ -291,3 +291,32 @@ def test_rollout_throughput_benchmark_runs_and_checks_its_arms(cache):
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["same_returns"] and out["arms"][1]["speedup"] > 1.5, out
+
+
+def test_wave_fits_a_continuous_policy_with_the_tasks_loss(cache, tmp_path):
+    """Pendulum's bank serves a smaller size, and stage 2 (the head alone, through its tanh) lowers the
+    task's own loss, MSE on actions in [-1, 1], below the unfitted init's."""
+    from weit_core.io import load_bank
+    from weit_core.models.policy import POLICY
+    from weit_core.stage1 import build_elastic, make_bank, save_elastic
+    from weit_core.strategies import init_model
+    from weit_core.tasks import get_task
+
+    make_expert_dataset("Pendulum-v1", tmp_path / "data", episodes=8, seed=0, max_episode_steps=60)
+    task = get_task("control:Pendulum-v1")
+    data = task.load(str(tmp_path / "data"))
+    ref = POLICY.spec_for({"depth": 2, "width": 32, "heads": 2}, data.io)
+    small = POLICY.spec_for({"depth": 1, "width": 16, "heads": 2}, data.io)
+    elastic = build_elastic(POLICY, ref, n=4, block=16)
+    make_bank(elastic, data.train.x, data.train.y, sizes=[small, ref], epochs=2, batch_size=64, lr=3e-3, task=task)
+    save_elastic(tmp_path / "bank.safetensors", elastic, {}, [small, ref])
+    bank = load_bank(tmp_path / "bank.safetensors")
+    fit = (data.train.x[:256], data.train.y[:256])
+    mse = {}
+    for steps in (0, 60):
+        model = init_model("wave", small, bank=bank, fit_data=fit, fit_steps=steps, fit_lr=3e-3, seed=0, task=task).model
+        with torch.no_grad():
+            out = model.eval()(data.val.x)
+        assert out.abs().max() < 1
+        mse[steps] = float(((out - data.val.y) ** 2).mean())
+    assert mse[60] < 0.8 * mse[0], mse

@@ -73,6 +73,14 @@ class PolicySpec(Spec):
         return 2 * (t * self.obs_dim * d + self.depth * block + d * self.num_classes)
 
 
+class TanhLinear(nn.Linear):
+    """The continuous head: a linear map squashed to ``(-1, 1)``. The squashing lives in the head module (not
+    in ``forward_head``), so whatever fits the head alone (stage 2's linear probe) fits what the policy acts by."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(x))
+
+
 class PolicyTransformer(nn.Module):
     """``forward(x)``: x is B x context x obs_dim, the oldest state first and the current one last."""
 
@@ -84,7 +92,7 @@ class PolicyTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, spec.context, d))
         self.blocks = nn.Sequential(*(Block(d, spec.heads, spec.mlp_ratio, qkv_bias=True) for _ in range(spec.depth)))
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, spec.num_classes)
+        self.head = (nn.Linear if spec.discrete else TanhLinear)(d, spec.num_classes)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -104,10 +112,7 @@ class PolicyTransformer(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, -1]
-        if pre_logits:
-            return x
-        out = self.head(x)
-        return out if self.spec.discrete else torch.tanh(out)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
