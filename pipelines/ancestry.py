@@ -101,7 +101,7 @@ def train_ancestry(
             def on_epoch(row: dict) -> None:
                 tracker.log_epoch(row)
                 if not quiet:
-                    r.print_epoch("ancestry", epochs, row, metric)
+                    r.print_epoch("ancestry", epochs, row, the_task)
 
             seed_everything(seed)
             model = fam.build(spec)

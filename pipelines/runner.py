@@ -30,7 +30,7 @@ from pipelines.common import storage_path
 from pipelines.tracking import Tracker
 from weit_core.jobs import all_reduce_sums, epoch_line, load_train_state, outputs, save_train_state
 from weit_core.parquet import Loader, PreparedData, batch_to_tensors, prepare_parquet
-from weit_core.tasks import get_task
+from weit_core.tasks import Task, get_task
 from weit_core.teacher import rebuild_teacher
 from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything, warmup_cosine
 
@@ -139,11 +139,11 @@ def train_worker(cfg: dict) -> None:
         agreed = (float(task.agreement(outputs(built.evals[f"test_{metric}"], tx, device), t_out))
                   if agreeable else 0.0)
         n, m = st["examples"], len(ty)
-        s = all_reduce_sums([st["loss"] * n, st[metric] * n, st.get("agreement", 0.0) * n, n, st["steps"], agreed,
+        s = all_reduce_sums([st["loss"] * n, st[task.batch_metric] * n, st.get("agreement", 0.0) * n, n, st["steps"], agreed,
                          teacher_score, m, *(a * m for a in scores)], device)
         score_of = {id(mod): v / s[7] for mod, v in zip(evals, s[8:], strict=True)}
         state["epoch"], state["global_step"] = epoch, state["global_step"] + st["steps"]
-        metrics = {"epoch": epoch, "loss": s[0] / s[3], f"train_{metric}": s[1] / s[3],
+        metrics = {"epoch": epoch, "loss": s[0] / s[3], f"train_{task.batch_metric}": s[1] / s[3],
                    **{name: score_of[id(mod)] for name, mod in built.evals.items()},
                    "lr": optimizer.param_groups[0]["lr"], "steps": state["global_step"], "train_s": st["train_s"],
                    "eval_s": time.perf_counter() - t1, "epoch_s": st["train_s"] + time.perf_counter() - t1,
@@ -219,8 +219,8 @@ def ray_datasets(data: PreparedData) -> dict:
     return {s: ds.materialize() for s, ds in out.items()} if materialize else out
 
 
-def print_epoch(stage: str, epochs: int, m: dict, metric: str = "acc") -> None:
-    print(f"{PREFIX} {epoch_line(stage, epochs, m, metric)}", flush=True)
+def print_epoch(stage: str, epochs: int, m: dict, task: Task) -> None:
+    print(f"{PREFIX} {epoch_line(stage, epochs, m, task.metric, task.batch_metric)}", flush=True)
 
 
 def run_on_ray(cfg: dict, data: PreparedData, tracker: Tracker, *, stage: str, name: str, storage: str,
@@ -245,7 +245,7 @@ def run_on_ray(cfg: dict, data: PreparedData, tracker: Tracker, *, stage: str, n
                            datasets=ray_datasets(data), dataset_config=DataConfig(
                                datasets_to_split=["train"], execution_options=ingest, enable_shard_locality=False))
     epochs_now: list[int] = []
-    stop, metric = threading.Event(), get_task(cfg["task"]).metric
+    stop, task = threading.Event(), get_task(cfg["task"])
 
     def pump() -> None:
         while True:
@@ -258,7 +258,7 @@ def run_on_ray(cfg: dict, data: PreparedData, tracker: Tracker, *, stage: str, n
             epochs_now.append(int(m["epoch"]))
             tracker.log_epoch(m)
             if not quiet:
-                print_epoch(stage, cfg["epochs"], m, metric)
+                print_epoch(stage, cfg["epochs"], m, task)
 
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()

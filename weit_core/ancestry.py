@@ -32,8 +32,8 @@ def train_plain(model: nn.Module, splits: DatasetSplits, task: Task, *, epochs: 
         t0 = time.perf_counter()
         val, test = (evaluate(model, iterate_batches(split.x, split.y, EVAL_BATCH, shuffle=False), task=task)
                      for split in (splits.val, splits.test))
-        row.update({"epoch": epoch, "loss": st["loss"], f"train_{metric}": st[metric], f"val_{metric}": val[metric],
-                    f"test_{metric}": test[metric], "lr": optimizer.param_groups[0]["lr"],
+        row.update({"epoch": epoch, "loss": st["loss"], f"train_{task.batch_metric}": st[task.batch_metric],
+                    f"val_{metric}": val[metric], f"test_{metric}": test[metric], "lr": optimizer.param_groups[0]["lr"],
                     "epoch_s": st["train_s"] + time.perf_counter() - t0})
         if on_epoch is not None:
             on_epoch(dict(row))

@@ -99,10 +99,12 @@ def outputs(model: nn.Module, x: torch.Tensor, device: torch.device | str, batch
     return torch.cat([model(x[i:i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
 
 
-def epoch_line(stage: str, epochs: int, m: dict, metric: str = "acc") -> str:
-    """One epoch's metrics as the terminal shows them: loss, train/test metric, agreement, each watched size."""
-    parts = [f"{stage} epoch {int(m['epoch'])}/{epochs}", f"loss {m['loss']:.4f}",
-             f"train_{metric} {m[f'train_{metric}']:.4f}", f"test_{metric} {m[f'test_{metric}']:.4f}"]
+def epoch_line(stage: str, epochs: int, m: dict, metric: str = "acc", batch_metric: str | None = None) -> str:
+    """One epoch's metrics as the terminal shows them: loss, the training batches' score, the test metric,
+    agreement, each watched size."""
+    train = f"train_{batch_metric or metric}"
+    parts = [f"{stage} epoch {int(m['epoch'])}/{epochs}", f"loss {m['loss']:.4f}", f"{train} {m[train]:.4f}",
+             f"test_{metric} {m[f'test_{metric}']:.4f}"]
     if "test_agreement" in m:
         parts.append(f"agreement {m['test_agreement']:.4f}")
     if sized := [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items() if k.startswith(f"test_{metric}/")]:

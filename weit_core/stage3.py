@@ -125,7 +125,7 @@ def train_target(
         t0 = time.perf_counter()
         ev = score(model, val, task=task, device=device, batch_size=eval_batch_size)
         row = {"epoch": epoch, f"val_{m}": ev[m], "val_loss": ev.get("loss", math.nan), "train_loss": stats["loss"],
-               f"train_{m}": stats[m]}
+               f"train_{task.batch_metric}": stats[task.batch_metric]}
         if epoch == recipe.epochs and test is not None:
             row[f"test_{m}"] = score(model, test, task=task, device=device, batch_size=eval_batch_size)[m]
         row["epoch_s"] = stats["train_s"] + time.perf_counter() - t0

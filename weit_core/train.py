@@ -178,7 +178,7 @@ def distill_epoch(
     if not bool(finite):
         raise NonFiniteLossError(f"loss became non-finite within {steps} steps; lower the learning rate")
     tot_loss, tot_score, tot_agree = tot.tolist()
-    stats = {"loss": tot_loss / max(n, 1), task.metric: tot_score / max(n, 1), "steps": steps, "examples": n}
+    stats = {"loss": tot_loss / max(n, 1), task.batch_metric: tot_score / max(n, 1), "steps": steps, "examples": n}
     if teacher is not None:
         stats["agreement"] = tot_agree / max(n, 1)
     return stats
@@ -238,7 +238,7 @@ def fit_scalers(
     The first ``warm_steps`` train only ``warm_params`` (a new head on inherited features): a random head's
     first gradients would otherwise reshape what was inherited before the head means anything (LP-FT)."""
     if steps <= 0:
-        return {"loss": math.nan, task.metric: math.nan, "steps": 0}
+        return {"loss": math.nan, task.batch_metric: math.nan, "steps": 0}
     stream = cycle_batches(x, y, batch_size, seed)
     warm = list(warm_params or [])
     n_warm = min(warm_steps, steps) if warm else 0
@@ -259,7 +259,7 @@ def fit_scalers(
             for p, g in grads.items():
                 p.requires_grad_(g)
         done += last["steps"]
-    return {"loss": last["loss"], task.metric: last[task.metric], "steps": done}
+    return {"loss": last["loss"], task.batch_metric: last[task.batch_metric], "steps": done}
 
 
 SCHEDULES = ("cosine", "constant")

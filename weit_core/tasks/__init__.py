@@ -49,10 +49,18 @@ class Task:
     prepare: Callable[[torch.Tensor, torch.Tensor], tuple[tuple, torch.Tensor]] | None = None
     load_data: Callable[[str | None, int | None, int], Any] | None = None
     default_family: str = "vit"
+    score_name: str | None = None
+    """What the per-batch ``score`` is called where it is not the metric (a task with its own ``evaluate``: a
+    policy's action agreement, a denoiser's MSE); the loop reports it as ``train_<score_name>``."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"task {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def batch_metric(self) -> str:
+        """The name of the loop's per-batch score: the metric itself unless ``score_name`` says otherwise."""
+        return self.score_name or self.metric
 
     def inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple, torch.Tensor]:
         """The model's inputs and the loss's targets for a batch (see ``prepare``)."""

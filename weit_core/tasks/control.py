@@ -120,6 +120,7 @@ def make_control_task(env_id: str) -> Task:
     return Task(
         f"control:{env_id}", loss=F.cross_entropy if discrete else F.mse_loss,
         score=_correct if discrete else _neg_sq_error, metric="return_norm", mode="max",
+        score_name="action_acc" if discrete else "action_neg_mse",
         distill_loss=_kl if discrete else _mse_distill, agreement=_agree if discrete else None,
         evaluate=lambda model, batches, device: evaluate_policy(model, env_id, device),
         load_data=lambda dataset, limit, seed: load_control_data(info, dataset, limit, seed),

@@ -197,8 +197,8 @@ def make_generation_task(name: str = "generation", *, samples: int = EVAL_SAMPLE
     def evaluate(model: nn.Module, batches, device: torch.device | str) -> dict[str, float]:
         return evaluate_generation(model, batches, device, samples=samples, steps=steps, guidance=guidance)
 
-    return Task(name, loss=F.mse_loss, score=_per_image_mse, metric="fid", mode="min", distill_loss=_distill,
-                evaluate=evaluate, prepare=prepare, default_family="dit")
+    return Task(name, loss=F.mse_loss, score=_per_image_mse, metric="fid", mode="min", score_name="mse",
+                distill_loss=_distill, evaluate=evaluate, prepare=prepare, default_family="dit")
 
 
 def task_of_argument(arg: str) -> Task:
