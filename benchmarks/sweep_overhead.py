@@ -59,7 +59,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.spaces import expand, inspect_tasks, parse_space  # noqa: E402
+from weit_core.space import parse_space  # noqa: E402
+from weit_core.trials import expand, inspect_tasks  # noqa: E402
 
 SPACE = """
 name: overhead

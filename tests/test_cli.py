@@ -197,9 +197,10 @@ def test_quickstart_space_covers_the_shipped_pair_and_every_control():
     WAVE + its controls + scratch + the baselines that copy the ancestry, two learning rates; net2net makes only
     the ancestry's own size, and the sweep drops its other pairs before any trial."""
     from pipelines.quickstart import DEFAULT_SPACE, SHIPPED_ANCESTRY, SHIPPED_BANK
-    from pipelines.spaces import expand, inspect_tasks, load_space
     from weit_core.io import load_bank, read_header
     from weit_core.models import ViTSpec
+    from weit_core.space import load_space
+    from weit_core.trials import expand, inspect_tasks
 
     space = load_space(DEFAULT_SPACE)
     ancestry = ViTSpec.from_dict(read_header(SHIPPED_ANCESTRY)["spec"])
