@@ -5,7 +5,9 @@ frozen) -> plain weights. ``wave_random_bank``: the same pipeline on an untraine
 A bank that carries its aux model's free tensors (every bank ``weit distill`` writes now) gives the target
 *everything* stage 1 learned but the task head: at a size stage 1 trained, the init before stage 2 is that
 size of the aux model exactly. An older bank (templates + aux scalers only) still works: its scalers are
-resampled the first design's way and the free tensors take timm's init (recorded as such).
+resampled the first design's way and the free tensors take timm's init (recorded as such). A bank of another
+family (a ViT bank for a policy) serves the same way with ``inherit='scalers'``: the templates and scalers of
+the kinds both share, the free tensors fresh (recorded as ``bank_family``, ``cross_family``).
 
 ``wave`` draws only on the bank (and, in stage 2, optionally on the ancestry as a *teacher*); it never copies
 an ancestry's weights, so a bank serves users who have no ancestry at hand.
@@ -62,15 +64,23 @@ def _start(spec: Any, bank: TemplateBank, aux: Scalers | None, free: dict | None
     layout = family.layout(spec)
     base = family.build(spec, init_mode, head_seed=seed)
     info: dict[str, Any] = {"free_params": "timm_init", "head": "new (HEAD_STREAM + seed)"}
+    bank_family = header.get("family", "vit") if header else family.name
+    if bank_family != family.name:  # another family's bank: its templates and scalers of the shared kinds only
+        missing = sorted(set(layout) - set(bank.kinds))
+        if missing:
+            raise ValueError(f"the {bank_family!r} bank has no templates of kind(s) {missing} that a "
+                             f"{family.name!r} target needs; make a bank for this family")
+        if inherit == "all" and free is not None and scaler_init == "resample":
+            raise ValueError(f"the bank was made for the {bank_family!r} family, the target is a {family.name!r}: "
+                             "its free tensors cannot be inherited; pass inherit='scalers' to take its templates "
+                             "and scalers only (free tensors fresh), or make a bank for this family")
+        info.update(bank_family=bank_family, cross_family=True)
     if scaler_init == "random":
         scalers = Scalers(layout, bank.kinds)
         info["scalers"] = "random"
     elif aux is None:
         raise ValueError("scaler_init='resample' needs the bank's aux scalers; use scaler_init='random'")
     elif free is not None and inherit == "all":
-        if header.get("family", "vit") != family.name:
-            raise ValueError(f"the bank was made for the {header.get('family', 'vit')!r} family, the target is a "
-                             f"{family.name!r}; make a bank for this family")
         ref = family.spec_from_dict(header["aux_spec"])
         rules = dict(header.get("resize") or RESIZE_DEFAULTS)
         with torch.no_grad():
