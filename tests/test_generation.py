@@ -11,7 +11,8 @@ from torch import nn
 from torch.func import functional_call
 
 from weit_core.models import get_family
-from weit_core.models.dit import DIT, DiTSpec, UnpatchifiableError, create_dit
+from weit_core.models.dit import DIT, UnpatchifiableError, create_dit
+from weit_core.models.elastic import AtSize
 from weit_core.tasks import get_task
 from weit_core.tasks.generation import denoising_loss, make_generation_task, prepare, sample
 from weit_core.train import evaluate, fit, iterate_batches, make_optimizer, seed_everything
@@ -110,21 +111,6 @@ def test_class_acc_is_omitted_where_the_judge_does_not_know_the_data():
     assert "fid" in out and "class_acc" not in out, out
 
 
-class _AtSize(nn.Module):
-    """A test-side stand-in for stage 1's ``AtSize`` with the DiT's three inputs (the bank's aux model at one
-    size, in the graph of the bank's parameters)."""
-
-    def __init__(self, elastic, spec: DiTSpec) -> None:
-        super().__init__()
-        self.elastic, self.spec = elastic, spec
-        with torch.device("meta"):
-            shell = create_dit(spec)
-        self.shell = [shell.to_empty(device="cpu")]  # a list: not a submodule, so not trained or saved
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.shell[0], self.elastic.state_for(self.spec, head=True), args, strict=False)
-
-
 def test_a_bank_builds_two_dit_sizes_through_wave_exactly(fmnist, tmp_path):
     from weit_core.io import load_bank
     from weit_core.stage1 import build_elastic, save_elastic
@@ -133,7 +119,8 @@ def test_a_bank_builds_two_dit_sizes_through_wave_exactly(fmnist, tmp_path):
     ref = DIT.spec_for({"depth": 2, "width": 32, "heads": 2}, IO)
     small = DIT.spec_for({"depth": 1, "width": 16, "heads": 1}, IO)
     elastic = build_elastic(DIT, ref, n=2, block=16, seed=0)
-    _train(_AtSize(elastic, ref), fmnist, 30, 3e-3, make_generation_task("generation_bank", samples=8, steps=1))
+    task = make_generation_task("generation_bank", samples=8, steps=1)
+    _train(AtSize(elastic, ref), fmnist, 30, 3e-3, task)  # stage 1's one size, on the DiT's three inputs
     path = save_elastic(tmp_path / "dit_bank.safetensors", elastic, {}, [small, ref])
     bank = load_bank(path)
     x, t, y = fmnist.val.x[:16], torch.rand(16), fmnist.val.y[:16]
@@ -146,9 +133,16 @@ def test_a_bank_builds_two_dit_sizes_through_wave_exactly(fmnist, tmp_path):
             torch.testing.assert_close(state[k], v, msg=k)
         assert state["blocks.0.adaLN_modulation.1.bias"].abs().sum() > 0  # trained, not the zero init
         with torch.no_grad():  # and the plain model computes what the aux model computes at that size
-            aux = functional_call(_AtSize(elastic, spec).shell[0], {**expected, "y_embedder.embedding_table.weight":
+            with torch.device("meta"):
+                shell = create_dit(spec)
+            aux = functional_call(shell.to_empty(device="cpu").eval(), {**expected, "y_embedder.embedding_table.weight":
                                   state["y_embedder.embedding_table.weight"]}, (x, t, y))
             torch.testing.assert_close(model.eval()(x, t, y), aux)
+    # stage 2 with the task's loss and the ancestry as teacher (a DiT's class count read from its spec)
+    fit = (fmnist.train.x[:128], fmnist.train.y[:128])
+    res = init_model("wave", small, bank=bank, fit_steps=4, fit_data=fit, seed=0, task=task, fit_teacher="ancestry",
+                     ancestry=create_dit(ref))
+    assert res.info["fit_teacher"] == "ancestry" and res.info["fit_steps"] == 4 and 0 < res.info["fit_loss"] < 10
 
 
 @pytest.mark.slow

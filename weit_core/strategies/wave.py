@@ -102,6 +102,18 @@ def _start(spec: Any, bank: TemplateBank, aux: Scalers | None, free: dict | None
     return TemplatedModel(base, copy.deepcopy(bank), scalers), info
 
 
+def _classes(model: nn.Module, spec: Any) -> int | None:
+    """The class count ``model`` was built for: its family's reading of its spec where the family has one (a
+    DiT's class table is no linear head), else its classifier's outputs."""
+    read = family_of(spec).spec_of_model
+    if read is not None:
+        try:
+            return getattr(read(model), "num_classes", None)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            pass  # not of the target's family: fall back to the head
+    return getattr(classifier(model), "out_features", None)
+
+
 def _teacher(fit_teacher: str, ancestry: nn.Module | None, spec: Any) -> nn.Module | None:
     if fit_teacher not in FIT_TEACHERS:
         raise ValueError(f"unknown fit_teacher {fit_teacher!r}; choose one of {FIT_TEACHERS}")
@@ -109,7 +121,7 @@ def _teacher(fit_teacher: str, ancestry: nn.Module | None, spec: Any) -> nn.Modu
         return None
     if ancestry is None:
         raise ValueError("fit_teacher='ancestry' needs an ancestry; pass --ancestry <model.safetensors>")
-    classes = getattr(classifier(ancestry), "out_features", None)
+    classes = _classes(ancestry, spec)
     if classes != spec.num_classes:
         raise ValueError(f"fit_teacher='ancestry': the ancestry predicts {classes} classes, the task has "
                          f"{spec.num_classes}; distillation needs the same labels (use fit_teacher='none')")
