@@ -24,9 +24,10 @@ from weit_core.models.vit import (
     HEAD_STREAM,
     PER_BLOCK_KINDS,
     SIZE_AXES,
+    BlockRules,
     check_size,
 )
-from weit_core.resize import Axis, SizeMaps, axis_map, resize_grid, resize_stack, resize_tensor
+from weit_core.resize import Axis
 from weit_core.templates import KindSpec, LayerGroup, Layout
 
 POLICY_KINDS = ("qkv", "proj", "fc1", "fc2")
@@ -162,40 +163,8 @@ FIXED = ("obs_dim", "context", "discrete")
 """What a bank's reference and a target must share: the state width, the context length, the action kind."""
 
 
-def free_names(spec: PolicySpec, head: bool = False) -> list[str]:
-    names = [n for n in FREE_AXES if head or n not in HEAD]
-    return names + [f"blocks.{i}.{s}" for i in range(spec.depth) for s in BLOCK_FREE_AXES]
-
-
-def size_maps(src: PolicySpec, dst: PolicySpec, block: int, width_rule: str = "nested",
-              depth_rule: str = "nested") -> SizeMaps:
-    for key in FIXED:
-        if getattr(src, key) != getattr(dst, key):
-            raise ValueError(f"the bank's reference policy has {key}={getattr(src, key)}, the target "
-                             f"{key}={getattr(dst, key)}; make a bank for this environment and context")
-    for what, n in (("width", dst.width), ("MLP hidden", dst.hidden), ("reference width", src.width),
-                    ("reference MLP hidden", src.hidden)):
-        if n % block:
-            raise ValueError(f"{what} {n} is not a multiple of the template block {block}; choose sizes that "
-                             f"are multiples of {block} or a bank with a smaller block")
-    embed = axis_map(src.width // block, dst.width // block, width_rule)
-    return SizeMaps(depth=axis_map(src.depth, dst.depth, depth_rule),
-                    roles={"embed": embed, "attn": embed,
-                           "hidden": axis_map(src.hidden // block, dst.hidden // block, width_rule)},
-                    block=block)
-
-
-def resize_grids(grids: dict[str, torch.Tensor], maps: SizeMaps) -> dict[str, torch.Tensor]:
-    return {k: resize_grid(g, GRID_AXES[k], maps, k in PER_BLOCK_KINDS) for k, g in grids.items()}
-
-
-def resize_free(free: dict[str, torch.Tensor], src: PolicySpec, maps: SizeMaps,
-                head: bool = False) -> dict[str, torch.Tensor]:
-    out = {n: resize_tensor(free[n], FREE_AXES[n], maps) for n in FREE_AXES if head or n not in HEAD}
-    for suffix, axes in BLOCK_FREE_AXES.items():
-        made = resize_stack([free[f"blocks.{i}.{suffix}"] for i in range(src.depth)], axes, maps)
-        out.update({f"blocks.{i}.{suffix}": t for i, t in enumerate(made)})
-    return out
+RULES = BlockRules("policy", FREE_AXES, BLOCK_FREE_AXES, HEAD, FIXED, GRID_AXES, PER_BLOCK_KINDS,
+                   fix="make a bank for this environment and context")
 
 
 # ------------------------------------------------------------------------------------- sizes a space names
@@ -222,6 +191,6 @@ def spec_of_model(model: nn.Module) -> PolicySpec:
 
 POLICY = register_family(Family(
     name="policy", spec_type=PolicySpec, build=create_policy, layout=policy_layout, kinds=policy_kinds,
-    free_names=free_names, size_maps=size_maps, resize_grids=resize_grids, resize_free=resize_free,
-    size_axes=SIZE_AXES, make_spec=make_spec, check_size=check_size, drop_reasons=DROP_REASONS,
+    free_names=RULES.free_names, size_maps=RULES.size_maps, resize_grids=RULES.resize_grids,
+    resize_free=RULES.resize_free, size_axes=SIZE_AXES, make_spec=make_spec, check_size=check_size, drop_reasons=DROP_REASONS,
     spec_of_model=spec_of_model, default_size=DEFAULT_SIZE))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -168,42 +169,58 @@ follow the depth map. The head is made for other sizes only inside stage 1 (each
 HEAD = ("head.weight", "head.bias")
 
 
-def free_names(spec: ViTSpec, head: bool = False) -> list[str]:
-    names = [n for n in FREE_AXES if head or n not in HEAD]
-    return names + [f"blocks.{i}.{s}" for i in range(spec.depth) for s in BLOCK_FREE_AXES]
+@dataclass(frozen=True)
+class BlockRules:
+    """The resize rules of a family built from the ViT's blocks (ViT, policy, DiT): free tensors by name and
+    the channel axes they sit on, scaler grids by kind, and what a bank's reference and a target must share."""
+
+    label: str
+    free_axes: dict[str, tuple[Axis, ...]]
+    block_free_axes: dict[str, tuple[Axis, ...]]
+    head: tuple[str, ...]
+    fixed: tuple[str, ...]
+    grid_axes: dict[str, tuple[Axis, ...]]
+    per_block_kinds: frozenset[str]
+    fix: str = "make a bank for this {key}"
+
+    def free_names(self, spec: Any, head: bool = False) -> list[str]:
+        names = [n for n in self.free_axes if head or n not in self.head]
+        return names + [f"blocks.{i}.{s}" for i in range(spec.depth) for s in self.block_free_axes]
+
+    def size_maps(self, src: Any, dst: Any, block: int, width_rule: str = "nested",
+                  depth_rule: str = "nested") -> SizeMaps:
+        """The maps from reference size ``src`` to ``dst`` over layers and ``block``-channel blocks."""
+        for key in self.fixed:
+            if getattr(src, key) != getattr(dst, key):
+                raise ValueError(f"the bank's reference {self.label} has {key}={getattr(src, key)}, the target "
+                                 f"{key}={getattr(dst, key)}; {self.fix.format(key=key)}")
+        for what, n in (("width", dst.width), ("MLP hidden", dst.hidden), ("reference width", src.width),
+                        ("reference MLP hidden", src.hidden)):
+            if n % block:
+                raise ValueError(f"{what} {n} is not a multiple of the template block {block}; choose sizes that "
+                                 f"are multiples of {block} or a bank with a smaller block")
+        embed = axis_map(src.width // block, dst.width // block, width_rule)
+        return SizeMaps(depth=axis_map(src.depth, dst.depth, depth_rule),
+                        roles={"embed": embed, "attn": embed,
+                               "hidden": axis_map(src.hidden // block, dst.hidden // block, width_rule)},
+                        block=block)
+
+    def resize_grids(self, grids: dict[str, torch.Tensor], maps: SizeMaps) -> dict[str, torch.Tensor]:
+        return {k: resize_grid(g, self.grid_axes[k], maps, k in self.per_block_kinds) for k, g in grids.items()}
+
+    def resize_free(self, free: dict[str, torch.Tensor], src: Any, maps: SizeMaps,
+                    head: bool = False) -> dict[str, torch.Tensor]:
+        """The free tensors of the target from the reference's (``free`` holds :meth:`free_names` of ``src``)."""
+        out = {n: resize_tensor(free[n], self.free_axes[n], maps) for n in self.free_axes
+               if head or n not in self.head}
+        for suffix, axes in self.block_free_axes.items():
+            made = resize_stack([free[f"blocks.{i}.{suffix}"] for i in range(src.depth)], axes, maps)
+            out.update({f"blocks.{i}.{suffix}": t for i, t in enumerate(made)})
+        return out
 
 
-def size_maps(src: ViTSpec, dst: ViTSpec, block: int, width_rule: str = "nested",
-              depth_rule: str = "nested") -> SizeMaps:
-    """The maps from reference size ``src`` to ``dst`` over layers and ``block``-channel blocks."""
-    for key in ("patch", "img_size", "in_chans"):
-        if getattr(src, key) != getattr(dst, key):
-            raise ValueError(f"the bank's reference ViT has {key}={getattr(src, key)}, the target "
-                             f"{key}={getattr(dst, key)}; make a bank for this {key}")
-    for what, n in (("width", dst.width), ("MLP hidden", dst.hidden), ("reference width", src.width),
-                    ("reference MLP hidden", src.hidden)):
-        if n % block:
-            raise ValueError(f"{what} {n} is not a multiple of the template block {block}; choose sizes that "
-                             f"are multiples of {block} or a bank with a smaller block")
-    embed = axis_map(src.width // block, dst.width // block, width_rule)
-    return SizeMaps(depth=axis_map(src.depth, dst.depth, depth_rule),
-                    roles={"embed": embed, "attn": embed,
-                           "hidden": axis_map(src.hidden // block, dst.hidden // block, width_rule)},
-                    block=block)
-
-
-def resize_grids(grids: dict[str, torch.Tensor], maps: SizeMaps) -> dict[str, torch.Tensor]:
-    return {k: resize_grid(g, GRID_AXES[k], maps, k in PER_BLOCK_KINDS) for k, g in grids.items()}
-
-
-def resize_free(free: dict[str, torch.Tensor], src: ViTSpec, maps: SizeMaps,
-                head: bool = False) -> dict[str, torch.Tensor]:
-    """The free tensors of the target from the reference's (``free`` holds :func:`free_names` of ``src``)."""
-    out = {n: resize_tensor(free[n], FREE_AXES[n], maps) for n in FREE_AXES if (head or n not in HEAD)}
-    for suffix, axes in BLOCK_FREE_AXES.items():
-        made = resize_stack([free[f"blocks.{i}.{suffix}"] for i in range(src.depth)], axes, maps)
-        out.update({f"blocks.{i}.{suffix}": t for i, t in enumerate(made)})
-    return out
+RULES = BlockRules("ViT", FREE_AXES, BLOCK_FREE_AXES, HEAD, ("patch", "img_size", "in_chans"), GRID_AXES,
+                   PER_BLOCK_KINDS)
 
 
 # ------------------------------------------------------------------------------------- sizes a space names
@@ -252,7 +269,7 @@ def spec_of_model(model: torch.nn.Module) -> ViTSpec:
 
 
 VIT = register_family(Family(
-    name="vit", spec_type=ViTSpec, build=create_vit, layout=vit_layout, kinds=vit_kinds, free_names=free_names,
-    size_maps=size_maps, resize_grids=resize_grids, resize_free=resize_free, size_axes=SIZE_AXES,
+    name="vit", spec_type=ViTSpec, build=create_vit, layout=vit_layout, kinds=vit_kinds, free_names=RULES.free_names,
+    size_maps=RULES.size_maps, resize_grids=RULES.resize_grids, resize_free=RULES.resize_free, size_axes=SIZE_AXES,
     make_spec=make_spec, check_size=check_size, drop_reasons=DROP_REASONS, spec_of_model=spec_of_model,
     default_size={"depth": 6, "width": 96, "heads": 3, "mlp_ratio": 4.0, "patch": 4}))  # >= 88% on Fashion-MNIST
