@@ -26,6 +26,8 @@ state width, context and action kind must be the ancestry's (they are copied as 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -102,16 +104,19 @@ def _block_index(src: dict[str, torch.Tensor], a: int, plan: dict[str, torch.Ten
     }
 
 
+VIT_OUTER = {"cls_token": -1, "pos_embed": -1, "patch_embed.proj.weight": 0, "patch_embed.proj.bias": 0,
+             "norm.weight": 0, "norm.bias": 0}
+"""The residual-channel axis of each tensor outside the blocks that weight selection copies (the head stays new)."""
+
+
 @torch.no_grad()
-def select_weights(ancestry: nn.Module, src: ViTSpec, model: nn.Module, plan: dict[str, torch.Tensor]) -> nn.Module:
-    """Overwrite every parameter of ``model`` that has an ancestry counterpart (all but the head)."""
+def select_weights(ancestry: nn.Module, src: Any, model: nn.Module, plan: dict[str, torch.Tensor],
+                   outer: dict[str, int] = VIT_OUTER) -> nn.Module:
+    """Overwrite every parameter of ``model`` that has an ancestry counterpart: the blocks by
+    :func:`_block_index`, the ``outer`` tensors by the residual indices on their channel axis (0 or -1)."""
     sd = {k: v.detach().cpu() for k, v in ancestry.state_dict().items()}
     e = plan["embed"]
-    new = {
-        "cls_token": sd["cls_token"][..., e], "pos_embed": sd["pos_embed"][..., e],
-        "patch_embed.proj.weight": sd["patch_embed.proj.weight"][e], "patch_embed.proj.bias": sd["patch_embed.proj.bias"][e],
-        "norm.weight": sd["norm.weight"][e], "norm.bias": sd["norm.bias"][e],
-    }
+    new = {k: sd[k][e] if axis == 0 else sd[k][..., e] for k, axis in outer.items()}
     for t, a in enumerate(plan["layers"].tolist()):
         new.update({f"blocks.{t}.{k}": v for k, v in _block_index(sd, a, plan, src.width).items()})
     own = model.state_dict()
@@ -128,20 +133,8 @@ def policy_mismatch(src: PolicySpec, dst: PolicySpec) -> str | None:
     return next((k for k in POLICY_FIXED if getattr(src, k) != getattr(dst, k)), None)
 
 
-@torch.no_grad()
-def select_policy(ancestry: nn.Module, src: PolicySpec, model: nn.Module, plan: dict[str, torch.Tensor]) -> nn.Module:
-    """The ViT rule on a policy: blocks by :func:`_block_index`; the state embedding's rows, the position
-    table's and the final norm's channels by the residual indices; the head stays new."""
-    sd = {k: v.detach().cpu() for k, v in ancestry.state_dict().items()}
-    e = plan["embed"]
-    new = {"state_embed.weight": sd["state_embed.weight"][e], "state_embed.bias": sd["state_embed.bias"][e],
-           "pos_embed": sd["pos_embed"][..., e], "norm.weight": sd["norm.weight"][e], "norm.bias": sd["norm.bias"][e]}
-    for t, a in enumerate(plan["layers"].tolist()):
-        new.update({f"blocks.{t}.{k}": v for k, v in _block_index(sd, a, plan, src.width).items()})
-    own = model.state_dict()
-    for k, v in new.items():
-        own[k].copy_(v)
-    return model
+POLICY_OUTER = {"state_embed.weight": 0, "state_embed.bias": 0, "pos_embed": -1, "norm.weight": 0, "norm.bias": 0}
+"""The ViT rule on a policy: the state embedding's rows, the position table's and the final norm's channels."""
 
 
 def _select_policy(spec: PolicySpec, ancestry: nn.Module | None, ancestry_spec: PolicySpec | None, *, seed: int,
@@ -154,7 +147,7 @@ def _select_policy(spec: PolicySpec, ancestry: nn.Module | None, ancestry_spec: 
                          f"{getattr(spec, key)}; use a target with the ancestry's {key}")
     plan = selection_plan(src, spec, layer_selection, element_selection, head_aware)
     seed_everything(seed)
-    model = select_policy(ancestry, src, create_policy(spec, init_mode, head_seed=seed), plan)
+    model = select_weights(ancestry, src, create_policy(spec, init_mode, head_seed=seed), plan, POLICY_OUTER)
     return InitResult(model, {
         "source": "ancestry", "layer_selection": layer_selection, "element_selection": element_selection,
         "head_aware": head_aware, "ancestry_layers": as_text(plan["layers"]), "ancestry_depth": src.depth,
