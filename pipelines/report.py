@@ -1,6 +1,7 @@
 """``weit report``: which initialization wins, per task. Reads a sweep back from MLflow (never from Tune's
 files), ranks it with ``weit_core.leaderboard`` in each task's own metric and direction (the trials' tags
-``weit.metric``, ``weit.mode``), logs the leaderboard and plots to the parent run and registers each task's
+``weit.metric``, ``weit.mode``), logs the leaderboard and plots (and, where trials logged sample grids, the
+strategies' grids side by side at the winning size) to the parent run and registers each task's
 winning *initialized* model as ``weit-<task>@champion``. ``weit export`` writes a trial's model out."""
 
 from __future__ import annotations
@@ -85,6 +86,19 @@ def load_runs(parent: Any) -> Any:
     return out.assign(**{f"val_e{e}": per_budget[e] for e in sorted(per_budget)})
 
 
+def sample_grids(client: Any, runs: Any, board: Any, w: Winner, out_dir: Path) -> Path | None:
+    """The last sample grid of each strategy's best run at the winner's size, side by side
+    (``leaderboard.samples_figure``); None where those runs logged none (tasks without a ``sample_grid``)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory(prefix="weit-samples-") as d:
+        panels = []
+        for run in lb.best_runs_at(runs, board, w.task, w.size):
+            if (last := tracking.last_samples(client, run["run_id"])) is not None:
+                step, path = last
+                panels.append((run, step, Path(client.download_artifacts(run["run_id"], path, d))))
+        return lb.samples_figure(panels, w, out_dir) if panels else None
+
+
 def print_report(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -137,12 +151,17 @@ def build_report(
               "strategy_ranking.csv": ranking}
     for file, table in tables.items():
         table.drop(columns="rank_key").to_csv(out_dir / file, index=False)
-    (out_dir / "leaderboard.md").write_text(f"# Sweep {name}\n\n{lb.markdown(board, report.winners, ranking)}")
-    report.files = [out_dir / f for f in (*tables, "leaderboard.md")]
+    report.files = [out_dir / f for f in tables]
+    samples = {}
     for w in report.winners.values():
         report.files += lb.plots(board, w, out_dir)
+        if (figure := sample_grids(client, runs, board, w, out_dir)) is not None:
+            report.files.append(samples.setdefault(w.task, figure))
         w.registered = (tracking.register_champion(client, w, report.sweep, report.parent_run_id)
                         if register else None)
+    board_md = lb.markdown(board, report.winners, ranking, samples)
+    (out_dir / "leaderboard.md").write_text(f"# Sweep {name}\n\n{board_md}")
+    report.files.append(out_dir / "leaderboard.md")
     (out_dir / "winners.json").write_text(json.dumps({t: w.summary() for t, w in report.winners.items()}, indent=1))
     report.files.append(out_dir / "winners.json")
     for f in report.files:

@@ -192,6 +192,21 @@ def find_sweep(client: Any, experiment_id: str, name: str) -> Any:
     return runs[0] if runs else None
 
 
+SAMPLES_KEY = "samples"
+_SAMPLES_FILE = re.compile(rf"images/{SAMPLES_KEY}[+%]step[+%](\d+)[+%]timestamp[+%](\d+)[+%][^+%]+\.png")
+"""``client.log_image(key=, step=)``'s file name (``+`` since MLflow 3.x, ``%`` before), not its thumbnail."""
+
+
+def last_samples(client: Any, run_id: str) -> tuple[int, str] | None:
+    """``(step, artifact path)`` of the last sample grid a trial logged, or None where it logged none."""
+    found = [(int(m[1]), int(m[2]), f.path) for f in client.list_artifacts(run_id, "images")
+             if (m := _SAMPLES_FILE.fullmatch(f.path))]
+    if not found:
+        return None
+    step, _, path = max(found)  # the latest step; at a step logged twice, the later file
+    return step, path
+
+
 SORT_METRICS = ("num_params", "flops")  # trial params also logged as metrics: the UI sorts params as text
 
 
@@ -255,6 +270,12 @@ class TrialTracker:
         ``weit_core.leaderboard.parse_budget`` reads them back)."""
         self.client.log_batch(self.run_id, metrics=as_metrics(metrics, epoch) + as_metrics(
             {f"{k}_e{epoch}": v for k, v in metrics.items()}, 0))
+
+    def log_samples(self, epoch: int, grid: Any) -> None:
+        """The task's sample grid (a [0, 1] tensor ``(C, H, W)``) as the run's ``samples`` image at step
+        ``epoch``: the UI's image panel shows it with a step slider; :func:`last_samples` finds it again."""
+        image = grid.detach().mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+        self.client.log_image(self.run_id, image, key=SAMPLES_KEY, step=epoch)
 
     def finish(self, epochs_done: int, stopped_early: bool = False) -> None:
         self.client.set_tag(self.run_id, "weit.epochs_done", str(epochs_done))

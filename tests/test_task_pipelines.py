@@ -1,6 +1,7 @@
 """Control and generation through the CLI as a user runs them: data, ancestry, ``weit distill`` (Ray Train),
 ``weit sweep`` (Ray Tune) on the shipped CI spaces, ``weit report``; the leaderboard and the champion follow
-each task's direction (return higher first, FID lower first). Slow: minutes each."""
+each task's direction (return higher first, FID lower first); generation trials log a sample grid per
+evaluation and the report shows the strategies' grids side by side. Slow: minutes each."""
 
 from __future__ import annotations
 
@@ -74,5 +75,9 @@ def test_generation_from_a_dit_ancestry_to_the_lowest_fid_champion(tmp_path):
     assert len(ranked) == len(final) and ranked == sorted(ranked)  # lowest first
     champion = client.get_model_version_by_alias("weit-fmnist_gen", "champion")
     assert champion.tags["mode"] == "min"
-    assert {"fid_vs_params_fmnist_gen.png", "convergence_fmnist_gen.png"} <= {p.name for p in
-                                                                           (tmp_path / "report").iterdir()}
+    assert {"fid_vs_params_fmnist_gen.png", "convergence_fmnist_gen.png", "samples_fmnist_gen.png"} <= {
+        p.name for p in (tmp_path / "report").iterdir()}  # samples: each strategy's grid at the winning size
+    assert "](./samples_fmnist_gen.png)" in (tmp_path / "report" / "leaderboard.md").read_text()
+    trial = mlflow.search_runs(experiment_names=["weit-sweep"], filter_string="tags.`weit.kind` = 'trial'").run_id[0]
+    pngs = [f.path for f in client.list_artifacts(trial, "images") if f.path.endswith(".png")]
+    assert sorted(int(p.split("+")[2]) for p in pngs) == [0, 1, 2]  # a sample grid per evaluation

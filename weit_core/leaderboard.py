@@ -133,6 +133,22 @@ def strategy_ranking(board: Any) -> Any:
     return r.sort_values(["task", "rank_key"]).drop(columns="best_size_key").reset_index(drop=True)
 
 
+def best_run(runs: Any, row: Any) -> Any:
+    """The run a leaderboard row stands for: its group's best seed at its lr at the final budget (ties: the
+    lower seed)."""
+    mask = runs["status"] == "FINISHED"
+    for k in [*GROUP, "lr"]:
+        mask &= runs[k] == row[k]
+    key = f"val_e{int(row['final_budget'])}"
+    return runs[mask].assign(key=lambda f: _better_first(f, key)).sort_values(["key", "seed"]).iloc[0]
+
+
+def best_runs_at(runs: Any, board: Any, task: str, size: str) -> list[Any]:
+    """Each ranked strategy's :func:`best_run` at one size, best strategy first."""
+    rows = board[(board["task"] == task) & (board["size"] == size)].dropna(subset=["score"])
+    return [best_run(runs, row) for _, row in rows.iterrows()]
+
+
 def pick_winners(runs: Any, board: Any, ranking: Any) -> dict[str, Winner]:
     winners = {}
     for task, rows in board.groupby("task", sort=True):
@@ -141,15 +157,11 @@ def pick_winners(runs: Any, board: Any, ranking: Any) -> dict[str, Winner]:
             continue
         top = rows.iloc[0]  # the board is sorted best first, then fewer params, then name
         e = int(top["final_budget"])
-        mask = runs["status"] == "FINISHED"
-        for k in [*GROUP, "lr"]:
-            mask &= runs[k] == top[k]
-        seeds = runs[mask].assign(key=lambda f: _better_first(f, f"val_e{e}")).sort_values(["key", "seed"])
         std = float(top[f"e{e}_std"])
         winners[task] = Winner(
             task=task, strategy=top["strategy"], size=top["size"], metric=top["metric"], mode=top["mode"], budget=e,
             mean=float(top["score"]), std=0.0 if math.isnan(std) else std, n_seeds=int(top["n_seeds"]),
-            num_params=int(top["num_params"]), run_id=seeds.iloc[0]["run_id"], lr=float(top["lr"]),
+            num_params=int(top["num_params"]), run_id=best_run(runs, top)["run_id"], lr=float(top["lr"]),
             best_strategy=ranking[ranking["task"] == task].iloc[0]["strategy"], n_lrs=int(top["n_lrs"]))
     return winners
 
@@ -173,14 +185,18 @@ def table(rows: Any) -> tuple[list[str], list[list[str]]]:
                   for _, r in rows.iterrows()]
 
 
-def markdown(board: Any, winners: dict[str, Winner], ranking: Any) -> str:
-    """The leaderboard of every task as markdown: the winner, each group at its best lr, the strategy ranking."""
+def markdown(board: Any, winners: dict[str, Winner], ranking: Any, samples: dict[str, Path] | None = None) -> str:
+    """The leaderboard of every task as markdown: the winner, each group at its best lr, the strategy ranking;
+    ``samples``: a task's :func:`samples_figure`, shown under its winner."""
     lines = []
     for task, rows in board.groupby("task", sort=True):
         lines.append(f"## {task}\n")
         if w := winners.get(task):
             lines.append(f"Winner: **{w.strategy}** at size **{w.size}**, {w.line()}; best strategy over all "
                          f"sizes: **{w.best_strategy}**.\n")
+            if task in (samples or {}):  # ./: a name with ':' (generation:200x4) would read as a URL scheme
+                lines.append(f"Samples of each strategy's best run at size {w.size}, a class per row, the same noise "
+                             f"in every panel:\n\n![samples at size {w.size}](./{samples[task].name})\n")
         lines.append("Each strategy x size at its own best stage-3 learning rate (`lr`, of the `lrs` it tried), "
                      f"chosen on the final-budget val mean ({rows['mode'].iloc[0]} is better); test is that lr's.\n")
         head, cells = table(rows)
@@ -193,13 +209,21 @@ def markdown(board: Any, winners: dict[str, Winner], ranking: Any) -> str:
     return "\n".join(lines)
 
 
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plots(board: Any, w: Winner, out_dir: Path) -> list[Path]:
     """Final-budget score against parameter count per strategy, and the metric per stage-3 epoch at the
     winner's size (the winner bold, scratch dashed)."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = board[board["task"] == w.task]
     ranked, at = rows.dropna(subset=["score"]), rows[rows["size"] == w.size]
@@ -238,3 +262,24 @@ def plots(board: Any, w: Winner, out_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return paths
+
+
+def samples_figure(panels: list[tuple[Any, int, Path]], w: Winner, out_dir: Path) -> Path:
+    """The strategies' sample grids side by side at the winner's size: ``panels`` are (a run of
+    :func:`best_runs_at`, the epoch its grid was logged at, the grid's image file), each titled with the run's
+    strategy and its metric at that epoch. Same noise in every panel, so what differs is the init."""
+    plt = _pyplot()
+    images = [plt.imread(image) for _, _, image in panels]
+    tall = max(i.shape[0] / i.shape[1] for i in images)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.6 * tall + 0.8), squeeze=False)
+    for ax, (run, epoch, _), image in zip(axes[0], panels, images, strict=True):
+        ax.imshow(image)
+        ax.set_title(f"{run['strategy']}\n{w.metric.removeprefix('val_')} {run[f'val_e{epoch}']:.4g} "
+                     f"(seed {run['seed']}, epoch {epoch})", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{w.task}: samples at size {w.size} (a class per row)", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / f"samples_{w.task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

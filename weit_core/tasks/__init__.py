@@ -34,6 +34,10 @@ class Task:
     inputs and the targets of ``loss`` (a denoiser's noised image, timestep and class with the noise as target;
     by default ``((x,), y)``). Student and teacher see the same prepared inputs.
 
+    ``sample_grid(model, batches, device)``, when given, is a picture of what the model makes on the evaluation
+    batches (a [0, 1] image tensor ``(C, H, W)``), logged by a sweep at each evaluation: a sampler's FID says
+    how far its samples are from the data, the picture says what is wrong with them.
+
     ``load_data(dataset, limit, seed)`` gives the task's :class:`~weit_core.data.DatasetSplits` (None: the
     image datasets, ``weit_core.data.load_splits``); ``default_family`` is the architecture a command builds
     when the user names none."""
@@ -52,6 +56,7 @@ class Task:
     score_name: str | None = None
     """What the per-batch ``score`` is called where it is not the metric (a task with its own ``evaluate``: a
     policy's action agreement, a denoiser's MSE); the loop reports it as ``train_<score_name>``."""
+    sample_grid: Callable[..., torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -19,6 +19,8 @@ real images (``weit_core.fid``), plus ``class_acc``: the share of samples that a
 classifier (the shipped Fashion-MNIST ancestry ViT, 88.95% test accuracy, never shown a generated image)
 assigns to the class they were conditioned on. ``class_acc`` is reported only where the judge recognises the
 real evaluation images (accuracy >= :data:`JUDGE_MIN_REAL_ACC` on them): Fashion-MNIST, not another dataset.
+The task's ``sample_grid`` (:func:`sample_grid`) is what a sweep shows beside the FID: a class per row, from
+the same noise for every model.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ EVAL_SAMPLES = 1000
 EVAL_SEED = 20_240_611
 JUDGE_PATH = Path(__file__).resolve().parents[2] / "docs" / "data" / "fmnist_ancestry.safetensors"
 JUDGE_MIN_REAL_ACC = 0.8
+GRID_CLASSES = 10
+GRID_PER_CLASS = 8
 FASHION_MNIST_IO = (1, 28, 10)
 """``(in_chans, img_size, classes)`` of the data the judge was trained on."""
 
@@ -159,19 +163,25 @@ def _collect(batches, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
+def _unit_range(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(lo, span)`` of the real images: ``(x - lo) / span`` is in [0, 1] (the inverse of a [0, 1]
+    image's normalization, exact for Fashion-MNIST)."""
+    lo = real.amin(dim=(0, 2, 3), keepdim=True)
+    return lo, (real.amax(dim=(0, 2, 3), keepdim=True) - lo).clamp_min(1e-8)
+
+
 def evaluate_generation(model: nn.Module, batches, device: torch.device | str = "cpu", *,
                         samples: int = EVAL_SAMPLES, steps: int = SAMPLE_STEPS, guidance: float = 1.0,
                         seed: int = EVAL_SEED) -> dict[str, float]:
     """FID of ``samples`` generated images against the first ``samples`` real images of ``batches`` (each
     sample conditioned on one real image's label), the denoising loss on those real images, and
-    ``class_acc`` on Fashion-MNIST. Pixels go to [0, 1] by the real images' per-channel range (the inverse of
-    a [0, 1] image's normalization, exact for Fashion-MNIST), samples clipped to it."""
+    ``class_acc`` on Fashion-MNIST. Pixels go to [0, 1] by the real images' per-channel range
+    (:func:`_unit_range`), samples clipped to it."""
     from weit_core import fid
 
     device = torch.device(device)
     real, labels = _collect(batches, samples)
-    lo = real.amin(dim=(0, 2, 3), keepdim=True)
-    span = (real.amax(dim=(0, 2, 3), keepdim=True) - lo).clamp_min(1e-8)
+    lo, span = _unit_range(real)
     real01 = (real - lo) / span
     key = fid.fingerprint(real)
     fake01 = ((sample(model, labels, tuple(real.shape[1:]), steps=steps, guidance=guidance, seed=seed,
@@ -190,15 +200,43 @@ def evaluate_generation(model: nn.Module, batches, device: torch.device | str = 
     return out
 
 
+@torch.no_grad()
+def sample_grid(model: nn.Module, batches, device: torch.device | str = "cpu", *, samples: int = EVAL_SAMPLES,
+                steps: int = SAMPLE_STEPS, guidance: float = 1.0, seed: int = EVAL_SEED,
+                per_class: int = GRID_PER_CLASS) -> torch.Tensor:
+    """What the model makes, to look at beside its FID: a row per class its evaluation conditions on (the
+    labels of the first ``samples`` real images, sorted, at most :data:`GRID_CLASSES`), ``per_class`` samples
+    each by the evaluation's sampler, as one [0, 1] image ``(3, H, W)``. The noise is seeded, so two models'
+    grids differ only by the models, cell for cell; pixels are mapped as :func:`evaluate_generation` maps
+    them. The model's train/eval mode is left as it was."""
+    from torchvision.utils import make_grid
+
+    real, labels = _collect(batches, samples)
+    lo, span = _unit_range(real)
+    classes = labels.unique(sorted=True)[:GRID_CLASSES]
+    training = model.training
+    try:
+        x = sample(model, classes.repeat_interleave(per_class), tuple(real.shape[1:]), steps=steps,
+                   guidance=guidance, seed=seed, device=device)
+    finally:
+        model.train(training)
+    return make_grid(((x - lo) / span).clamp(0, 1), nrow=per_class, pad_value=1.0)
+
+
 def make_generation_task(name: str = "generation", *, samples: int = EVAL_SAMPLES, steps: int = SAMPLE_STEPS,
                          guidance: float = 1.0) -> Task:
-    """The generation task with its evaluation's sample count, sampler steps and guidance scale."""
+    """The generation task with its evaluation's sample count, sampler steps and guidance scale (its sample
+    grid uses the same)."""
+    sampler = {"samples": samples, "steps": steps, "guidance": guidance}
 
     def evaluate(model: nn.Module, batches, device: torch.device | str) -> dict[str, float]:
-        return evaluate_generation(model, batches, device, samples=samples, steps=steps, guidance=guidance)
+        return evaluate_generation(model, batches, device, **sampler)
+
+    def grid(model: nn.Module, batches, device: torch.device | str) -> torch.Tensor:
+        return sample_grid(model, batches, device, **sampler)
 
     return Task(name, loss=F.mse_loss, score=_per_image_mse, metric="fid", mode="min", score_name="mse",
-                distill_loss=_distill, evaluate=evaluate, prepare=prepare, default_family="dit")
+                distill_loss=_distill, evaluate=evaluate, prepare=prepare, default_family="dit", sample_grid=grid)
 
 
 def task_of_argument(arg: str) -> Task:
