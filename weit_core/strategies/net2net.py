@@ -1,5 +1,5 @@
 """``net2net``: Chen, Goodfellow & Shlens, "Net2Net: Accelerating Learning via Knowledge Transfer" (ICLR 2016),
-carried over to pre-norm timm ViTs, growing a smaller ancestry.
+carried over to pre-norm timm ViTs and to DiTs, growing a smaller ancestry.
 
 Every widening is written as a pair of linear maps: an expansion ``E`` (new units = copies of old ones, each
 row one-hot) applied to a layer's outputs and a left inverse ``P`` (``P E = I``: the outgoing weights of a
@@ -28,6 +28,14 @@ unit copied ``c`` times divided by ``c``) applied to the next layer's inputs —
 ``noise > 0`` adds N(0, (noise·std W)²) to every inherited weight matrix (symmetry breaking; breaks exact
 preservation by design). The classifier head is never copied for a task (``keep_head`` exists only for the
 function-preservation check).
+
+DiT (:func:`grow_dit`): the same attention and MLP rules; depth is easier (adaLN-Zero: a new block with zero
+modulation has zero gates, the identity). The condition ``c`` has the residual width and is read through SiLU
+(elementwise), so it is widened by the residual copies ``E`` (timestep MLP rows, hidden units copied the same
+way, adaLN columns read with ``P``), and every adaLN's shift/scale/gate runs are copied by ``E`` row by row.
+Only ``"tile"`` is exact: a gate multiplies each residual channel by its own scalar, which commutes with
+copying channels but not with ``mean_pad``'s mean channels (refused); ``"auto"`` = tile when ``d`` divides
+``D``, else ``"random"`` (not preserving, and ``info`` says so). The class table is the DiT's head: new.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import math
 import torch
 from torch import nn
 
-from weit_core.models import ViTSpec, create_vit
+from weit_core.models import DiTSpec, ViTSpec, create_dit, create_vit, family_of
 from weit_core.strategies import InitResult, register
 from weit_core.strategies._common import (
     ancestry_check,
@@ -132,20 +140,73 @@ def _check_growth(src: ViTSpec, dst: ViTSpec) -> None:
                          + (f" (heads that grow from this ancestry at width {dst.width}: {ok})" if ok else ""))
 
 
+def _places(src: ViTSpec, dst: ViTSpec, depth_placement: str) -> list[int]:
+    """The target block each ancestry block lands at; the others are identities."""
+    if depth_placement == "interleave":
+        return [i * dst.depth // src.depth for i in range(src.depth)]
+    if depth_placement == "append":
+        return list(range(src.depth))
+    raise ValueError(f"unknown depth_placement {depth_placement!r}; choose one of {PLACEMENTS}")
+
+
+def _grow_sublayers(sd: dict, own: dict, new: dict, a: str, b: str, src: ViTSpec, dst: ViTSpec, e: torch.Tensor,
+                    p: torch.Tensor, head_mode: str, noise: float, gen: torch.Generator) -> None:
+    """Ancestry block ``a``'s attention and MLP into target block ``b`` (prefixes): inputs read through ``p``,
+    residual writes through ``e``, heads and MLP units widened by copying."""
+    d = src.width
+    fq, fkv, g, fresh = _attention_maps(src, dst, head_mode, gen)
+    wqkv, bqkv = sd[a + "attn.qkv.weight"], sd[a + "attn.qkv.bias"]
+    maps = (fq, fkv, fkv)
+    w = torch.cat([maps[s] @ wqkv[s * d:(s + 1) * d] @ p for s in range(3)])
+    bias = torch.cat([maps[s] @ bqkv[s * d:(s + 1) * d] for s in range(3)])
+    if fresh.any():  # zero mode: fresh heads keep the init's q/k/v rows
+        rows = torch.cat([fresh] * 3)
+        w[rows] = own[b + "attn.qkv.weight"].double()[rows]
+        bias[rows] = own[b + "attn.qkv.bias"].double()[rows]
+    new[b + "attn.qkv.weight"], new[b + "attn.qkv.bias"] = w, bias
+    new[b + "attn.proj.weight"] = e @ sd[a + "attn.proj.weight"] @ g
+    new[b + "attn.proj.bias"] = e @ sd[a + "attn.proj.bias"]
+    fh = _onehot(random_mapping(src.hidden, dst.hidden, gen), src.hidden)
+    new[b + "mlp.fc1.weight"] = fh @ sd[a + "mlp.fc1.weight"] @ p
+    new[b + "mlp.fc1.bias"] = fh @ sd[a + "mlp.fc1.bias"]
+    new[b + "mlp.fc2.weight"] = e @ sd[a + "mlp.fc2.weight"] @ _left_inverse(fh)
+    new[b + "mlp.fc2.bias"] = e @ sd[a + "mlp.fc2.bias"]
+    if noise > 0:
+        for k in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"):
+            w = new[b + k]
+            new[b + k] = w + noise * w.std() * torch.randn(w.shape, generator=gen, dtype=torch.float64)
+
+
+def _start(ancestry: nn.Module, src: ViTSpec, dst: ViTSpec, build, seed: int, init_mode: str) -> tuple:
+    """The checks, the ``dst`` model built after ``seed_everything(seed)``, the generator of every random
+    mapping, and the ancestry's tensors in float64 (the maps are exact there)."""
+    check_same_tokens("net2net", src, dst)
+    _check_growth(src, dst)
+    seed_everything(seed)
+    model = build(dst, init_mode, head_seed=seed)
+    sd = {k: v.detach().double().cpu() for k, v in ancestry.state_dict().items()}
+    return model, torch.Generator().manual_seed(seed), sd
+
+
+def _info(src: ViTSpec, dst: ViTSpec, places: list[int], embed_mode: str, exact: str, noise: float,
+          **extra: object) -> dict:
+    return {
+        "source": "ancestry", "embed_mode": embed_mode, "noise": noise,
+        "ancestry_blocks_at": as_text(torch.tensor(places)),
+        "function_preserving": "no (noise)" if noise > 0 else exact if src.width != dst.width else "exact",
+        "ancestry_depth": src.depth, "ancestry_width": src.width, "ancestry_heads": src.heads,
+        "ancestry_hidden": src.hidden, **extra,
+    }
+
+
 @torch.no_grad()
 def grow_vit(
     ancestry: nn.Module, src: ViTSpec, dst: ViTSpec, *, seed: int = 0, init_mode: str = "", noise: float = 0.0,
     embed_mode: str = "auto", head_mode: str = "copy", depth_placement: str = "interleave", keep_head: bool = False,
 ) -> tuple[nn.Module, dict]:
     """A ``dst``-sized timm ViT grown from ``ancestry``; ``keep_head=True`` also maps the classifier (checks only)."""
-    check_same_tokens("net2net", src, dst)
-    _check_growth(src, dst)
-    if depth_placement not in PLACEMENTS:
-        raise ValueError(f"unknown depth_placement {depth_placement!r}; choose one of {PLACEMENTS}")
-    seed_everything(seed)
-    model = create_vit(dst, init_mode, head_seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    sd = {k: v.detach().double().cpu() for k, v in ancestry.state_dict().items()}
+    model, gen, sd = _start(ancestry, src, dst, create_vit, seed, init_mode)
+    places = _places(src, dst, depth_placement)
     own = model.state_dict()
     e, p, gmap, bmap, embed_mode = residual_maps(src.width, dst.width, embed_mode, gen)
     empty = gmap.sum(1) == 0  # mean_pad's extra channels: LayerNorm output 0 there, gain 1
@@ -163,63 +224,85 @@ def grow_vit(
     ln("norm", "norm")
     if keep_head:
         new["head.weight"], new["head.bias"] = sd["head.weight"] @ p, sd["head.bias"]
-    if depth_placement == "interleave":
-        places = [i * dst.depth // src.depth for i in range(src.depth)]
-    else:
-        places = list(range(src.depth))
     for t in set(range(dst.depth)) - set(places):  # identity blocks: zero every write into the residual
         for k in ("attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias"):
             new[f"blocks.{t}.{k}"] = torch.zeros_like(own[f"blocks.{t}.{k}"], dtype=torch.float64)
-    d = src.width
     for i, t in enumerate(places):
         a, b = f"blocks.{i}.", f"blocks.{t}."
         ln(a + "norm1", b + "norm1")
         ln(a + "norm2", b + "norm2")
-        fq, fkv, g, fresh = _attention_maps(src, dst, head_mode, gen)
-        wqkv, bqkv = sd[a + "attn.qkv.weight"], sd[a + "attn.qkv.bias"]
-        maps = (fq, fkv, fkv)
-        w = torch.cat([maps[s] @ wqkv[s * d:(s + 1) * d] @ p for s in range(3)])
-        bias = torch.cat([maps[s] @ bqkv[s * d:(s + 1) * d] for s in range(3)])
-        if fresh.any():  # zero mode: fresh heads keep timm's q/k/v rows
-            rows = torch.cat([fresh] * 3)
-            w[rows] = own[b + "attn.qkv.weight"].double()[rows]
-            bias[rows] = own[b + "attn.qkv.bias"].double()[rows]
-        new[b + "attn.qkv.weight"], new[b + "attn.qkv.bias"] = w, bias
-        new[b + "attn.proj.weight"] = e @ sd[a + "attn.proj.weight"] @ g
-        new[b + "attn.proj.bias"] = e @ sd[a + "attn.proj.bias"]
-        fh = _onehot(random_mapping(src.hidden, dst.hidden, gen), src.hidden)
-        new[b + "mlp.fc1.weight"] = fh @ sd[a + "mlp.fc1.weight"] @ p
-        new[b + "mlp.fc1.bias"] = fh @ sd[a + "mlp.fc1.bias"]
-        new[b + "mlp.fc2.weight"] = e @ sd[a + "mlp.fc2.weight"] @ _left_inverse(fh)
-        new[b + "mlp.fc2.bias"] = e @ sd[a + "mlp.fc2.bias"]
-        if noise > 0:
-            for k in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"):
-                w = new[b + k]
-                new[b + k] = w + noise * w.std() * torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        _grow_sublayers(sd, own, new, a, b, src, dst, e, p, head_mode, noise, gen)
     for k, v in new.items():
         own[k].copy_(v)
-    exact = {"tile": "exact", "mean_pad": "exact", "random": "no (LayerNorm statistics shift)"}
-    info = {
-        "source": "ancestry", "embed_mode": embed_mode, "head_mode": head_mode, "depth_placement": depth_placement,
-        "noise": noise, "ancestry_blocks_at": as_text(torch.tensor(places)),
-        "function_preserving": exact[embed_mode] if src.width != dst.width else "exact",
-        "ancestry_depth": src.depth, "ancestry_width": src.width, "ancestry_heads": src.heads,
-        "ancestry_hidden": src.hidden, "classifier_head": "mapped (check only)" if keep_head else "new (timm init)",
-        "init_mode": init_mode or "timm_default",
+    exact = {"tile": "exact", "mean_pad": "exact", "random": "no (LayerNorm statistics shift)"}[embed_mode]
+    return model, _info(src, dst, places, embed_mode, exact, noise, head_mode=head_mode,
+                        depth_placement=depth_placement,
+                        classifier_head="mapped (check only)" if keep_head else "new (timm init)",
+                        init_mode=init_mode or "timm_default")
+
+
+@torch.no_grad()
+def grow_dit(
+    ancestry: nn.Module, src: DiTSpec, dst: DiTSpec, *, seed: int = 0, init_mode: str = "", noise: float = 0.0,
+    embed_mode: str = "auto", head_mode: str = "copy", depth_placement: str = "interleave", keep_head: bool = False,
+) -> tuple[nn.Module, dict]:
+    """A ``dst``-sized DiT grown from ``ancestry``: the ViT's block rules, with ``E`` also on the condition ``c``
+    and on every adaLN's rows (six runs; the final layer's two). ``keep_head=True`` maps the class table
+    (checks only; ancestry and target must then share the class count)."""
+    if embed_mode == "mean_pad":
+        raise ValueError("embed_mode='mean_pad' cannot preserve a DiT (its per-channel gates do not commute with "
+                         "the mean channels); use 'tile' (a width multiple of the ancestry's) or 'random'")
+    model, gen, sd = _start(ancestry, src, dst, create_dit, seed, init_mode)
+    places = _places(src, dst, depth_placement)
+    own = model.state_dict()
+    if embed_mode == "auto":
+        embed_mode = "tile" if dst.width % src.width == 0 else "random"
+    e, p, _, _, embed_mode = residual_maps(src.width, dst.width, embed_mode, gen)  # one-hot: copies of channels
+
+    def runs(w: torch.Tensor, n: int) -> torch.Tensor:  # n chunks of d rows, each copied by e
+        return torch.cat([e @ chunk for chunk in w.chunk(n)])
+
+    new: dict[str, torch.Tensor] = {
+        "pos_embed": sd["pos_embed"] @ e.T, "x_embedder.proj.bias": e @ sd["x_embedder.proj.bias"],
+        "x_embedder.proj.weight": torch.einsum("Dd,d...->D...", e, sd["x_embedder.proj.weight"]),
+        "t_embedder.mlp.0.weight": e @ sd["t_embedder.mlp.0.weight"],  # hidden units: copies, as the residual
+        "t_embedder.mlp.0.bias": e @ sd["t_embedder.mlp.0.bias"],
+        "t_embedder.mlp.2.weight": e @ sd["t_embedder.mlp.2.weight"] @ p,
+        "t_embedder.mlp.2.bias": e @ sd["t_embedder.mlp.2.bias"],
+        "final_layer.adaLN_modulation.1.weight": runs(sd["final_layer.adaLN_modulation.1.weight"], 2) @ p,
+        "final_layer.adaLN_modulation.1.bias": runs(sd["final_layer.adaLN_modulation.1.bias"], 2),
+        "final_layer.linear.weight": sd["final_layer.linear.weight"] @ p,
+        "final_layer.linear.bias": sd["final_layer.linear.bias"],
     }
-    if noise > 0:
-        info["function_preserving"] = "no (noise)"
-    return model, info
+    if keep_head:
+        new["y_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"] @ e.T
+    for t in set(range(dst.depth)) - set(places):  # identity blocks: adaLN-Zero, every gate 0
+        for k in ("weight", "bias"):
+            new[f"blocks.{t}.adaLN_modulation.1.{k}"] = torch.zeros_like(own[f"blocks.{t}.adaLN_modulation.1.{k}"],
+                                                                          dtype=torch.float64)
+    for i, t in enumerate(places):
+        a, b = f"blocks.{i}.", f"blocks.{t}."
+        new[b + "adaLN_modulation.1.weight"] = runs(sd[a + "adaLN_modulation.1.weight"], 6) @ p
+        new[b + "adaLN_modulation.1.bias"] = runs(sd[a + "adaLN_modulation.1.bias"], 6)
+        _grow_sublayers(sd, own, new, a, b, src, dst, e, p, head_mode, noise, gen)
+    for k, v in new.items():
+        own[k].copy_(v)
+    exact = "exact" if embed_mode == "tile" else "no (LayerNorm statistics shift)"
+    return model, _info(src, dst, places, embed_mode, exact, noise, head_mode=head_mode,
+                        depth_placement=depth_placement,
+                        class_table="mapped (check only)" if keep_head else "new (HEAD_STREAM + seed)",
+                        init_mode=init_mode or "default")
 
 
-@register("net2net", needs=("ancestry",), families=("vit",),
+@register("net2net", needs=("ancestry",), families=("vit", "dit"),
           check=ancestry_check(lambda src, dst: "smaller_than_ancestry" if _shrinks(src, dst) else None))
 def net2net(
-    spec: ViTSpec, *, ancestry: nn.Module | None = None, ancestry_spec: ViTSpec | None = None, seed: int = 0,
-    init_mode: str = "", noise: float = 0.0, embed_mode: str = "auto", head_mode: str = "copy",
+    spec: ViTSpec | DiTSpec, *, ancestry: nn.Module | None = None, ancestry_spec: ViTSpec | DiTSpec | None = None,
+    seed: int = 0, init_mode: str = "", noise: float = 0.0, embed_mode: str = "auto", head_mode: str = "copy",
     depth_placement: str = "interleave", **_: object,
 ) -> InitResult:
-    ancestry, src = require_ancestry("net2net", ancestry, ancestry_spec)
-    model, info = grow_vit(ancestry, src, spec, seed=seed, init_mode=init_mode, noise=noise, embed_mode=embed_mode,
-                           head_mode=head_mode, depth_placement=depth_placement)
+    ancestry, src = require_ancestry("net2net", ancestry, ancestry_spec, family=family_of(spec))
+    grow = grow_dit if isinstance(spec, DiTSpec) else grow_vit
+    model, info = grow(ancestry, src, spec, seed=seed, init_mode=init_mode, noise=noise, embed_mode=embed_mode,
+                       head_mode=head_mode, depth_placement=depth_placement)
     return InitResult(model, info)

@@ -19,9 +19,20 @@ spaced), uniform element selection per stage: stage ``i``'s channel indices hold
 norms, layer scales, MLP columns and rows, its downsampling conv's rows and the next stage's downsampling
 norm and conv columns; its MLP units have their own indices. Kernels and the stem patch are kept whole.
 
-Policy transformers (``weit_core.models.policy``) are ViT blocks over a state context: the ViT's plan and block
-rule, with the state embedding's rows and the position table's channels taking the residual indices; the
-state width, context and action kind must be the ancestry's (they are copied as they are).
+The families built from the ViT's blocks (ViT, policy, DiT) share one selection, driven by each family's own
+resize tables (``BlockRules``: the channel role and run count of every tensor's axes), so a tensor is cut
+the way ``wave`` resizes it. Policy transformers (``weit_core.models.policy``) are ViT blocks over a state
+context: the state embedding's rows and the position table's channels take the residual indices; the state
+width, context and action kind must be the ancestry's.
+
+DiT (``weit_core.models.dit``): the conditioning vector ``c`` (timestep plus class embedding) has the residual
+width, so the residual indices also hold on ``c``: the timestep MLP's output rows and every adaLN's input
+columns. Each adaLN's rows are six (final layer: two) runs of residual
+channels (shift, scale, gate...), selected run by run. The timestep MLP's hidden units take the residual
+indices too (its width is the residual width; the family's table resizes it so). The learned position table
+is selected like the ViT's; the final projection's pixel rows are kept whole (same patch). The class table
+is the DiT's head (``get_classifier``): new, drawn from ``HEAD_STREAM + seed`` as ``wave`` draws it, so
+the ancestry's class count need not be the target's.
 """
 
 from __future__ import annotations
@@ -31,11 +42,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from weit_core.models import CONVNEXT, ConvNeXtSpec, ViTSpec, create_vit
+from weit_core.models import CONVNEXT, ConvNeXtSpec, DiTSpec, PolicySpec, ViTSpec, dit, family_of, policy, vit
 from weit_core.models.convnext import HEAD as CONVNEXT_HEAD
 from weit_core.models.convnext import param_axes
 from weit_core.models.policy import FIXED as POLICY_FIXED
-from weit_core.models.policy import POLICY, PolicySpec, create_policy
+from weit_core.models.vit import BlockRules
+from weit_core.resize import Axis
 from weit_core.strategies import InitResult, register
 from weit_core.strategies._common import (
     ancestry_check,
@@ -44,6 +56,7 @@ from weit_core.strategies._common import (
     layer_indices,
     require_ancestry,
     select_indices,
+    token_mismatch,
 )
 from weit_core.train import seed_everything
 
@@ -89,70 +102,74 @@ def selection_plan(src: ViTSpec, dst: ViTSpec, layer_selection: str = "first_n",
     return plan
 
 
-def _block_index(src: dict[str, torch.Tensor], a: int, plan: dict[str, torch.Tensor], d_src: int) -> dict:
-    e, h, at = plan["embed"], plan["hidden"], plan["attn"]
-    qkv_rows = torch.cat([s * d_src + at for s in range(3)])
-    p = f"blocks.{a}."
-    return {
-        "norm1.weight": src[p + "norm1.weight"][e], "norm1.bias": src[p + "norm1.bias"][e],
-        "attn.qkv.weight": src[p + "attn.qkv.weight"][qkv_rows][:, e],
-        "attn.qkv.bias": src[p + "attn.qkv.bias"][qkv_rows],
-        "attn.proj.weight": src[p + "attn.proj.weight"][e][:, at], "attn.proj.bias": src[p + "attn.proj.bias"][e],
-        "norm2.weight": src[p + "norm2.weight"][e], "norm2.bias": src[p + "norm2.bias"][e],
-        "mlp.fc1.weight": src[p + "mlp.fc1.weight"][h][:, e], "mlp.fc1.bias": src[p + "mlp.fc1.bias"][h],
-        "mlp.fc2.weight": src[p + "mlp.fc2.weight"][e][:, h], "mlp.fc2.bias": src[p + "mlp.fc2.bias"][e],
-    }
+BLOCK_RULES: dict[type, BlockRules] = {ViTSpec: vit.RULES, PolicySpec: policy.RULES, DiTSpec: dit.RULES}
+"""The families built from the ViT's blocks and their resize tables: which channel axes (``embed``, ``attn``,
+``hidden``, in runs for fused rows) every tensor sits on, and which tensors are the head."""
+HEAD_INFO = {ViTSpec: ("classifier_head", "new (timm init)"), PolicySpec: ("policy_head", "new"),
+             DiTSpec: ("class_table", "new (HEAD_STREAM + seed)")}
 
 
-VIT_OUTER = {"cls_token": -1, "pos_embed": -1, "patch_embed.proj.weight": 0, "patch_embed.proj.bias": 0,
-             "norm.weight": 0, "norm.bias": 0}
-"""The residual-channel axis of each tensor outside the blocks that weight selection copies (the head stays new)."""
+def selected_axes(spec: Any) -> dict[str, tuple[Axis, ...]]:
+    """Every tensor weight selection copies into a ``spec``-sized model (all but the head) and its channel axes,
+    read from the family's own tables: the templated matrices by kind, the free tensors by name."""
+    rules = BLOCK_RULES[type(spec)]
+    axes = {n: rules.grid_axes[kind] for kind, group in family_of(spec).layout(spec).items() for n in group.names}
+    axes.update({n: a for n, a in rules.free_axes.items() if n not in rules.head})
+    axes.update({f"blocks.{i}.{s}": a for i in range(spec.depth) for s, a in rules.block_free_axes.items()})
+    return axes
+
+
+def take(t: torch.Tensor, axes: tuple[Axis, ...], plan: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``t`` with each ``(dim, role, runs)`` axis cut to ``plan[role]`` within every run: q/k/v sections (3
+    runs) and the adaLN chunks (6 or 2) each keep the same indices, so they stay aligned at any ratio."""
+    for dim, role, runs in axes:
+        n = t.shape[dim] // runs
+        t = t.index_select(dim, torch.cat([s * n + plan[role] for s in range(runs)]))
+    return t
 
 
 @torch.no_grad()
-def select_weights(ancestry: nn.Module, src: Any, model: nn.Module, plan: dict[str, torch.Tensor],
-                   outer: dict[str, int] = VIT_OUTER) -> nn.Module:
-    """Overwrite every parameter of ``model`` that has an ancestry counterpart: the blocks by
-    :func:`_block_index`, the ``outer`` tensors by the residual indices on their channel axis (0 or -1)."""
-    sd = {k: v.detach().cpu() for k, v in ancestry.state_dict().items()}
-    e = plan["embed"]
-    new = {k: sd[k][e] if axis == 0 else sd[k][..., e] for k, axis in outer.items()}
-    for t, a in enumerate(plan["layers"].tolist()):
-        new.update({f"blocks.{t}.{k}": v for k, v in _block_index(sd, a, plan, src.width).items()})
+def select_weights(ancestry: nn.Module, model: nn.Module, spec: Any, plan: dict[str, torch.Tensor]) -> nn.Module:
+    """Overwrite every tensor of ``model`` but its head: target block ``j`` from ancestry block
+    ``plan["layers"][j]``, each channel axis by :func:`take`."""
+    sd = ancestry.state_dict()
     own = model.state_dict()
-    for k, v in new.items():
-        own[k].copy_(v)
+    for name, axes in selected_axes(spec).items():
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            parts[1] = str(int(plan["layers"][int(parts[1])]))
+        own[name].copy_(take(sd[".".join(parts)].detach().cpu(), axes, plan))
     return model
 
 
-# ------------------------------------------------------------------------------------------ policy
+def tokens_mismatch(src: Any, dst: Any) -> str | None:
+    """The first input setting ancestry and target must share and do not: a policy's state width, context and
+    action kind; a ViT's or DiT's patch, image size and channels."""
+    if isinstance(dst, PolicySpec):
+        return next((k for k in POLICY_FIXED if getattr(src, k) != getattr(dst, k)), None)
+    return token_mismatch(src, dst)
 
 
-def policy_mismatch(src: PolicySpec, dst: PolicySpec) -> str | None:
-    """The first of state width, context, action kind on which ancestry and target differ."""
-    return next((k for k in POLICY_FIXED if getattr(src, k) != getattr(dst, k)), None)
-
-
-POLICY_OUTER = {"state_embed.weight": 0, "state_embed.bias": 0, "pos_embed": -1, "norm.weight": 0, "norm.bias": 0}
-"""The ViT rule on a policy: the state embedding's rows, the position table's and the final norm's channels."""
-
-
-def _select_policy(spec: PolicySpec, ancestry: nn.Module | None, ancestry_spec: PolicySpec | None, *, seed: int,
-                   init_mode: str, layer_selection: str, element_selection: str, head_aware: bool,
-                   name: str) -> InitResult:
-    ancestry, src = require_ancestry(name, ancestry, ancestry_spec, family=POLICY)
-    key = policy_mismatch(src, spec)
+def _select_blocks(spec: Any, ancestry: nn.Module | None, ancestry_spec: Any, *, seed: int, init_mode: str,
+                   layer_selection: str, element_selection: str, head_aware: bool, name: str) -> InitResult:
+    family = family_of(spec)
+    ancestry, src = require_ancestry(name, ancestry, ancestry_spec, family=family)
+    key = tokens_mismatch(src, spec)
     if key is not None:
         raise ValueError(f"strategy {name!r}: ancestry {key}={getattr(src, key)} but target {key}="
                          f"{getattr(spec, key)}; use a target with the ancestry's {key}")
     plan = selection_plan(src, spec, layer_selection, element_selection, head_aware)
     seed_everything(seed)
-    model = select_weights(ancestry, src, create_policy(spec, init_mode, head_seed=seed), plan, POLICY_OUTER)
+    model = select_weights(ancestry, family.build(spec, init_mode, head_seed=seed), spec, plan)
+    rule = ("i*(n//m) if m divides n else round(linspace(0,n-1,m))" if element_selection == "uniform"
+            else "0..m-1")
+    head_key, head_value = HEAD_INFO[type(spec)]
     return InitResult(model, {
         "source": "ancestry", "layer_selection": layer_selection, "element_selection": element_selection,
-        "head_aware": head_aware, "ancestry_layers": as_text(plan["layers"]), "ancestry_depth": src.depth,
-        "ancestry_width": src.width, "ancestry_heads": src.heads, "ancestry_hidden": src.hidden,
-        "policy_head": "new", "init_mode": init_mode or "default",
+        "head_aware": head_aware, "index_rule": rule, "ancestry_layers": as_text(plan["layers"]),
+        "ancestry_depth": src.depth, "ancestry_width": src.width, "ancestry_heads": src.heads,
+        "ancestry_hidden": src.hidden, "qkv_sections": "q,k,v selected with the same indices",
+        head_key: head_value, "init_mode": init_mode or ("timm_default" if isinstance(spec, ViTSpec) else "default"),
     })
 
 
@@ -228,54 +245,34 @@ def _select_convnext(spec: ConvNeXtSpec, ancestry: nn.Module | None, ancestry_sp
 
 
 def _weight_selection(
-    spec: ViTSpec | ConvNeXtSpec, ancestry: nn.Module | None, ancestry_spec: ViTSpec | None, *, seed: int,
-    init_mode: str, layer_selection: str, element_selection: str, head_aware: bool, name: str,
+    spec: Any, ancestry: nn.Module | None, ancestry_spec: Any, *, seed: int, init_mode: str, layer_selection: str,
+    element_selection: str, head_aware: bool, name: str,
 ) -> InitResult:
-    if isinstance(spec, PolicySpec):
-        return _select_policy(spec, ancestry, ancestry_spec, seed=seed, init_mode=init_mode, name=name,
-                              layer_selection=layer_selection, element_selection=element_selection,
-                              head_aware=head_aware)
     if isinstance(spec, ConvNeXtSpec):
         if head_aware:
             raise ValueError(f"strategy {name!r}: head_aware selection is for ViTs (a ConvNeXt has no heads)")
         return _select_convnext(spec, ancestry, ancestry_spec, seed=seed, init_mode=init_mode,
                                 layer_selection=layer_selection, element_selection=element_selection, name=name)
-    ancestry, src = require_ancestry(name, ancestry, ancestry_spec)
-    check_same_tokens(name, src, spec)
-    plan = selection_plan(src, spec, layer_selection, element_selection, head_aware)
-    seed_everything(seed)
-    model = select_weights(ancestry, src, create_vit(spec, init_mode, head_seed=seed), plan)
-    rule = ("i*(n//m) if m divides n else round(linspace(0,n-1,m))" if element_selection == "uniform"
-            else "0..m-1")
-    return InitResult(model, {
-        "source": "ancestry", "layer_selection": layer_selection, "element_selection": element_selection,
-        "head_aware": head_aware, "index_rule": rule, "ancestry_layers": as_text(plan["layers"]),
-        "ancestry_depth": src.depth, "ancestry_width": src.width, "ancestry_heads": src.heads,
-        "ancestry_hidden": src.hidden, "qkv_sections": "q,k,v selected with the same indices",
-        "classifier_head": "new (timm init)", "init_mode": init_mode or "timm_default",
-    })
+    return _select_blocks(spec, ancestry, ancestry_spec, seed=seed, init_mode=init_mode, name=name,
+                          layer_selection=layer_selection, element_selection=element_selection, head_aware=head_aware)
 
 
 def _check(head_aware: bool):
-    """The registered check: tokens, then :func:`selection_problem` (:func:`convnext_problem`), on specs."""
-
-    def problem(src, dst):
-        found = convnext_problem(src, dst) if isinstance(dst, ConvNeXtSpec) else selection_problem(src, dst, head_aware)
-        return (found or (None,))[0]
-
-    spec_check = ancestry_check(problem)
+    """The registered check on specs: inputs (:func:`tokens_mismatch`), then :func:`selection_problem`
+    (:func:`convnext_problem`, after :func:`ancestry_check`'s patch and image test)."""
+    convnext_check = ancestry_check(lambda src, dst: (convnext_problem(src, dst) or (None,))[0])
 
     def check(spec, ancestry_spec=None):
-        if isinstance(spec, PolicySpec) and ancestry_spec is not None:  # a policy has no patch tokens
-            if policy_mismatch(ancestry_spec, spec):
-                return "tokens_differ_from_ancestry"
-            return (selection_problem(ancestry_spec, spec, head_aware) or (None,))[0]
-        return spec_check(spec, ancestry_spec)
+        if ancestry_spec is None or isinstance(spec, ConvNeXtSpec):
+            return convnext_check(spec, ancestry_spec)
+        if tokens_mismatch(ancestry_spec, spec):
+            return "tokens_differ_from_ancestry"
+        return (selection_problem(ancestry_spec, spec, head_aware) or (None,))[0]
 
     return check
 
 
-FAMILIES = ("vit", "convnext", "policy")
+FAMILIES = ("vit", "convnext", "policy", "dit")
 
 
 @register("weight_selection", needs=("ancestry",), check=_check(head_aware=False), families=FAMILIES)
