@@ -18,20 +18,18 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from convnext_assets import DEPTHS, WIDTHS  # noqa: E402
-from init_quality import base_name, cell_stats, done_jobs, load_ancestry, parse_part, summarize  # noqa: E402
+from init_quality import cell_stats, load_ancestry, run_jobs, summarize  # noqa: E402
 
 from weit_core.data import load_dataset  # noqa: E402
 from weit_core.io import load_bank  # noqa: E402
 from weit_core.models import CONVNEXT  # noqa: E402
 from weit_core.stage3 import Recipe, init_target, score, train_target  # noqa: E402
-from weit_core.strategies import can_make  # noqa: E402
 from weit_core.train import cycle_batches  # noqa: E402
 
 STRATEGIES = "wave,wave_random_bank,scratch_fit,scratch,weight_selection"
@@ -104,29 +102,19 @@ def main(argv: list[str] | None = None) -> None:
     epoch = args.train_examples // args.batch_size
     if not args.summarize:
         torch.set_num_threads(args.threads)
-        i, k = parse_part(args.part)
         data = load_dataset("fashion_mnist")
         train = data.train.subset(args.train_examples, seed=0)
         bank = load_bank(args.bank) if args.bank else None
         ancestry = load_ancestry(args.ancestry)
-        done = done_jobs(args.out)
-        jobs = [({"depth": d, "width": w}, lab, int(seed)) for seed in args.seeds.split(",") for d in DEPTHS
-                for w in WIDTHS for lab in args.strategies.split(",")]
-        for size, lab, seed in jobs[i - 1::k]:
-            key = (CONVNEXT.size_name(size), lab, seed)
-            if key in done:
-                continue
-            spec = CONVNEXT.make_spec(size, {"in_chans": 1, "img_size": 28, "num_classes": 10, "patch": 2})
-            why = can_make(base_name(lab), spec, ancestry_spec=ancestry[1] if ancestry else None)
-            t0 = time.perf_counter()
-            row = ({"size": key[0], "strategy": lab, "seed": seed, "skipped": why} if why else
-                   run_job(size, lab, seed, data=data, train=train, bank=bank, ancestry=ancestry, args=args))
-            row["wall_seconds"] = round(time.perf_counter() - t0, 1)
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            runs = " ".join(f"{r['budget']}:{100 * r['test']:.1f}" for r in row.get("runs", []))
-            print(f"{key}: {why or ''} init {100 * row.get('init', {}).get('test', 0):.1f} {runs} "
-                  f"({row['wall_seconds']} s)", flush=True)
+        io = {"in_chans": 1, "img_size": 28, "num_classes": 10, "patch": 2}
+        jobs = [(CONVNEXT.size_name(size), CONVNEXT.make_spec(size, io), lab, int(seed), size)
+                for seed in args.seeds.split(",") for size in ({"depth": d, "width": w} for d in DEPTHS for w in WIDTHS)
+                for lab in args.strategies.split(",")]
+        run_jobs(args.out, jobs, args.part, ancestry,
+                 lambda size, lab, seed: run_job(size, lab, seed, data=data, train=train, bank=bank, ancestry=ancestry,
+                                                 args=args),
+                 lambda row: (f"init {100 * row.get('init', {}).get('test', 0):.1f} "
+                              + " ".join(f"{r['budget']}:{100 * r['test']:.1f}" for r in row.get("runs", []))))
     budgets = sorted({args.steps, epoch})
     print(json.dumps({**summarize(args.out, budgets, "wave", epoch), "won": shares(args.out, budgets)}))
 

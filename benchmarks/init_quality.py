@@ -136,6 +136,25 @@ def done_jobs(path: Path) -> set[tuple]:
     return {(r["size"], r["strategy"], r["seed"]) for r in rows}
 
 
+def run_jobs(out: Path, jobs: list[tuple], part: str, ancestry: tuple | None, run, show) -> None:
+    """Run ``jobs`` (``(name, spec, label, seed, size)``) of part ``i/k`` that ``out`` does not hold yet: a row
+    per job (``run(size, label, seed)``, or why the strategy cannot make the size) appended as it finishes,
+    ``show(row)`` printed."""
+    i, k = parse_part(part)
+    done = done_jobs(out)
+    for name, spec, lab, seed, size in jobs[i - 1::k]:
+        if (name, lab, seed) in done:
+            continue
+        why = can_make(base_name(lab), spec, ancestry_spec=ancestry[1] if ancestry else None)
+        t0 = time.perf_counter()
+        row = {"size": name, "strategy": lab, "seed": seed, "skipped": why} if why else run(size, lab, seed)
+        row["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{name} {lab} {seed}: {row.get('skipped', '')} {show(row)} ({row['wall_seconds']} s)", flush=True)
+
+
 def _rows(path: Path) -> tuple[list[dict], list[tuple]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     skipped = sorted({(r["size"], r["strategy"], r["skipped"]) for r in rows if "skipped" in r})
