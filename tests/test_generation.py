@@ -145,6 +145,29 @@ def test_a_bank_builds_two_dit_sizes_through_wave_exactly(fmnist, tmp_path):
     assert res.info["fit_teacher"] == "ancestry" and res.info["fit_steps"] == 4 and 0 < res.info["fit_loss"] < 10
 
 
+def test_a_dit_bank_trains_without_a_teacher_weit_mode(fmnist, tmp_path):
+    """WeiT's mode (no ancestry): stage 1 trains the templates on the denoising loss itself, every size of the
+    range; the bank's sizes then denoise better than the same bank untrained, and wave builds from it."""
+    from weit_core.io import load_bank
+    from weit_core.stage1 import build_elastic, make_bank, save_elastic
+    from weit_core.strategies import init_model
+
+    ref = DIT.spec_for({"depth": 2, "width": 32, "heads": 2}, IO)
+    small = DIT.spec_for({"depth": 1, "width": 16, "heads": 1}, IO)
+    task = make_generation_task("generation_weit", samples=8, steps=1)
+    elastic = build_elastic(DIT, ref, n=2, block=16, seed=0)
+    val = [(fmnist.val.x[:128], fmnist.val.y[:128])]
+    before = {s.label: denoising_loss(AtSize(elastic, s), val) for s in (small, ref)}
+    history = make_bank(elastic, fmnist.train.x, fmnist.train.y, sizes=[small, ref], teacher=None, epochs=1,
+                        max_steps=30, lr=3e-3, batch_size=64, task=task)
+    after = {s.label: denoising_loss(AtSize(elastic, s), val) for s in (small, ref)}
+    assert len(history) == 1 and all(after[k] < before[k] - 0.1 for k in before), (before, after)
+    bank = load_bank(save_elastic(tmp_path / "weit.safetensors", elastic, {"mode": "weit"}, [small, ref]))
+    assert bank.header["mode"] == "weit" and len(bank.header["size_range"]) == 2
+    model = init_model("wave", small, bank=bank, fit_steps=0, seed=0).model
+    assert denoising_loss(model, val) == pytest.approx(after[small.label], rel=0.05)
+
+
 @pytest.mark.slow
 def test_a_trained_dit_has_a_lower_fid_than_an_untrained_one(fmnist):
     task = make_generation_task("generation_slow", samples=500, steps=10)
