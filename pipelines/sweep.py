@@ -9,12 +9,11 @@ failure fails again, a half-written run is replaced (``TrialTracker.start``)."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import operator
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,15 +25,11 @@ from pipelines.common import UserError, git_revision, init_ray, storage_path
 from pipelines.trial import HOW_TO_GIVE, trial_config, trial_param_space
 from weit_core import trials as wt
 from weit_core.space import Space, load_space
+from weit_core.trials import file_sha256  # noqa: F401  (pipelines.quickstart imports it from here)
 
 EXPERIMENT = tracking.SWEEP_EXPERIMENT
 PREFIX = "[weit sweep]"
 _trial_dirname = operator.attrgetter("trial_id")  # Tune's default dirname repeats the whole config
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass
@@ -52,12 +47,12 @@ class SweepSummary:
     n_failed: int
     resumed: bool
     wall_s: float
+    dropped_by_task: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def _load_sources(space: Space, bank: str | None, ancestry: str | None) -> tuple[Any, Any, dict]:
-    """Load the bank and the ancestry once, refusing at once what the strategies need and were not given."""
-    from weit_core.io import WeitFileError, load_bank, load_model
-    from weit_core.models import get_family
+def _load_sources(space: Space, bank: str | None, ancestry: str | None) -> tuple[wt.TaskSources, bool]:
+    """Each task's bank and ancestry (its own, else ``--bank``/``--ancestry``), every file read once, refusing at
+    once what the strategies need and a task was not given; and whether any strategy uses the bank."""
     from weit_core.strategies import strategy_info
 
     need = {source: sorted(s for s in space.strategies if source in strategy_info(s).needs) for source in HOW_TO_GIVE}
@@ -65,31 +60,17 @@ def _load_sources(space: Space, bank: str | None, ancestry: str | None) -> tuple
         raise UserError(f"strategies {need['learngene']} need a TLEG-trained learngene, which "
                         f"{HOW_TO_GIVE['learngene']}; drop them from the space")
     for source, given in (("bank", bank), ("ancestry", ancestry)):
-        if need[source] and not given:
+        lacking = [t.name for t in space.tasks if not (given or getattr(t, source))]
+        if need[source] and lacking:
             what = "a template bank" if source == "bank" else "an ancestry model"
-            raise UserError(f"strategies {need[source]} need {what}; {HOW_TO_GIVE[source]} or drop them from the space")
+            which = "" if len(lacking) == len(space.tasks) else f" and task(s) {lacking} have none"
+            raise UserError(f"strategies {need[source]} need {what}{which}; {HOW_TO_GIVE[source]}, give the task "
+                            f"`{source}: FILE` in the space, or drop them from the space")
     no_fit = [t.name for t in space.tasks if t.training["fit_examples"] == 0]
     if need["fit_data"] and no_fit:
         raise UserError(f"strategies {need['fit_data']} need a labeled subset for stage 2, but task(s) {no_fit} have "
                         f"training.fit_examples: 0; give them fit_examples > 0 or drop the strategies")
-    meta: dict[str, Any] = {"need_bank": bool(need["bank"])}
-
-    def load(flag: str, read: Any, path: str) -> Any:
-        try:
-            return read(path)
-        except WeitFileError as e:
-            raise UserError(f"{flag}: {e}") from e
-
-    loaded_bank = loaded_anc = None
-    if bank:
-        loaded_bank = load("--bank", load_bank, bank)
-        meta.update(bank_path=str(Path(bank).resolve()), bank_sha256=file_sha256(bank),
-                    bank_block=wt.block_of_bank(loaded_bank.bank.kinds))
-    if ancestry:
-        model, header = load("--ancestry", load_model, ancestry)
-        loaded_anc = (model, get_family(header.get("family", "vit")).spec_from_dict(header["spec"]))
-        meta.update(ancestry_path=str(Path(ancestry).resolve()), ancestry_sha256=file_sha256(ancestry))
-    return loaded_bank, loaded_anc, meta
+    return wt.load_task_sources(space, bank, ancestry), bool(need["bank"])
 
 
 def _check_bank(loaded: Any, trials: list[dict], block: int, where: str) -> None:
@@ -167,28 +148,36 @@ def _progress_callback_cls():
     return Progress
 
 
-def _parent_record(name: str, space: Space, meta: dict, expansion: Any, settings: dict) -> tuple[dict, dict, dict]:
-    """The parent run's tags, params and files: the space, the sources' hashes, the counts dropped."""
+def _parent_record(name: str, space: Space, sources: wt.TaskSources, expansion: Any,
+                   settings: dict) -> tuple[dict, dict, dict]:
+    """The parent run's tags, params and files: the space, the sources' hashes (``bank``: ``--bank``'s;
+    ``bank.<task>``: each task's), the counts dropped."""
     from weit_core.strategies import CANNOT_MAKE
 
     rev, digest = git_revision(), space.content_hash()
-    bank_path, bank_sha = meta.get("bank_path", ""), meta.get("bank_sha256", "")
+    flag = {s.kind: s for s in sources.files() if s.flag}  # the command line's
+    bank_path, bank_sha = (flag["bank"].path, flag["bank"].sha256) if "bank" in flag else ("", "")
+    anc_path, anc_sha = (flag["ancestry"].path, flag["ancestry"].sha256) if "ancestry" in flag else ("", "")
+    own = {t: s for t, s in sources.of_task.items() if s["bank"] is not None and not s["bank"].flag}
     tags = {"weit.kind": "sweep", "weit.sweep": name, "weit.space_hash": digest, "weit.bank_sha256": bank_sha,
-            "weit.bank_path": bank_path, "weit.ancestry_sha256": meta.get("ancestry_sha256", ""),
-            "weit.family": space.family, "mlflow.source.git.commit": rev}
+            "weit.bank_path": bank_path, "weit.ancestry_sha256": anc_sha, "weit.family": space.family,
+            "mlflow.source.git.commit": rev, **{f"weit.bank_sha256.{t}": s["bank"].sha256 for t, s in own.items()},
+            **{f"weit.bank_path.{t}": s["bank"].path for t, s in own.items()}}
     params = {"space": str(space.path or space.name), "space_name": space.name, "space_hash": digest,
               "git_revision": rev, "bank": bank_path, "bank_sha256": bank_sha,
-              "bank_id": f"{bank_path}@{bank_sha[:16]}" if bank_path else "", "ancestry": meta.get("ancestry_path", ""),
-              "ancestry_sha256": meta.get("ancestry_sha256", ""), "n_dropped": expansion.n_dropped,
+              "bank_id": f"{bank_path}@{bank_sha[:16]}" if bank_path else "", "ancestry": anc_path,
+              "ancestry_sha256": anc_sha, "n_dropped": expansion.n_dropped,
               "sizes_total": expansion.sizes_total, "strategies": ",".join(space.strategies),
               "tasks": ",".join(t.name for t in space.tasks), "n_pairs_dropped": expansion.n_pairs_dropped,
+              **{f"{k}.{t}": v for t in sources.of_task for k, v in sources.params(t).items()},
               **{f"dropped.{r}": expansion.dropped.get(r, 0) for r in expansion.reasons},
               **{f"dropped.{r}": expansion.pairs_dropped.get(r, 0) for r in CANNOT_MAKE}, **settings}
     files: dict[str, Any] = {"space": space.path} if space.path is not None else {"space/space.yaml": space.text}
     files["space/dropped.json"] = {
         "dropped": dict(expansion.dropped), "reasons": expansion.reasons, "sizes_total": expansion.sizes_total,
         "sizes_valid": expansion.sizes_valid, "pairs_dropped": dict(expansion.pairs_dropped),
-        "pair_reasons": CANNOT_MAKE}
+        "pair_reasons": CANNOT_MAKE, "dropped_by_task": {t: dict(c) for t, c in expansion.dropped_by_task.items()},
+        "pairs_dropped_by_task": {t: dict(c) for t, c in expansion.pairs_dropped_by_task.items()}}
     files["space/trials.json"] = {"trials": expansion.trials[: settings["n_trials"]]}
     return tags, params, files
 
@@ -218,15 +207,15 @@ def run_sweep(
         if torch.cuda.device_count() == 0:  # a local Ray would queue the trials forever
             raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but this machine has no GPU; drop the flag, or "
                             f"pass --address of a Ray cluster with GPU workers")
-    loaded_bank, loaded_anc, meta = _load_sources(sp, bank, ancestry)
-    block = meta.get("bank_block") if meta["need_bank"] else None
-    expansion = wt.expand(sp, wt.inspect_tasks(sp), block, ancestry_spec=loaded_anc[1] if loaded_anc is not None else None)
+    sources, need_bank = _load_sources(sp, bank, ancestry)
+    blocks = sources.bank_blocks() if need_bank else None
+    expansion = wt.expand(sp, wt.inspect_tasks(sp), blocks, ancestry_spec=sources.ancestry_specs())
     trials = expansion.trials[:limit_trials] if limit_trials else expansion.trials
     if not trials:
         raise UserError(f"space {sp.name}: no valid trial ({expansion.describe_drops()}); relax the constraints "
                         f"or change the sizes")
-    if block:
-        _check_bank(loaded_bank, trials, block, f"--bank {bank}")
+    for src in (s for s in sources.files() if need_bank and s.kind == "bank"):
+        _check_bank(src.value, [t for t in trials if sources.get(t["task"], "bank") is src], src.block, src.where)
     metric, mode = _objective(trials, asha)
     first = wt.task_of(trials[0])
     shown = (metric, mode) if metric else (wt.reported(first)[0], first.mode)  # the view sorts by one
@@ -246,7 +235,7 @@ def run_sweep(
     settings = {"n_trials": len(trials), "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
                 "max_concurrent": max_concurrent, "asha": asha, "tune_path": exp_path, "limit_trials": limit_trials,
                 "save_models": save_models}
-    record = _parent_record(name, sp, meta, expansion, settings)
+    record = _parent_record(name, sp, sources, expansion, settings)
     parent_id, resumed = tracking.open_sweep(client, exp_id, name, *record, resume=resume, exists_in_tune=restore)
     note = functools.partial(tracking.sweep_note, name, sp, expansion, trials, experiment=experiment, exp_id=exp_id,
                              uri=uri, parent_id=parent_id, metric=shown[0])
@@ -255,12 +244,10 @@ def run_sweep(
     say(f"MLflow parent run {parent_id} (experiment {experiment!r} at {uri})")
 
     init_ray(address)
-    import ray
 
     ctx = tr.SweepContext(
         tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent_id, sweep=name, save_models=save_models,
-        bank_ref=ray.put(loaded_bank) if loaded_bank is not None else None,
-        ancestry_ref=ray.put(loaded_anc) if loaded_anc is not None else None,
+        sources=tr.share_sources(sources),
         threads=max(1, int(cpus_per_trial)), device="cuda" if gpus_per_trial > 0 else "cpu",
         report_each_epoch=asha or restore,  # a restored scheduler may be ASHA (restore implies resume here)
         data_refs=tr.share_task_data(trials))
@@ -290,7 +277,7 @@ def run_sweep(
     n_finished, failed = tracking.close_sweep(client, exp_id, parent_id, n_errors, note)
     summary = SweepSummary(name, parent_id, exp_id, uri, exp_path, len(trials), expansion.n_dropped,
                            dict(expansion.dropped), dict(expansion.pairs_dropped), n_finished, len(failed), resumed,
-                           time.perf_counter() - t_start)
+                           time.perf_counter() - t_start, {t: dict(c) for t, c in expansion.dropped_by_task.items()})
     say(f"done: {n_finished}/{len(trials)} trials finished, {len(failed)} failed, in {summary.wall_s:.1f}s; "
         f"report with `weit report --sweep {name}`")
     serve = "" if uri.startswith(("http://", "https://")) else f" (after `mlflow ui --backend-store-uri {uri}`)"

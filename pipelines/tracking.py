@@ -311,9 +311,12 @@ def open_sweep(client: Any, experiment_id: str, name: str, tags: dict, params: d
         if had.get("weit.space_hash") != tags["weit.space_hash"]:
             raise UserError(f"sweep {name!r} was run with a different space file (content changed); resume needs "
                             f"the same file, or start a new sweep with --name")
-        if had.get("weit.bank_sha256", "") != tags["weit.bank_sha256"]:
-            raise UserError(f"sweep {name!r} was run with bank {had.get('weit.bank_path') or 'none'} (sha256 "
-                            f"{had.get('weit.bank_sha256', '')[:12] or '-'}); --bank now differs")
+        for key in sorted(k for k in {*had, *tags} if k.startswith("weit.bank_sha256")):  # .<task>: a task's own
+            if had.get(key, "") != tags.get(key, ""):
+                task = key.removeprefix("weit.bank_sha256")
+                raise UserError(f"sweep {name!r} was run with bank {had.get('weit.bank_path' + task) or 'none'} "
+                                f"(sha256 {had.get(key, '')[:12] or '-'}); "
+                                + (f"task {task[1:]!r}'s bank now differs" if task else "--bank now differs"))
         client.update_run(parent.info.run_id, status="RUNNING")
         return parent.info.run_id, True
     run_id = client.create_run(experiment_id, run_name=f"sweep-{name}", tags=tags).info.run_id

@@ -1,7 +1,7 @@
 """One sweep trial: ``weit_core.stage3.run_config``, reported to Tune and recorded in the trial's MLflow child
-run. :func:`run_trial` needs no Ray (tests and benchmarks call it); :func:`tune_trial` is the trainable. The
-bank, the ancestry and the tasks' splits are ``ray.put`` once by the driver and fetched once per worker process
-(``reuse_actors=True`` keeps them across trials)."""
+run. :func:`run_trial` needs no Ray (tests and benchmarks call it); :func:`tune_trial` is the trainable. Each
+bank and ancestry file (a task may name its own) and the tasks' splits are ``ray.put`` once by the driver and
+fetched once per worker process (``reuse_actors=True`` keeps them across trials)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 from pipelines.common import UserError
 from pipelines.tracking import TrialTracker
 from weit_core.trials import (
+    TaskSources,
     data_cache_key,
     data_key_of,
     family_of,
@@ -41,8 +42,7 @@ class SweepContext:
     parent_run_id: str | None
     sweep: str
     save_models: bool = True
-    bank_ref: Any = None
-    ancestry_ref: Any = None
+    sources: dict[str, dict] = field(default_factory=dict)  # task -> its bank/ancestry refs and their params
     threads: int = 1
     device: str = "cpu"
     report_each_epoch: bool = True  # False: one Tune report per trial (see ``run_trial``)
@@ -58,6 +58,16 @@ def _cached_get(ref: Any) -> Any:
 
         _SOURCE_CACHE[ref.hex()] = ray.get(ref)
     return None if ref is None else _SOURCE_CACHE[ref.hex()]
+
+
+def share_sources(sources: TaskSources) -> dict[str, dict]:
+    """Each task's bank and ancestry as object refs, each distinct file ``ray.put`` once, with the params its
+    trials record (path and sha256 of each)."""
+    import ray
+
+    refs = {id(s): ray.put(s.value) for s in sources.files()}
+    return {task: {**{k: refs[id(s)] if s else None for k, s in own.items()}, "params": sources.params(task)}
+            for task, own in sources.of_task.items()}
 
 
 def share_task_data(trials: list[dict]) -> dict[str, Any]:
@@ -103,13 +113,13 @@ class TrialResult:
 def run_trial(
     config: dict, *, bank: Any = None, ancestry: tuple[Any, Any] | None = None, tracker: TrialTracker | None = None,
     report: Callable[[dict], None] | None = None, device: str = "cpu", threads: int | None = None,
-    report_each_epoch: bool = True,
+    report_each_epoch: bool = True, sources: dict | None = None,
 ) -> TrialResult:
     """``run_config`` on the trial's task data. ``report`` (``tune.report``) gets :func:`reported` after each
     epoch, or after the last only: a Tune report costs a driver round trip longer than a short epoch, so
     every epoch is asked for only where a scheduler (ASHA) acts on them. With a ``tracker`` each epoch is
-    logged as it ends, with the task's sample grid where it has one; a run that FINISHED before is replayed
-    from MLflow instead of trained."""
+    logged as it ends, with the task's sample grid where it has one, and ``sources`` (which bank and ancestry
+    files these are) among its params; a run that FINISHED before is replayed from MLflow instead of trained."""
     import torch
 
     from weit_core.stage3 import run_config
@@ -145,7 +155,7 @@ def run_trial(
             nonlocal model
             model = res.model  # trained in place: what each epoch's sample grid shows
             if tracker is not None:
-                tracker.log_params(trial_params(config, spec, res, init_s, data, bank))
+                tracker.log_params(trial_params(config, spec, res, init_s, data, bank, sources))
                 if tracker.save_models:  # the *initialized* model, before stage 3 (what `weit export` recovers)
                     tracker.log_model(res.model, spec, {**res.info, "trial_key": config["key"], "task": config["task"]})
 
@@ -177,7 +187,7 @@ def run_trial(
 
 
 def tune_trial(config: dict, ctx: SweepContext | None = None) -> None:
-    """The Tune trainable: the trial is ``config['trial']``; shared sources come from the per-process cache."""
+    """The Tune trainable: the trial is ``config['trial']``; its task's sources come from the per-process cache."""
     from ray import tune
 
     ctx = ctx or SweepContext(None, None, None, "adhoc")
@@ -186,5 +196,7 @@ def tune_trial(config: dict, ctx: SweepContext | None = None) -> None:
     tracker = None
     if ctx.tracking_uri and ctx.parent_run_id:
         tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.sweep, ctx.save_models)
-    run_trial(trial, bank=_cached_get(ctx.bank_ref), ancestry=_cached_get(ctx.ancestry_ref), tracker=tracker,
-              report=tune.report, device=ctx.device, threads=ctx.threads, report_each_epoch=ctx.report_each_epoch)
+    own = ctx.sources.get(trial["task"], {})
+    run_trial(trial, bank=_cached_get(own.get("bank")), ancestry=_cached_get(own.get("ancestry")), tracker=tracker,
+              report=tune.report, device=ctx.device, threads=ctx.threads, report_each_epoch=ctx.report_each_epoch,
+              sources=own.get("params"))

@@ -257,7 +257,7 @@ def test_mujoco_end_to_end_with_a_briefly_trained_sac_expert(cache, tmp_path):
     assert np.isfinite(out["return_norm"]) and out["episodes"] == EVAL_EPISODES
 
 
-@pytest.mark.parametrize("space, n", [("ci_control.yaml", 16), ("control.yaml", 840)])
+@pytest.mark.parametrize("space, n", [("ci_control.yaml", 16), ("control.yaml", 1080)])
 def test_shipped_control_spaces_expand(space, n):
     """The control spaces parse in the current schema and expand, with the io their task's data gives."""
     from pathlib import Path

@@ -115,7 +115,8 @@ def learning_rates(training: dict) -> list[float]:
 
 class TaskSpec(Schema):
     """One task: its kind (a registered task, ``kind:argument`` where it takes one), its data (a built-in name
-    or a path, made absolute; other kinds may name what their loader reads), image settings, resolved settings."""
+    or a path, made absolute; other kinds may name what their loader reads), image settings, the bank and
+    ancestry it draws on where not the sweep's (a policy's serve one environment), resolved settings."""
 
     name: Annotated[str, name_rule("a short name without spaces, quotes, slashes or @", "/\\ '\"@")] | None = None
     task: Annotated[str, AfterValidator(_registered)] = DEFAULT_TASK  # before data: the data's rules depend on it
@@ -127,6 +128,8 @@ class TaskSpec(Schema):
     data_seed: Int0 = 0
     limit: Int1 | None = None  # cap on training examples
     val_limit: Int1 | None = None  # cap on validation examples
+    bank: str | None = None  # this task's template bank (else `weit sweep --bank`), made absolute
+    ancestry: str | None = None  # this task's ancestry model (else `weit sweep --ancestry`), made absolute
     training: Settings = Field(default_factory=dict, validate_default=True)
 
     def data_key(self) -> dict:
@@ -165,6 +168,18 @@ class TaskSpec(Schema):
             return data
         raise ValueError(f"{data!r} is not a built-in dataset ({', '.join(BUILTIN_DATA)}) and {p} does not "
                          "exist; give a parquet file or folder with `image` and `label` columns")
+
+    @field_validator("bank", "ancestry")
+    @classmethod
+    def _source_path(cls, path: str | None, info: ValidationInfo) -> str | None:
+        """Relative to the space file's folder, as ``data``. Whether it exists is judged when a sweep reads it
+        (``weit_core.trials.load_task_sources``): ``weit distill --space`` reads the space before its bank exists."""
+        if path is None:
+            return None
+        if not path.strip():
+            raise ValueError(f"expected a file path, got {show(path)}")
+        p = Path(path).expanduser()
+        return str((p if p.is_absolute() else info.context["base_dir"] / p).resolve())
 
     @field_validator("val_fraction", "test_fraction")
     @classmethod

@@ -9,8 +9,9 @@ import itertools
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from weit_core.models.family import Family, get_family
@@ -56,9 +57,11 @@ def block_of_bank(kinds: dict) -> int:
     return math.lcm(*sides) if sides else 1
 
 
-def trial_params(config: dict, spec: Any, res: Any, init_s: float, data: Any, bank: Any = None) -> dict:
-    """What a trial's run records besides its metrics: its config, size, init cost and the strategy's info
-    (``scaler_count``: what wave fits at this size, 0 where the bank's blocks do not tile it)."""
+def trial_params(config: dict, spec: Any, res: Any, init_s: float, data: Any, bank: Any = None,
+                 sources: dict | None = None) -> dict:
+    """What a trial's run records besides its metrics: its config, size, init cost, the strategy's info
+    (``scaler_count``: what wave fits at this size, 0 where the bank's blocks do not tile it) and the files it
+    drew on (``sources``: :meth:`TaskSources.params` of its task)."""
     from weit_core.templates import Scalers
 
     n_scalers = res.info.get("scaler_count")
@@ -71,7 +74,7 @@ def trial_params(config: dict, spec: Any, res: Any, init_s: float, data: Any, ba
             "num_params": spec.num_params(), "flops": spec.flops(), "scaler_count": n_scalers or 0,
             "init_s": round(init_s, 4), "n_train": len(data.train), "n_val": len(data.val),
             "fit_examples_used": min(config["fit_examples"], len(data.train)),
-            **{f"info.{k}": v for k, v in res.info.items()}}
+            **{f"info.{k}": v for k, v in res.info.items()}, **(sources or {})}
 
 
 def history_of(metrics: dict, epochs: int) -> list[dict]:
@@ -163,6 +166,99 @@ def inspect_tasks(space: Space) -> dict[str, dict]:
     return shapes
 
 
+# --------------------------------------------------------------------------------------------- sources
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class Source:
+    """A bank or ancestry file, read once however many tasks draw on it: ``value`` is what a strategy takes (a
+    ``LoadedBank``, or (model, spec)); ``flag`` the option that gave it (``--bank``), "" when a task named it."""
+
+    kind: str
+    path: str
+    sha256: str
+    value: Any
+    flag: str = ""
+
+    @property
+    def block(self) -> int:
+        return block_of_bank(self.value.bank.kinds)
+
+    @property
+    def where(self) -> str:
+        return f"{self.flag or self.kind} {self.path}"
+
+
+def _how_to_make(kind: str, task: Any, path: str) -> str:
+    data = f" --dataset {task.data}" if task.data else ""
+    if kind == "bank":
+        return f"weit distill --task {task.task}{data} --teacher {task.ancestry or 'ANCESTRY.safetensors'} --out {path}"
+    return f"weit ancestry --task {task.task}{data} --out {path}"
+
+
+@dataclass
+class TaskSources:
+    """Which bank and ancestry each task draws on: its own (``bank:`` / ``ancestry:`` in the space, one file per
+    environment for a policy), else the sweep's (``--bank`` / ``--ancestry``), else none (None)."""
+
+    of_task: dict[str, dict[str, Source | None]]
+
+    def get(self, task: str, kind: str) -> Source | None:
+        return self.of_task[task][kind]
+
+    def files(self) -> list[Source]:
+        """Every distinct file, in the order first used."""
+        return list({id(s): s for own in self.of_task.values() for s in own.values() if s is not None}.values())
+
+    def bank_blocks(self) -> dict[str, int | None]:
+        return {t: s["bank"].block if s["bank"] else None for t, s in self.of_task.items()}
+
+    def ancestry_specs(self) -> dict[str, Any]:
+        return {t: s["ancestry"].value[1] if s["ancestry"] else None for t, s in self.of_task.items()}
+
+    def params(self, task: str) -> dict[str, str]:
+        """What a trial of ``task`` records of its sources: ``bank``, ``bank_sha256``, ``ancestry``, ..."""
+        return {k: v for kind, s in self.of_task[task].items() if s is not None
+                for k, v in ((kind, s.path), (f"{kind}_sha256", s.sha256))}
+
+
+def load_task_sources(space: Space, bank: str | None = None, ancestry: str | None = None) -> TaskSources:
+    """Each task's sources (:class:`TaskSources`; ``bank``/``ancestry``: for the tasks that name none), every
+    distinct file read once. A task's own file that is missing or unreadable is one line naming the task, the
+    path and the command that makes it; a default's error names its flag."""
+    from weit_core.io import WeitFileError, load_bank, load_model
+
+    read: dict[tuple[str, str], Source] = {}
+
+    def source(kind: str, path: str | None, task: Any = None) -> Source | None:
+        if path is None:
+            return None
+        if (key := (kind, str(Path(path).resolve()))) not in read:
+            where = f"{space.path or space.name}: task {task.name!r}: {kind} {key[1]}" if task is not None else ""
+            if task is not None and not Path(path).is_file():
+                raise SpaceError(f"{where} not found; make it with `{_how_to_make(kind, task, key[1])}` (a relative "
+                                 "path is relative to the space file)")
+            try:
+                if kind == "bank":
+                    value = load_bank(path)
+                else:
+                    model, header = load_model(path)
+                    value = (model, get_family(header.get("family", "vit")).spec_from_dict(header["spec"]))
+            except WeitFileError as e:
+                raise (SpaceError(f"{where}: {e}") if task is not None else WeitFileError(f"--{kind}: {e}")) from e
+            read[key] = Source(kind, key[1], file_sha256(path), value, "" if task is not None else f"--{kind}")
+        return read[key]
+
+    default = {"ancestry": source("ancestry", ancestry), "bank": source("bank", bank)}  # an ancestry makes a bank
+    return TaskSources({t.name: {k: source(k, getattr(t, k), t) if getattr(t, k) else default[k] for k in default}
+                        for t in space.tasks})
+
+
 # --------------------------------------------------------------------------------------------- expansion
 
 
@@ -177,6 +273,8 @@ class Expansion:
     sizes_valid: dict[str, int]  # per task
     pairs_dropped: Counter = field(default_factory=Counter)
     reasons: dict[str, str] = field(default_factory=drop_reasons)  # each ``dropped`` key in words
+    dropped_by_task: dict[str, Counter] = field(default_factory=dict)  # ``dropped`` before the sum over tasks
+    pairs_dropped_by_task: dict[str, Counter] = field(default_factory=dict)
 
     @property
     def n_dropped(self) -> int:
@@ -200,36 +298,41 @@ class Expansion:
         return text
 
 
-def expand(space: Space, shapes: dict[str, dict], bank_block: int | None = None,
+def expand(space: Space, shapes: dict[str, dict], bank_block: int | None | Mapping[str, int | None] = None,
            ancestry_spec: Any = None) -> Expansion:
     """All trials: per task (``shapes``: its io, :func:`inspect_tasks`), every valid size x seed x lr x strategy
     (strategy innermost, so a truncated list still compares strategies on the same sizes). ``width_multiple:
     block`` means ``bank_block``. A (strategy, size) pair the strategy cannot make against ``ancestry_spec`` is
-    counted by reason, never a trial (without it, strategies needing an ancestry are not judged). A config names
-    its ``family`` and ``kind`` unless they are the defaults, so older trial keys stay."""
+    counted by reason, never a trial (without it, strategies needing an ancestry are not judged). Either may be
+    a mapping from task name to the task's own (:class:`TaskSources`: each task its bank and ancestry). A config
+    names its ``family`` and ``kind`` unless they are the defaults, so older trial keys stay."""
     from weit_core.strategies import can_make, strategy_info
 
-    judged = [s for s in space.strategies if ancestry_spec is not None or "ancestry" not in strategy_info(s).needs]
     fam, sizes = get_family(space.family), size_points(space)
     named = {} if space.family == DEFAULT_FAMILY else {"family": space.family}
     exp = Expansion([], Counter(), len(sizes) * len(space.tasks), {}, Counter(), drop_reasons(fam))
     for task in space.tasks:
         io, tr = shapes[task.name], task.training
+        block, anc = (v.get(task.name) if isinstance(v, Mapping) else v for v in (bank_block, ancestry_spec))
         io = {**io, "patch": task.patch} if "img_size" in io else io  # an image task's tokens are the space's
-        kept, dropped = keep_sizes(sizes, io, None, space.constraints, bank_block, fam)
+        kept, dropped = keep_sizes(sizes, io, None, space.constraints, block, fam)
         exp.dropped.update(dropped)
+        exp.dropped_by_task[task.name], pairs = Counter(dropped), Counter()
         exp.sizes_valid[task.name] = len(kept)
         for size in kept:
             base = {"task": task.name, **named, **task.data_key(), **size, **io}
             spec = spec_of(base)
-            cannot = {s: can_make(s, spec, ancestry_spec=ancestry_spec) if s in judged else None
+            cannot = {s: can_make(s, spec, ancestry_spec=anc)
+                      if anc is not None or "ancestry" not in strategy_info(s).needs else None
                       for s in space.strategies}
-            exp.pairs_dropped.update(c for c in cannot.values() if c)
+            pairs.update(c for c in cannot.values() if c)
             settings = {k: v for k, v in tr.items() if k != "seeds"}
             for seed, lr, strategy in itertools.product(tr["seeds"], learning_rates(tr),
                                                         [s for s, c in cannot.items() if not c]):
                 cfg = {**base, "strategy": strategy, "seed": seed, **settings, "lr": lr}
                 exp.trials.append({**cfg, "key": trial_key(cfg)})
+        exp.pairs_dropped.update(pairs)
+        exp.pairs_dropped_by_task[task.name] = pairs
     return exp
 
 
