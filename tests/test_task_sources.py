@@ -223,3 +223,23 @@ def test_each_trial_draws_on_and_records_its_own_tasks_bank_and_ancestry(ray_ses
     with pytest.raises(UserError, match=r"task 'cp_b''s bank now differs"):
         run_sweep(_space(tmp_path), storage=str(tmp_path / "tune"), mlflow_uri=mlflow_uri, quiet=True, resume=True)
     print(f"two-bank sweep: {summary.n_trials} trials in {wall:.1f}s wall")
+
+
+def test_the_shipped_dit_space_uses_the_shipped_files_and_each_baseline_where_it_applies():
+    """fmnist_dit.yaml: the shipped DiT ancestry (4x64x4) and bank; weight selection keeps the sizes no larger
+    than the ancestry, net2net those it can grow to (it never drops a layer), every other init every size."""
+    from weit_core.trials import expand, load_task_sources
+
+    space = load_space(ROOT / "tune_spaces" / "fmnist_dit.yaml")
+    sources = load_task_sources(space)
+    assert sources.of_task["fmnist_gen"]["bank"].path == str(ROOT / "docs" / "data" / "fmnist_dit_bank.safetensors")
+    shapes = {"fmnist_gen": {"in_chans": 1, "img_size": 28, "num_classes": 10}}
+    exp = expand(space, shapes, sources.bank_blocks(), sources.ancestry_specs())
+    made: dict[str, set[str]] = {}
+    for t in exp.trials:
+        made.setdefault(t["strategy"], set()).add(f"{t['depth']}x{t['width']}")
+    every = {f"{d}x{w}" for d in (1, 2, 3, 4) for w in (32, 64, 128)}
+    assert made["wave"] == made["wave_random_bank"] == made["scratch"] == every
+    assert made["weight_selection"] == {s for s in every if not s.endswith("x128")}
+    assert made["net2net"] == {"4x64", "4x128"}  # it only grows: the ancestry's depth, its width or a multiple
+    assert len(exp.trials) == (4 * 12 + 8 + 2) * 2 * 3 == 348
