@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,3 +147,25 @@ def test_init_quality_is_deterministic_for_a_seed_and_the_shipped_bank_passes_so
         assert scratch["init"]["test"] < 0.25  # ten classes: an untrained model is near chance
         assert wave["init"]["test"] > scratch["init"]["test"] + 0.2, (wave["init"], scratch["init"])
         assert wave["runs"][0]["test"] > scratch["runs"][0]["test"], (wave["runs"], scratch["runs"])
+
+
+def test_bank_capacity_fits_a_full_rank_bank_exactly_and_a_small_one_loosely():
+    """A bank with as many templates as a block has entries (N = block^2) can hold any weights: fitted to a
+    model it reproduces it (error ~0, the same outputs); a bank of few templates cannot (a large error)."""
+    bench = load_benchmark("bank_capacity")
+    from weit_core.models import get_family
+    from weit_core.models.elastic import AtSize
+    from weit_core.stage1 import build_elastic
+    from weit_core.train import seed_everything
+
+    vit = get_family("vit")
+    spec = vit.spec_for({"depth": 1, "width": 16, "heads": 2, "mlp_ratio": 2.0},
+                        {"in_chans": 1, "img_size": 8, "num_classes": 3, "patch": 4})
+    seed_everything(0)
+    model = vit.build(spec).eval()
+    full = build_elastic(vit, spec, n=16, block=4, seed=0)
+    assert bench.fit_bank_to(full, model, steps=600, lr=1e-2) < 0.01
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(AtSize(full, spec).eval()(x), model(x), atol=0.1, rtol=0.1)
+    assert bench.fit_bank_to(build_elastic(vit, spec, n=1, block=4, seed=0), model, steps=300, lr=1e-2) > 0.3
