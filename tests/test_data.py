@@ -22,7 +22,6 @@ from weit_core.data import (
     load_dataset,
     load_digits,
     load_fashion_mnist,
-    load_parquet,
     read_idx,
 )
 from weit_core.parquet import (
@@ -33,6 +32,7 @@ from weit_core.parquet import (
     read_parquet_arrays,
     to_parquet,
 )
+from weit_core.tables import load_parquet
 
 
 def _rows(ds: ArrayDataset) -> set[bytes]:

@@ -16,15 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from weit_core.data import (
-    SPLITS,
-    ArrayDataset,
-    DatasetSplits,
-    as_nchw,
-    column_images,
-    load_splits,
-    read_table,
-)
+from weit_core.data import SPLITS, ArrayDataset, DatasetSplits, load_splits
+from weit_core.tables import as_nchw, column_images, read_table
 
 PARQUET_ROW_GROUP = 4096
 IO_FILE = "io.json"
