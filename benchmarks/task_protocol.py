@@ -105,7 +105,7 @@ def steps_to_match(cs: dict, sizes: list[str], labels: list[str], budgets: list[
     out: dict[str, dict[str, str]] = {}
     if not trained:
         return out
-    for lab in labels:
+    for lab in (lab for lab in labels if lab != wave):
         for size in sizes:
             if (ref := cs.get((size, wave, trained[0]))) is None:
                 continue
