@@ -208,7 +208,7 @@ def run_quickstart(
 
     t0 = stage(3, f"sweep: stages 2+3 over {space_path.name} (Ray Tune)")
     key = _hash({"space": load_space(space_path).content_hash(), "bank": file_sha256(bank_path), "ancestry": anc_sha,
-                 "generation": gen, "uri": uri})
+                 "generation": gen, "uri": uri, "out": str(out)})  # another --out-dir's generation is not this one's
     result.sweep = f"quickstart-{key}"
     if reusable("sweep", key):
         done("sweep", t0, True, f"sweep {result.sweep} already finished; --fresh to run it again")
