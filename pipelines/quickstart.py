@@ -22,8 +22,8 @@ from typing import Annotated, Any
 import typer
 
 from pipelines.common import UserError, storage_path
-from pipelines.sweep import file_sha256
 from pipelines.tracking import SWEEP_EXPERIMENT, find_sweep, mlflow_ui_url, prepare_mlflow, tracking_uri
+from weit_core.trials import file_sha256
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SPACE = REPO / "tune_spaces" / "quickstart.yaml"

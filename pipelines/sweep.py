@@ -25,7 +25,6 @@ from pipelines.common import UserError, git_revision, init_ray, storage_path
 from pipelines.trial import HOW_TO_GIVE, trial_config, trial_param_space
 from weit_core import trials as wt
 from weit_core.space import Space, load_space
-from weit_core.trials import file_sha256  # noqa: F401  (pipelines.quickstart imports it from here)
 
 EXPERIMENT = tracking.SWEEP_EXPERIMENT
 PREFIX = "[weit sweep]"
