@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from convnext_assets import DEPTHS, WIDTHS  # noqa: E402
-from init_quality import cell_stats, load_ancestry, run_jobs, summarize  # noqa: E402
+from init_quality import add_recipe_args, cell_stats, load_ancestry, run_jobs, summarize  # noqa: E402
 
 from weit_core.data import load_dataset  # noqa: E402
 from weit_core.io import load_bank  # noqa: E402
@@ -86,13 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--train-examples", type=int, default=5000, help="the stage-3 subset (one epoch = a budget)")
     ap.add_argument("--steps", type=int, default=100, help="the short stage-3 budget")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3, help="the one stage-3 peak learning rate")
-    ap.add_argument("--warmup", type=float, default=0.1)
-    ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--fit-steps", type=int, default=100)
-    ap.add_argument("--fit-lr", type=float, default=1e-3)
-    ap.add_argument("--fit-examples", type=int, default=1000)
+    add_recipe_args(ap, batch_size=32, fit_examples=1000)
     ap.add_argument("--val-examples", type=int, default=1000)
     ap.add_argument("--test-examples", type=int, default=2000)
     ap.add_argument("--part", default="1/1")

@@ -136,6 +136,18 @@ def done_jobs(path: Path) -> set[tuple]:
     return {(r["size"], r["strategy"], r["seed"]) for r in rows}
 
 
+def add_recipe_args(ap: argparse.ArgumentParser, *, batch_size: int, fit_examples: int) -> None:
+    """The stage-2 and stage-3 settings of the per-family protocols (``convnext_protocol.py``,
+    ``task_protocol.py``): one stage-3 peak learning rate for every strategy, warm-up then cosine."""
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--lr", type=float, default=1e-3, help="the one stage-3 peak learning rate")
+    ap.add_argument("--warmup", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--fit-steps", type=int, default=100)
+    ap.add_argument("--fit-lr", type=float, default=1e-3)
+    ap.add_argument("--fit-examples", type=int, default=fit_examples)
+
+
 def run_jobs(out: Path, jobs: list[tuple], part: str, ancestry: tuple | None, run, show) -> None:
     """Run ``jobs`` (``(name, spec, label, seed, size)``) of part ``i/k`` that ``out`` does not hold yet: a row
     per job (``run(size, label, seed)``, or why the strategy cannot make the size) appended as it finishes,

@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from init_quality import load_ancestry, parse_label, run_jobs  # noqa: E402
+from init_quality import add_recipe_args, load_ancestry, parse_label, run_jobs  # noqa: E402
 from task_assets import RANGES, size_of  # noqa: E402
 
 from weit_core.io import load_bank  # noqa: E402
@@ -175,13 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--sizes", default="", help="depth x width, e.g. 1x16,2x32 (default: task_assets.RANGES)")
     ap.add_argument("--budgets", default="25,100", help="stage-3 steps, each its own run from the init")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3, help="the one stage-3 peak learning rate")
-    ap.add_argument("--warmup", type=float, default=0.1)
-    ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--fit-steps", type=int, default=100)
-    ap.add_argument("--fit-lr", type=float, default=1e-3)
-    ap.add_argument("--fit-examples", type=int, default=1024)
+    add_recipe_args(ap, batch_size=64, fit_examples=1024)
     ap.add_argument("--limit", type=int, help="at most this many rows per split (a quick look; the protocol uses all)")
     ap.add_argument("--part", default="1/1")
     ap.add_argument("--threads", type=int, default=1)

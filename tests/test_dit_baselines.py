@@ -27,15 +27,19 @@ def fmnist(fmnist_dir):
     return load_fashion_mnist(fmnist_dir, limit=2000)
 
 
-@pytest.fixture(scope="module")
-def big_dit() -> torch.nn.Module:
+def _drawn(spec, seed: int) -> torch.nn.Module:
     """A DiT with every tensor drawn (no zero modulation), so any misplaced slice shows in its output."""
-    torch.manual_seed(0)
-    model = create_dit(BIG)
+    torch.manual_seed(seed)
+    model = create_dit(spec)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def big_dit() -> torch.nn.Module:
+    return _drawn(BIG, 0)
 
 
 def _inputs(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,12 +189,7 @@ def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 @pytest.fixture(scope="module")
 def small_dit() -> torch.nn.Module:
-    torch.manual_seed(1)
-    model = create_dit(SOURCE)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    return model.eval()
+    return _drawn(SOURCE, 1)
 
 
 @pytest.mark.parametrize("case", sorted(GROWTH))
