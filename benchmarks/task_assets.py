@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     task = get_task(args.task)
     family = get_family(task.default_family)
+    if family.name not in RANGES:
+        raise SystemExit(f"{args.task}: no protocol range for the {family.name} family here (have "
+                         f"{', '.join(RANGES)}); the image families have their own: init_quality.py, convnext_assets.py")
     data = task.load(None)
     rng = sizes(family.name, data.io)
     ref = family.spec_for(ANCESTRY, data.io)
