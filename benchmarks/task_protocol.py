@@ -20,7 +20,7 @@ smallest budget (``>B`` where none of its budgets does).
 
     python benchmarks/task_protocol.py --task control:Acrobot-v1 --bank docs/data/control_acrobot_bank.safetensors \\
         --ancestry docs/data/control_acrobot_ancestry.safetensors \\
-        --extra-bank fmnist=docs/data/fmnist_bank.safetensors --out docs/data/init_quality_control_acrobot.jsonl
+        --extra-bank fmnist=docs/data/fmnist_bank_6ep.safetensors --out docs/data/init_quality_control_acrobot.jsonl
     python benchmarks/task_protocol.py --task control:Acrobot-v1 --out docs/data/init_quality_control_acrobot.jsonl --summarize
 """
 
