@@ -13,12 +13,14 @@ last line is one JSON object, ``ratio`` = range / single seconds per epoch in-pr
 
     .venv/bin/python benchmarks/stage1_cost.py --limit 4096 --epochs 2 --depths 2,4 --widths 32,64 --ray
 
-Measured 2026-11-28 on the shared 2-core box (1 thread; Fashion-MNIST 4,096 rows; range 2-4 x 32-64,
+Measured 2026-11-27 on the shared 2-core box (1 thread; Fashion-MNIST 4,096 rows; range 2-4 x 32-64,
 reference 4x64x2, 3 sizes per step), range / reference seconds per epoch: WAVE (teacher = docs/data's 6x96
 ancestry) 1.27 in-process, 1.45 on Ray Train (FLOP estimate 1.26); WeiT (``--teacher none``) 1.80
 in-process, 1.74-1.78 on Ray Train (FLOP estimate 1.53). Steady-state ratios swing 1.3-2.1 with the
 load other jobs put on the box; small sizes cost more than their FLOPs (each size is resized and
-materialized every step).
+materialized every step). Again late that day with nothing else running: 1.44 in-process over the
+shipped bank's range (depth 2-12 x width 64-128, reference 12x128x4; ``--limit 2048``) and over 2-4 x 32-64
+(docs/results.md, "Stage 1").
 """
 
 from __future__ import annotations
