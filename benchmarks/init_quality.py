@@ -215,8 +215,8 @@ def summarize(path: Path, budgets: list[int], wave: str = "wave", epoch_budget: 
     share = {f"vs_{b}": [0, 0] for b in BASELINES}
     share.update(leads_controls=[0, 0], random_bank_plus2_at_epoch=[0, 0])
     for size in sizes:
-        for b in [0, *budgets] if any((size, lab, 0) in cells for lab in labels) else budgets:
-            if not any((size, lab, b) in cells for lab in labels):  # a budget this size was not run at
+        for b in [0, *budgets]:
+            if not any((size, lab, b) in cells for lab in labels):  # a budget (or the init) this size lacks
                 continue
             row, means = [], {}
             for lab in labels:
